@@ -66,9 +66,17 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
+    # Default init + tied embeddings make a random model repeat its last token forever.
+    # Untied and with larger weights, greedy decoding wanders over the vocabulary, so
+    # "same tokens in a batch as alone" is a test that can fail.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     return path

@@ -1,0 +1,125 @@
+"""create_app(settings) -> FastAPI. Routers are mounted here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.config import Settings
+from server.engine.base import Engine
+from server.errors import (
+    APIError,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    install_error_handlers,
+)
+from server.metrics import ServerMetrics
+from server.routes import openai as openai_routes
+from server.routes import ops as ops_routes
+from server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine named by the settings, on the one shared base-model loader."""
+    if settings.engine == "vllm":
+        raise ValueError("the vllm engine is not available in this build; use engine=hf")
+    from server.engine.hf import HFEngine
+    from trainer.base_model import load_base_model
+
+    loaded = load_base_model(
+        settings.base_model,
+        quantization=settings.quantization,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
+    )
+    return HFEngine(
+        loaded,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_queue=settings.max_queue,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        request_timeout_s=settings.request_timeout_s,
+    )
+
+
+def create_app(
+    settings: Settings | None = None, engine_factory: EngineFactory | None = None
+) -> FastAPI:
+    settings = settings or Settings()
+    factory = engine_factory or build_engine
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /health answers at once and /ready says when to come.
+        loader = asyncio.create_task(_load(app, settings, factory))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                await engine.shutdown()
+
+    app = FastAPI(
+        title="swapserve",
+        version="0.1.0",
+        description="One 4-bit base model, many LoRA adapters, an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics()
+    app.state.started_at = int(time.time())
+    app.state.engine = None
+    app.state.serving = None
+    app.state.load_error = None
+    app.state.chat_hooks = []
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(openai_routes.router)
+    app.include_router(ops_routes.router)
+    return app
+
+
+async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> None:
+    try:
+        engine = await asyncio.to_thread(factory, settings)
+        await engine.start()
+    except Exception as exc:
+        logger.exception("loading the base model failed")
+        app.state.load_error = str(exc)
+        return
+    served = settings.served_model_name
+
+    def resolve(model: str) -> str | None:
+        if model == served:
+            return None
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. GET /v1/models lists what this server serves.",
+            param="model",
+            code="model_not_found",
+        )
+
+    app.state.serving = OpenAIServing(
+        engine,
+        resolve_model=resolve,
+        metrics=app.state.metrics,
+        max_model_len=engine.info.max_model_len,
+        default_max_tokens=settings.default_max_tokens,
+        max_n=settings.max_n,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    app.state.engine = engine
+    logger.info(
+        "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
+    )

@@ -1,0 +1,127 @@
+"""The Engine protocol: what the HTTP layer may ask of a model runtime.
+
+Engines know nothing of HTTP. Routes know nothing of torch. Everything that crosses the
+line is plain data defined here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class EngineError(Exception):
+    """Base class for errors an engine reports; `status` hints the HTTP status to use."""
+
+    status = 500
+    code: str | None = None
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+
+
+class QueueFullError(EngineError):
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(EngineError):
+    status = 504
+    code = "timeout"
+
+
+class UnknownAdapterError(EngineError):
+    status = 404
+    code = "model_not_found"
+    param = "model"
+
+
+class EngineShutdownError(EngineError):
+    status = 503
+    code = "shutting_down"
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+    ignore_eos: bool = False  # benchmarks only: decode exactly max_tokens
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None = None  # None = the base model
+    timeout_s: float | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """One step's news for one choice of a request."""
+
+    index: int  # which of the n choices
+    text: str  # new text since the last output of this choice
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineInfo:
+    model_id: str
+    engine: str
+    device: str
+    quantization: str
+    max_model_len: int
+    weights_bytes: int  # resident bytes of the base model's parameters and buffers
+    fp32_bytes: int  # what the same parameters would take in float32
+    num_parameters: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model runtime serving one base model and any number of adapters."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for OpenAI-style messages, with the model's chat template."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream outputs; closing the iterator early cancels the request."""
+        ...
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    def stats(self) -> dict[str, float]:
+        """Live numbers for /metrics: queue depth, running rows, tokens generated, ..."""
+        ...

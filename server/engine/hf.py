@@ -1,0 +1,139 @@
+"""The `hf` engine: transformers + peft + bitsandbytes on the CPU or one GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.engine.base import (
+    EngineInfo,
+    GenerationOutput,
+    GenerationRequest,
+)
+from server.engine.runner import ModelRunner
+from server.scheduler import Scheduler, new_sequences
+from trainer.base_model import LoadedBaseModel
+
+logger = logging.getLogger(__name__)
+
+
+def _parameter_count(model: Any) -> int:
+    """Parameters as the checkpoint had them (4-bit tensors are packed two per byte)."""
+    total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+            n = 1
+            for dim in quant_state.shape:
+                n *= int(dim)
+            total += n
+        else:
+            total += param.numel()
+    return total
+
+
+class HFEngine:
+    """One resident base model; a scheduler thread batches every request onto it."""
+
+    def __init__(
+        self,
+        loaded: LoadedBaseModel,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 16,
+        max_queue: int = 64,
+        prefill_chunk_tokens: int = 512,
+        request_timeout_s: float = 600.0,
+    ):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.request_timeout_s = request_timeout_s
+        self.runner = ModelRunner(loaded.model, pad_token_id=int(self.tokenizer.pad_token_id))
+        self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
+        self.scheduler = Scheduler(
+            self.runner,
+            self._decode,
+            loaded.stop_token_ids,
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_queue=max_queue,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+        )
+        num_parameters = _parameter_count(loaded.model)
+        self._info = EngineInfo(
+            model_id=loaded.model_id,
+            engine="hf",
+            device=loaded.device,
+            quantization=loaded.quantization,
+            max_model_len=self.max_model_len,
+            weights_bytes=loaded.memory_bytes,
+            fp32_bytes=num_parameters * 4,
+            num_parameters=num_parameters,
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    async def start(self) -> None:
+        self.scheduler.start()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.scheduler.stop)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        # The chat template already writes <bos>; a raw completion prompt gets one here.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def has_adapter(self, name: str) -> bool:
+        return False
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+
+        def emit(item: GenerationOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seqs = new_sequences(request, emit, default_timeout_s=self.request_timeout_s)
+        self.scheduler.submit(seqs)
+        remaining = len(seqs)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            # ensure a client that went away frees its rows at the next step
+            for seq in seqs:
+                seq.cancelled = True
+            self.scheduler.wake()
+
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler.stats
+        return {
+            "queue_depth": s.waiting,
+            "running": s.running,
+            "prefilling": s.prefilling,
+            "batch_size": s.last_batch_size,
+            "decode_steps": s.steps,
+            "generated_tokens": s.tokens_generated,
+            "prompt_tokens": s.prompt_tokens,
+            "cancelled": s.requests_cancelled,
+            "timed_out": s.requests_timed_out,
+        }

@@ -1,0 +1,127 @@
+"""Forward passes for the scheduler: chunked prefill of newcomers, one decode step for all.
+
+Every forward carries `adapter_names` (one per row) once adapters exist, so rows of one
+batch can each use a different LoRA adapter (PEFT's mixed-batch forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from server.engine.base import BASE_ADAPTER
+from server.engine.kv import KVBatch
+
+
+@dataclass
+class PrefillGroup:
+    """Newcomers prefilled together, right-padded, possibly over several chunks."""
+
+    prompts: list[list[int]]
+    adapters: list[str]
+    done: int = 0  # columns already run
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (vocab,)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    @property
+    def total(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+
+class ModelRunner:
+    def __init__(self, model: Any, pad_token_id: int):
+        self.model = model  # a transformers model, or a PeftModel around it
+        self.pad_token_id = pad_token_id
+        self.uses_adapters = False  # True once the model is a PeftModel
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, adapters: list[str], **kwargs: Any) -> torch.Tensor:
+        if self.uses_adapters:
+            kwargs["adapter_names"] = adapters
+        with torch.inference_mode():
+            out = self.model(use_cache=True, **kwargs)
+        return out.logits
+
+    @torch.inference_mode()
+    def prefill_chunk(self, group: PrefillGroup, chunk_tokens: int) -> None:
+        device = self.device
+        lengths = torch.tensor(group.lengths, device=device)
+        start = group.done
+        end = min(group.total, start + chunk_tokens)
+        rows = []
+        for prompt in group.prompts:
+            piece = prompt[start:end]
+            rows.append(piece + [self.pad_token_id] * (end - start - len(piece)))
+        input_ids = torch.tensor(rows, dtype=torch.long, device=device)  # (batch, chunk)
+        cols = torch.arange(end, device=device)
+        attention_mask = (cols.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (batch, end)
+        positions = torch.arange(start, end, device=device).unsqueeze(0)
+        positions = positions.expand(len(rows), -1)
+        # logits only where a row's last prompt token falls in this chunk
+        wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
+        keep = sorted(set(wanted.values()))
+        logits = None
+        if keep:
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            logits = self._forward(
+                group.adapters,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=group.cache,
+                cache_position=torch.arange(start, end, device=device),
+                logits_to_keep=keep_t,
+            )  # (batch, len(keep), vocab)
+            for row, col in wanted.items():
+                group.last_logits[row] = logits[row, keep.index(col)].float()
+        else:
+            self._forward(
+                group.adapters,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=group.cache,
+                cache_position=torch.arange(start, end, device=device),
+                logits_to_keep=1,
+            )
+        group.done = end
+
+    def finish_prefill(self, group: PrefillGroup) -> tuple[KVBatch, torch.Tensor]:
+        batch = KVBatch.from_right_padded(group.cache, group.lengths, self.device)
+        logits = torch.stack([group.last_logits[i] for i in range(len(group.prompts))])
+        return batch, logits  # logits: (batch, vocab)
+
+    @torch.inference_mode()
+    def decode(self, batch: KVBatch, tokens: list[int], adapters: list[str]) -> torch.Tensor:
+        device = self.device
+        past_len = batch.kv_len
+        positions = batch.positions()  # (batch, 1)
+        mask = batch.append_step()  # (batch, past_len + 1)
+        logits = self._forward(
+            adapters,
+            input_ids=torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            cache_position=torch.tensor([past_len], device=device),
+            logits_to_keep=1,
+        )
+        return logits[:, -1, :].float()  # (batch, vocab)
+
+
+def adapter_row_name(adapter: str | None) -> str:
+    return adapter or BASE_ADAPTER

@@ -1,0 +1,405 @@
+"""OpenAI chat and completions on top of an Engine: validation, prompts, responses, SSE.
+
+No torch here: prompts become token ids through the engine, and outputs come back as
+plain `GenerationOutput`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from server.engine.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from server.engine.base import SamplingParams as EngineSampling
+from server.errors import APIError, error_body, from_engine_error
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    DeltaMessage,
+    ResponseMessage,
+    SamplingFields,
+    Usage,
+    new_id,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+ModelResolver = Callable[[str], str | None]  # model id -> adapter name (None = base)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    model: str
+    adapter: str | None
+    prompts: list[list[int]]
+    sampling: EngineSampling
+    started: float = field(default_factory=time.monotonic)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OpenAIServing:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        resolve_model: ModelResolver,
+        metrics: ServerMetrics,
+        max_model_len: int,
+        default_max_tokens: int,
+        max_n: int,
+        request_timeout_s: float,
+    ):
+        self.engine = engine
+        self.resolve_model = resolve_model
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+        self.default_max_tokens = default_max_tokens
+        self.max_n = max_n
+        self.request_timeout_s = request_timeout_s
+
+    # --- validation -------------------------------------------------------------------------
+
+    def _check_common(self, req: SamplingFields) -> str | None:
+        if req.unknown_fields:
+            logger.info("ignoring unknown request fields: %s", ", ".join(req.unknown_fields))
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n}", param="n")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        return self.resolve_model(req.model)
+
+    def _sampling(self, req: SamplingFields, prompt_tokens: int, param: str) -> EngineSampling:
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {prompt_tokens} tokens. Please shorten it.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if req.max_tokens is not None:
+            if req.max_tokens < 1:
+                raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+            if req.max_tokens > room:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, you requested {prompt_tokens + req.max_tokens} tokens "
+                    f"({prompt_tokens} in the prompt, {req.max_tokens} for the completion). "
+                    "Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            max_tokens = req.max_tokens
+        else:
+            max_tokens = min(self.default_max_tokens, room)
+        return EngineSampling(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_list,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            n=req.n,
+            ignore_eos=req.ignore_eos,
+        )
+
+    def prepare_chat(
+        self, req: ChatCompletionRequest, messages: list[dict[str, str]] | None = None
+    ) -> Prepared:
+        adapter = self._check_common(req)
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if messages is None:
+            messages = chat_messages(req)
+        try:
+            prompt = self.engine.render_chat(messages)
+        except Exception as exc:  # a template that rejects the conversation
+            raise APIError(400, f"cannot format these messages: {exc}", param="messages") from exc
+        ids = self.engine.tokenize(prompt)
+        return Prepared(
+            model=req.model,
+            adapter=adapter,
+            prompts=[ids],
+            sampling=self._sampling(req, len(ids), "messages"),
+        )
+
+    def prepare_completion(
+        self, req: CompletionRequest, prompt_override: str | None = None
+    ) -> Prepared:
+        adapter = self._check_common(req)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "best_of is not supported", param="best_of")
+        prompts = completion_prompts(req.prompt)
+        if prompt_override is not None:
+            prompts = [prompt_override]
+        token_lists: list[list[int]] = []
+        for p in prompts:
+            ids = self.engine.tokenize(p) if isinstance(p, str) else p
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            token_lists.append(ids)
+        longest = max(len(t) for t in token_lists)
+        sampling = self._sampling(req, longest, "prompt")
+        if len(token_lists) * req.n > self.max_n:
+            raise APIError(400, f"prompts x n must be at most {self.max_n}", param="prompt")
+        return Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def _outputs(self, prep: Prepared) -> AsyncIterator[GenerationOutput]:
+        """All choices of all prompts, interleaved; choice index = prompt * n + choice."""
+        n = prep.sampling.n
+        streams = [
+            self.engine.generate(
+                GenerationRequest(
+                    request_id=new_id("gen"),
+                    prompt_token_ids=ids,
+                    sampling=prep.sampling,
+                    adapter=prep.adapter,
+                    timeout_s=self.request_timeout_s,
+                )
+            )
+            for ids in prep.prompts
+        ]
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield out
+            return
+        queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator[GenerationOutput]) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+                await queue.put((i, None))
+            except BaseException as exc:
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            live = len(tasks)
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                item.index = i * n + item.index
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _observe(
+        self,
+        prep: Prepared,
+        endpoint: str,
+        prompt_tokens: int,
+        completion: int,
+        first_token_at: float | None,
+        outcome: str,
+    ) -> None:
+        label = prep.model
+        m = self.metrics
+        m.requests.labels(label, endpoint, outcome).inc()
+        m.prompt_tokens.labels(label).inc(prompt_tokens)
+        m.completion_tokens.labels(label).inc(completion)
+        end = time.monotonic()
+        m.latency.labels(label).observe(end - prep.started)
+        if first_token_at is not None:
+            m.ttft.labels(label).observe(first_token_at - prep.started)
+            if completion > 1 and end > first_token_at:
+                m.tokens_per_second.labels(label).observe((completion - 1) / (end - first_token_at))
+
+    async def collect(
+        self, prep: Prepared, endpoint: str
+    ) -> tuple[dict[int, str], dict[int, str], Usage]:
+        """Run to completion: text and finish reason per choice, and usage."""
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str] = {}
+        completion = 0
+        first: float | None = None
+        try:
+            async for out in self._outputs(prep):
+                if first is None:
+                    first = time.monotonic()
+                texts.setdefault(out.index, []).append(out.text)
+                if out.finish_reason is not None:
+                    finish[out.index] = out.finish_reason
+                    completion += out.completion_tokens
+        except EngineError as exc:
+            self._observe(prep, endpoint, 0, completion, first, "error")
+            raise from_engine_error(exc) from exc
+        prompt_tokens = sum(len(p) for p in prep.prompts)
+        self._observe(prep, endpoint, prompt_tokens, completion, first, "ok")
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+        )
+        return {i: "".join(t) for i, t in texts.items()}, finish, usage
+
+    async def chat(self, prep: Prepared) -> ChatCompletion:
+        texts, finish, usage = await self.collect(prep, "chat")
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ResponseMessage(content=texts.get(i, "")),
+                finish_reason=finish.get(i, "length"),  # type: ignore[arg-type]
+            )
+            for i in range(len(prep.prompts) * prep.sampling.n)
+        ]
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=prep.model,
+            choices=choices,
+            usage=usage,
+            citations=prep.extra.get("citations"),
+        )
+
+    async def completion(self, prep: Prepared) -> Completion:
+        texts, finish, usage = await self.collect(prep, "completions")
+        choices = [
+            CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=finish.get(i, "length"))  # type: ignore[arg-type]
+            for i in range(len(prep.prompts) * prep.sampling.n)
+        ]
+        return Completion(
+            id=new_id("cmpl"), created=now(), model=prep.model, choices=choices, usage=usage
+        )
+
+    async def stream(
+        self, prep: Prepared, *, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """Server-sent events, OpenAI style, ending with `data: [DONE]`."""
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        endpoint = "chat" if chat else "completions"
+        completion = 0
+        first: float | None = None
+        n_choices = len(prep.prompts) * prep.sampling.n
+        outcome = "cancelled"
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+            body: BaseModel
+            if chat:
+                delta = DeltaMessage(role="assistant" if role else None, content=text)
+                body = ChatCompletionChunk(
+                    id=rid,
+                    created=created,
+                    model=prep.model,
+                    choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                )
+            else:
+                body = Completion(
+                    id=rid,
+                    created=created,
+                    model=prep.model,
+                    choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
+                )
+            return _sse(body.model_dump(exclude_none=False))
+
+        try:
+            if chat:
+                for i in range(n_choices):
+                    yield chunk(i, "", None, role=True)
+                if prep.extra.get("citations") is not None:
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.citations",
+                            "citations": prep.extra["citations"],
+                        }
+                    )
+            async for out in self._outputs(prep):
+                if first is None:
+                    first = time.monotonic()
+                if out.text:
+                    yield chunk(out.index, out.text, None)
+                if out.finish_reason is not None:
+                    completion += out.completion_tokens
+                    yield chunk(out.index, None if chat else "", out.finish_reason)
+            prompt_tokens = sum(len(p) for p in prep.prompts)
+            if include_usage:
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion,
+                    total_tokens=prompt_tokens + completion,
+                )
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": prep.model,
+                        "choices": [],
+                        "usage": usage.model_dump(),
+                    }
+                )
+            outcome = "ok"
+            yield "data: [DONE]\n\n"
+        except EngineError as exc:
+            outcome = "error"
+            err = from_engine_error(exc)
+            yield _sse(error_body(err.status, err.message, err.param, err.code))
+            yield "data: [DONE]\n\n"
+        finally:
+            self._observe(
+                prep, endpoint, sum(len(p) for p in prep.prompts), completion, first, outcome
+            )
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for i, message in enumerate(req.messages):
+        try:
+            text = message.text()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=f"messages.{i}.content") from exc
+        role = {"developer": "system", "tool": "user"}.get(message.role, message.role)
+        out.append({"role": role, "content": text})
+    return out
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
