@@ -163,11 +163,20 @@ class BodyLimitMiddleware:
             return message
 
         started = False
+        replaced = False
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            # the app may catch the overflow and answer on its own (FastAPI says 400):
+            # whatever it says, the client gets the 413
+            nonlocal started, replaced
+            if replaced:
+                return
             if message["type"] == "http.response.start":
                 started = True
+                if too_large:
+                    replaced = True
+                    await _send_413(send, limit)
+                    return
             await send(message)
 
         try:

@@ -4,7 +4,6 @@ loopback ports (the real uvicorn, the real app) driven by the real `openai` SDK.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -17,13 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support import free_port  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
