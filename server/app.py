@@ -10,15 +10,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.adapters import AdapterRegistry, UploadLimits
 from server.config import Settings
 from server.engine.base import Engine
 from server.errors import (
-    APIError,
     BodyLimitMiddleware,
     RequestIdMiddleware,
     install_error_handlers,
 )
 from server.metrics import ServerMetrics
+from server.protocol import ModelCard
+from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
 from server.serving import OpenAIServing
@@ -82,10 +84,17 @@ def create_app(
     app.state.serving = None
     app.state.load_error = None
     app.state.chat_hooks = []
+    app.state.adapters = None
+    app.state.extra_models = list
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        overrides={"/adapters": settings.max_adapter_bytes + 1024 * 1024},
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
+    app.include_router(adapter_routes.router)
     app.include_router(ops_routes.router)
     return app
 
@@ -99,20 +108,32 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
         app.state.load_error = str(exc)
         return
     served = settings.served_model_name
+    registry = AdapterRegistry(
+        engine,
+        settings.data_dir / "adapters",
+        base_id=served,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        limits=UploadLimits(max_bytes=settings.max_adapter_bytes),
+        metrics=app.state.metrics,
+    )
+    await asyncio.to_thread(registry.recover)
 
     def resolve(model: str) -> str | None:
-        if model == served:
-            return None
-        raise APIError(
-            404,
-            f"The model `{model}` does not exist. GET /v1/models lists what this server serves.",
-            param="model",
-            code="model_not_found",
-        )
+        return None if model == served else registry.resolve(model)
 
+    def adapter_cards() -> list[ModelCard]:
+        return [
+            ModelCard(id=r.name, created=r.created, root=r.path, parent=served)
+            for r in registry.records.values()
+        ]
+
+    app.state.adapters = registry
+    app.state.extra_models = adapter_cards
     app.state.serving = OpenAIServing(
         engine,
         resolve_model=resolve,
+        lease=registry.use,
         metrics=app.state.metrics,
         max_model_len=engine.info.max_model_len,
         default_max_tokens=settings.default_max_tokens,

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="Adapters resident on the compute device.")
     max_cpu_loras: int = Field(32, ge=1, description="Adapters held in host memory.")
     max_lora_rank: int = Field(64, ge=1, le=1024)
+    max_adapter_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest adapter folder or upload (413)."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.adapter_validation import AdapterError
 from server.engine.base import EngineError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
         err = from_engine_error(exc)
         return error_response(err.status, err.message, err.param, err.code, err.headers)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

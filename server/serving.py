@@ -7,15 +7,18 @@ plain `GenerationOutput`s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
+from server.adapter_validation import AdapterError
 from server.engine.base import Engine, EngineError, GenerationOutput, GenerationRequest
 from server.engine.base import SamplingParams as EngineSampling
 from server.errors import APIError, error_body, from_engine_error
@@ -40,6 +43,13 @@ from server.protocol import (
 logger = logging.getLogger(__name__)
 
 ModelResolver = Callable[[str], str | None]  # model id -> adapter name (None = base)
+# adapter name (None = base) -> pins it for one request, yields the engine's name for it
+AdapterLease = Callable[[str | None], AbstractAsyncContextManager[str | None]]
+
+
+@contextlib.asynccontextmanager
+async def _no_adapters(name: str | None) -> AsyncIterator[str | None]:
+    yield name
 
 
 @dataclass
@@ -65,8 +75,10 @@ class OpenAIServing:
         default_max_tokens: int,
         max_n: int,
         request_timeout_s: float,
+        lease: AdapterLease = _no_adapters,
     ):
         self.engine = engine
+        self.lease = lease
         self.resolve_model = resolve_model
         self.metrics = metrics
         self.max_model_len = max_model_len
@@ -176,6 +188,13 @@ class OpenAIServing:
 
     async def _outputs(self, prep: Prepared) -> AsyncIterator[GenerationOutput]:
         """All choices of all prompts, interleaved; choice index = prompt * n + choice."""
+        async with self.lease(prep.adapter) as engine_adapter:
+            async for out in self._engine_outputs(prep, engine_adapter):
+                yield out
+
+    async def _engine_outputs(
+        self, prep: Prepared, engine_adapter: str | None
+    ) -> AsyncIterator[GenerationOutput]:
         n = prep.sampling.n
         streams = [
             self.engine.generate(
@@ -183,7 +202,7 @@ class OpenAIServing:
                     request_id=new_id("gen"),
                     prompt_token_ids=ids,
                     sampling=prep.sampling,
-                    adapter=prep.adapter,
+                    adapter=engine_adapter,
                     timeout_s=self.request_timeout_s,
                 )
             )
@@ -372,6 +391,10 @@ class OpenAIServing:
             outcome = "error"
             err = from_engine_error(exc)
             yield _sse(error_body(err.status, err.message, err.param, err.code))
+            yield "data: [DONE]\n\n"
+        except AdapterError as exc:  # e.g. unregistered while this request waited
+            outcome = "error"
+            yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
             yield "data: [DONE]\n\n"
         finally:
             self._observe(

@@ -80,3 +80,35 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
                 param.normal_(0.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_lora_adapter(
+    base_path: Path,
+    out: Path,
+    *,
+    r: int = 4,
+    seed: int = 1,
+    target_modules: list[str] | str = "all-linear",
+    **lora_kwargs,
+) -> Path:
+    """A LoRA adapter with random (non-zero) weights, saved the way PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=target_modules,
+        init_lora_weights=False,  # random A and B: the adapter visibly changes outputs
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

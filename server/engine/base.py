@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -121,6 +122,20 @@ class Engine(Protocol):
         ...
 
     def has_adapter(self, name: str) -> bool: ...
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear module of the base, by path."""
+        ...
+
+    def base_names(self) -> set[str]:
+        """Names the base model is known by, to match an adapter's base_model_name_or_path."""
+        ...
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Put a validated LoRA folder on the compute device under `name`."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
 
     def stats(self) -> dict[str, float]:
         """Live numbers for /metrics: queue depth, running rows, tokens generated, ..."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from server.engine.base import (
@@ -34,6 +35,17 @@ def _parameter_count(model: Any) -> int:
     return total
 
 
+def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear layer a LoRA adapter could target."""
+    shapes = {}
+    for name, module in model.named_modules():
+        in_f = getattr(module, "in_features", None)
+        out_f = getattr(module, "out_features", None)
+        if isinstance(in_f, int) and isinstance(out_f, int) and name:
+            shapes[name] = (in_f, out_f)
+    return shapes
+
+
 class HFEngine:
     """One resident base model; a scheduler thread batches every request onto it."""
 
@@ -61,6 +73,8 @@ class HFEngine:
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
         )
+        self._adapters: set[str] = set()
+        self._linear_shapes = _linear_shapes(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
             model_id=loaded.model_id,
@@ -97,8 +111,51 @@ class HFEngine:
         add_special = not (bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
+    # --- adapters: every model change runs in the scheduler thread, between two steps ----
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._linear_shapes)
+
+    def base_names(self) -> set[str]:
+        names = {self.loaded.model_id, self.loaded.path.name}
+        source = getattr(self.loaded.model.config, "_name_or_path", None)
+        if source:
+            names.add(Path(str(source)).name)
+        return names
+
     def has_adapter(self, name: str) -> bool:
-        return False
+        return name in self._adapters
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        future = self.scheduler.call(lambda: self._load_adapter(name, path))
+        await asyncio.wrap_future(future)
+
+    async def unload_adapter(self, name: str) -> None:
+        future = self.scheduler.call(lambda: self._unload_adapter(name))
+        await asyncio.wrap_future(future)
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        if name in self._adapters:
+            return
+        model = self.runner.model
+        if not isinstance(model, PeftModel):
+            model = PeftModel.from_pretrained(
+                model, str(path), adapter_name=name, is_trainable=False
+            )
+            model.eval()
+            self.runner.model = model
+            self.runner.uses_adapters = True
+        else:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self._adapters.add(name)
+
+    def _unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            return
+        self.runner.model.delete_adapter(name)
+        self._adapters.discard(name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         loop = asyncio.get_running_loop()

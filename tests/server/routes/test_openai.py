@@ -50,7 +50,9 @@ def test_streaming_chat_matches_non_streaming(tiny_server):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert text == whole.choices[0].message.content
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == []
@@ -69,7 +71,9 @@ def test_stream_without_include_usage_has_no_usage_chunk(tiny_server):
 
 def test_completions_plain_streamed_and_batched(tiny_server):
     client = tiny_server.openai()
-    r = client.completions.create(model="base", prompt="The quick brown", max_tokens=6, temperature=0)
+    r = client.completions.create(
+        model="base", prompt="The quick brown", max_tokens=6, temperature=0
+    )
     assert r.object == "text_completion"
     streamed = list(
         client.completions.create(
@@ -92,9 +96,17 @@ def test_n_seed_and_stop(tiny_server):
     b = client.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    full = client.completions.create(
-        model="base", prompt="Hello", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
-    ).choices[0].text
+    full = (
+        client.completions.create(
+            model="base",
+            prompt="Hello",
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
     stop = full[2:4]
     cut = client.completions.create(
         model="base", prompt="Hello", max_tokens=12, temperature=0, stop=[stop]
@@ -144,8 +156,12 @@ def post(server, path, payload=None, **kwargs):
 
 
 def test_malformed_json_is_400(tiny_server):
-    r = post(tiny_server, "/v1/chat/completions", content=b"{not json",
-             headers={"content-type": "application/json"})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     err = assert_error(r, 400)
     assert "JSON" in err["message"]
 
@@ -186,8 +202,11 @@ def test_empty_messages_is_400(tiny_server):
 
 def test_prompt_longer_than_context_is_400(tiny_server):
     long = "The quick brown fox jumps over the lazy dog. " * 200
-    r = post(tiny_server, "/v1/chat/completions",
-             {"model": "base", "messages": [{"role": "user", "content": long}]})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": long}]},
+    )
     assert_error(r, 400, "messages", "context_length_exceeded")
     r = post(tiny_server, "/v1/completions", {"model": "base", "prompt": long})
     assert_error(r, 400, "prompt", "context_length_exceeded")
@@ -198,8 +217,11 @@ def test_prompt_longer_than_context_is_400(tiny_server):
 
 @pytest.mark.parametrize("max_tokens", [0, -5, 100000])
 def test_max_tokens_out_of_range_is_400(tiny_server, max_tokens):
-    r = post(tiny_server, "/v1/chat/completions",
-             {"model": "base", "messages": CHAT, "max_tokens": max_tokens})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {"model": "base", "messages": CHAT, "max_tokens": max_tokens},
+    )
     assert_error(r, 400, "max_tokens")
 
 
@@ -215,26 +237,44 @@ def test_body_over_limit_is_413(tiny_server):
             yield b"y" * 1024
         yield b'"}]}'
 
-    r = post(tiny_server, "/v1/chat/completions", content=chunks(),
-             headers={"content-type": "application/json"})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 413, code="body_too_large")
 
 
 def test_unsupported_options_are_400_not_ignored(tiny_server):
-    r = post(tiny_server, "/v1/chat/completions",
-             {"model": "base", "messages": CHAT, "logprobs": True})
+    r = post(
+        tiny_server, "/v1/chat/completions", {"model": "base", "messages": CHAT, "logprobs": True}
+    )
     assert_error(r, 400, "logprobs")
     r = post(tiny_server, "/v1/completions", {"model": "base", "prompt": "x", "echo": True})
     assert_error(r, 400, "echo")
-    r = post(tiny_server, "/v1/chat/completions",
-             {"model": "base", "messages": [{"role": "user", "content": [
-                 {"type": "image_url", "image_url": {"url": "http://x"}}]}]})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {
+            "model": "base",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                }
+            ],
+        },
+    )
     assert_error(r, 400, "messages.0.content")
 
 
 def test_unknown_fields_are_accepted(tiny_server):
-    r = post(tiny_server, "/v1/chat/completions",
-             {"model": "base", "messages": CHAT, "max_tokens": 2, "some_future_field": 1})
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {"model": "base", "messages": CHAT, "max_tokens": 2, "some_future_field": 1},
+    )
     assert r.status_code == 200
 
 
@@ -255,10 +295,17 @@ def test_client_disconnect_mid_stream_stops_generation(tiny_server):
     engine.runner.decode = slow_decode
     try:
         before = stats.requests_cancelled
-        payload = {"model": "base", "messages": CHAT, "max_tokens": 200, "stream": True,
-                   "extra": 1, "ignore_eos": True}
-        with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json=payload,
-                          timeout=30) as r:
+        payload = {
+            "model": "base",
+            "messages": CHAT,
+            "max_tokens": 200,
+            "stream": True,
+            "extra": 1,
+            "ignore_eos": True,
+        }
+        with httpx.stream(
+            "POST", f"{tiny_server.url}/v1/chat/completions", json=payload, timeout=30
+        ) as r:
             lines = r.iter_lines()
             got = 0
             for line in lines:
