@@ -1,0 +1,213 @@
+"""Multi-adapter serving on the bundled model (NF4), every figure a ratio measured in one run.
+
+    python loadtests/bench_adapters.py [--tokens 32] [--streams 8] [--max-registered 64]
+
+a) throughput, 8 streams over 8 adapters / 8 streams on one adapter        (goal >= 0.8)
+b) our server, 8 streams over 8 adapters / naive one-at-a-time set_adapter (goal >= 3x)
+c) TTFT of a short request while a long generation runs / TTFT when idle   (goal <= 2)
+d) ms from POST /adapters (rank 16, all linear layers) to the first token
+e) aggregate tok/s, 8 streams over 8 adapters, as registered adapters grow to 64
+   (8 resident on the device): what eviction costs
+
+The server runs as a child process; the naive baseline runs in this process after the
+server has stopped, so the two never compete for cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
+from loadtests._server import running_server  # noqa: E402
+from trainer.base_model import resolve_base_model  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+async def throughput(url: str, models: list[str], tokens: int) -> float:
+    """Aggregate completion tokens/s of concurrent streams, one per entry of `models`."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+
+    async def one(model: str) -> int:
+        r = await client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        return r.usage.completion_tokens
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(m) for m in models))
+    return sum(done) / (time.perf_counter() - start)
+
+
+async def ttft(url: str, model: str, prompt: str) -> float:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+    start = time.perf_counter()
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter()
+    return (first or time.perf_counter()) - start
+
+
+async def ttft_under_load(url: str, tokens: int) -> tuple[float, float]:
+    idle = min([await ttft(url, "base", "Hello, my name is") for _ in range(3)])
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+    long = await client.completions.create(
+        model="base",
+        prompt=PROMPT * 4,
+        max_tokens=tokens * 4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    seen = 0
+    loaded = []
+    async for chunk in long:
+        if chunk.choices and chunk.choices[0].text:
+            seen += 1
+        if seen == 3 and len(loaded) < 3:  # the long stream is decoding now
+            loaded.append(await ttft(url, "base", "Hello, my name is"))
+            seen = 0
+        if len(loaded) == 3:
+            break
+    await long.close()
+    return idle, min(loaded)
+
+
+def register(url: str, name: str, path: Path) -> None:
+    r = httpx.post(f"{url}/adapters", json={"name": name, "path": str(path)}, timeout=600)
+    r.raise_for_status()
+
+
+async def register_to_first_token(url: str, path: Path) -> float:
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client:
+        r = await client.post(f"{url}/adapters", json={"name": "fresh", "path": str(path)})
+        r.raise_for_status()
+    oa = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+    stream = await oa.completions.create(
+        model="fresh", prompt="Hi", max_tokens=2, stream=True, extra_body={"ignore_eos": True}
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            break
+    await stream.close()
+    return (time.perf_counter() - start) * 1000
+
+
+def naive_baseline(paths: list[Path], tokens: int) -> float:
+    """One request at a time; switch adapters with set_adapter, as a plain PEFT server does."""
+    import torch
+    from peft import PeftModel
+
+    from trainer.base_model import load_base_model
+
+    loaded = load_base_model(None, quantization="nf4")
+    model = PeftModel.from_pretrained(loaded.model, str(paths[0]), adapter_name="n0")
+    for i, p in enumerate(paths[1:], start=1):
+        model.load_adapter(str(p), adapter_name=f"n{i}")
+    model.eval()
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        model.set_adapter("n0")
+        model.generate(**ids, max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        for i in range(len(paths)):
+            model.set_adapter(f"n{i}")
+            model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return len(paths) * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-registered", type=int, default=64)
+    args = parser.parse_args()
+    n, tokens = args.streams, args.tokens
+
+    base_path = resolve_base_model(None)
+    shapes = linear_shapes_from_config(json.loads((base_path / "config.json").read_text()))
+    work = Path(tempfile.mkdtemp(prefix="swapserve-bench-"))
+    paths = [
+        random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i)
+        for i in range(args.max_registered + 1)
+    ]
+    env = {
+        "SWAPSERVE_DATA_DIR": str(work / "data"),
+        "SWAPSERVE_MAX_LORAS": "8",
+        "SWAPSERVE_MAX_CPU_LORAS": "64",
+        "SWAPSERVE_MAX_NUM_SEQS": str(max(16, n)),
+    }
+    results: dict[str, float] = {}
+    growth: list[tuple[int, float]] = []
+    with running_server(env) as url:
+        for i in range(n):
+            register(url, f"ad{i}", paths[i])
+        asyncio.run(throughput(url, ["ad0"] * 2, 4))  # warm-up
+        results["one_adapter"] = asyncio.run(throughput(url, ["ad0"] * n, tokens))
+        results["n_adapters"] = asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], tokens))
+        idle, loaded = asyncio.run(ttft_under_load(url, tokens))
+        results["ttft_idle"], results["ttft_loaded"] = idle, loaded
+        results["register_to_token_ms"] = asyncio.run(
+            register_to_first_token(url, paths[args.max_registered])
+        )
+        registered = n
+        growth.append((registered, results["n_adapters"]))
+        while registered < args.max_registered:
+            target = min(args.max_registered, registered * 2)
+            for i in range(registered, target):
+                register(url, f"ad{i}", paths[i])
+            registered = target
+            # spread over everything registered: most picks are not resident, so each run
+            # pays for loads and evictions
+            step = max(1, registered // n)
+            pick = [f"ad{i}" for i in range(0, registered, step)][:n]
+            growth.append((registered, asyncio.run(throughput(url, pick, tokens))))
+    naive = naive_baseline(paths[:n], tokens)
+
+    print(f"\nbundled Gemma 3 270M, NF4, CPU; {n} streams x {tokens} tokens, rank-16 adapters")
+    print(f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s")
+    print(f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s")
+    print(f"  naive set_adapter, one at a time: {naive:7.2f} tok/s")
+    print(
+        f"a) {n} adapters / one adapter:        {results['n_adapters'] / results['one_adapter']:.2f}"
+        "  (goal >= 0.8)"
+    )
+    print(f"b) ours / naive set_adapter:         {results['n_adapters'] / naive:.2f}x  (goal >= 3)")
+    print(
+        f"c) TTFT under load / idle:           {results['ttft_loaded'] / results['ttft_idle']:.2f}"
+        f"  ({results['ttft_loaded'] * 1000:.0f} ms vs {results['ttft_idle'] * 1000:.0f} ms;"
+        " goal <= 2)"
+    )
+    print(f"d) POST /adapters -> first token:    {results['register_to_token_ms']:.0f} ms")
+    print("e) registered adapters -> tok/s (8 resident; each run touches adapters not resident)")
+    for count, tps in growth:
+        print(f"     {count:3d} registered: {tps:7.2f} tok/s  ({tps / growth[0][1]:.2f} of 8)")
+
+
+if __name__ == "__main__":
+    main()
