@@ -147,14 +147,6 @@ class Scheduler:
             self._cv.notify_all()
         return future
 
-    def in_use_adapters(self) -> set[str]:
-        """Adapters that a queued or running request needs (never evict these)."""
-        with self._cv:
-            seqs = list(self._waiting) + list(self._running)
-            if self._prefill is not None:
-                seqs += self._prefill[1]
-        return {s.request.adapter for s in seqs if s.request.adapter and not s.finished}
-
     # --- the loop --------------------------------------------------------------------------
 
     def _free_rows(self) -> int:

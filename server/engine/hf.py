@@ -154,7 +154,18 @@ class HFEngine:
     def _unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
             return
-        self.runner.model.delete_adapter(name)
+        model = self.runner.model
+        if self._adapters == {name}:
+            # the last adapter: go back to the plain base model rather than leave PEFT
+            # with no active adapter
+            self.runner.model = model.unload()
+            self.runner.uses_adapters = False
+        else:
+            model.delete_adapter(name)
+            remaining = [n for n in model.peft_config if n != name]
+            # PEFT keeps pointing at a deleted adapter as the active one; rows name their
+            # adapter explicitly, but the wrapper still looks the active one up
+            model.set_adapter(remaining[0])
         self._adapters.discard(name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import free_port
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

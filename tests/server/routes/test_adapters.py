@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_live_server
-from tiny_model import build_lora_adapter, build_tiny_model
+from tests.support import start_live_server
+from tests.tiny_model import build_lora_adapter, build_tiny_model
 
 PROMPT = "Hello world, this is"
 
@@ -145,6 +145,11 @@ def test_eviction_under_pressure_serves_every_request(server, adapters):
         assert r.choices[0].text == solo[model]
     assert sum(registry.states[n].evict_count for n in solo) > before
     assert registry.loaded_count() <= 2
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'swapserve_adapter_events_total{adapter="a2",event="evicted"}' in metrics or (
+        'swapserve_adapter_events_total{adapter="a0",event="evicted"}' in metrics
+    )
+    assert 'swapserve_requests_total{endpoint="completions",model="a3",outcome="ok"}' in metrics
     evicted = [
         a for a in httpx.get(f"{server.url}/adapters").json()["data"] if a["location"] == "disk"
     ]
@@ -406,3 +411,24 @@ def test_registry_survives_restart_and_quarantines_corruption(tiny_model_path, a
         assert not list((data / "adapters" / ".staging").iterdir())
     finally:
         second.stop()
+
+
+def test_removing_the_last_adapter_returns_to_the_plain_base(tiny_model_path, adapters, tmp_path):
+    server = start_live_server(
+        base_model=str(tiny_model_path),
+        quantization="none",
+        max_model_len=256,
+        default_max_tokens=8,
+        data_dir=tmp_path,
+    )
+    try:
+        base = greedy(server, "base")
+        assert register(server, "only", adapters["a0"]).status_code == 201
+        with_adapter = greedy(server, "only")
+        assert greedy(server, "base") == base
+        assert httpx.delete(f"{server.url}/adapters/only").status_code == 200
+        assert greedy(server, "base") == base
+        assert register(server, "again", adapters["a0"]).status_code == 201
+        assert greedy(server, "again") == with_adapter
+    finally:
+        server.stop()

@@ -321,3 +321,53 @@ def test_client_disconnect_mid_stream_stops_generation(tiny_server):
         assert stats.running == 0
     finally:
         engine.runner.decode = real_decode
+
+
+def test_full_queue_is_429_with_retry_after(tiny_model_path, tmp_path):
+    from tests.support import start_live_server
+
+    server = start_live_server(
+        base_model=str(tiny_model_path),
+        quantization="none",
+        max_model_len=256,
+        default_max_tokens=16,
+        max_num_seqs=1,
+        max_queue=0,
+        data_dir=tmp_path,
+    )
+    engine = server.app.state.engine
+    real_decode = engine.runner.decode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.05)
+        return real_decode(*args, **kwargs)
+
+    engine.runner.decode = slow_decode
+    try:
+        payload = {
+            "model": "base",
+            "messages": CHAT,
+            "max_tokens": 100,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json=payload, timeout=30
+        ) as r:
+            lines = r.iter_lines()  # held open: closing it would hang up on the server
+            next(lines)
+            deadline = time.monotonic() + 10
+            while engine.scheduler.stats.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the only row is taken
+            assert engine.scheduler.stats.running == 1
+            busy = post(
+                server, "/v1/chat/completions", {"model": "base", "messages": CHAT, "max_tokens": 2}
+            )
+            assert_error(busy, 429, code="queue_full")
+            assert int(busy.headers["retry-after"]) >= 1
+            with pytest.raises(openai.RateLimitError):
+                server.openai().chat.completions.create(model="base", messages=CHAT, max_tokens=2)
+            lines.close()
+    finally:
+        engine.runner.decode = real_decode
+        server.stop()
