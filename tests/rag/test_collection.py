@@ -224,7 +224,11 @@ def test_ivf_falls_back_to_flat_when_small_again(tmp_path):
     x = _clustered(300, 16, seed=2)
     items = [
         (DocumentInput("big", "v"), [Chunk("big", i, "v", 0, 1, 1) for i in range(250)], x[:250]),
-        (DocumentInput("small", "v"), [Chunk("small", i, "v", 0, 1, 1) for i in range(50)], x[250:]),
+        (
+            DocumentInput("small", "v"),
+            [Chunk("small", i, "v", 0, 1, 1) for i in range(50)],
+            x[250:],
+        ),
     ]
     c.add_embedded(items)
     assert c.index_kind == "ivf"
