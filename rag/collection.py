@@ -863,8 +863,14 @@ class Collection:
             # IDSelectorBatch keeps a pointer to `selected`; it stays alive in this frame.
             sel = faiss.IDSelectorBatch(len(selected), faiss.swig_ptr(selected))
         if isinstance(index, faiss.IndexIVF):
+            nprobe = self.index_config.nprobe
+            if selected is not None and len(selected):
+                # A filter that keeps 1/s of the chunks gets s times the lists, so about as
+                # many eligible candidates are scanned as without a filter; IVF checks the
+                # selector before computing a distance, so the extra lists are cheap.
+                nprobe = math.ceil(nprobe * index.ntotal / len(selected))
             params: Any = faiss.SearchParametersIVF(
-                nprobe=index.nlist if exact else min(self.index_config.nprobe, index.nlist)
+                nprobe=index.nlist if exact else min(nprobe, index.nlist)
             )
         else:
             params = faiss.SearchParameters()
