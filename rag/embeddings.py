@@ -104,9 +104,10 @@ class Embedder:
         label = name or (DEFAULT_MODEL_LABEL if path == default_model_path() else path.name)
         # Stable across machines and install paths, but changes when the weights change.
         self.name: str = f"{label}@{_fingerprint(path)}"
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or getattr(
-            self.model, "get_sentence_embedding_dimension"
-        )
+        # Renamed in sentence-transformers 5; accept both spellings.
+        get_dim = getattr(self.model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = self.model.get_sentence_embedding_dimension
         self.dim: int = int(get_dim())
         self.max_seq_length: int = int(self.model.max_seq_length)
         tokenizer = self.model.tokenizer

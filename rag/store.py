@@ -195,12 +195,15 @@ class CollectionStore:
         with self._lock:
             if path.exists():
                 raise CollectionExists(f"collection {name!r} already exists", param="name")
-            coll = Collection.create(
-                path,
-                self.embedder,
-                chunking=chunking or self.chunking,
-                index_config=self.index_config,
-            )
+            try:
+                coll = Collection.create(
+                    path,
+                    self.embedder,
+                    chunking=chunking or self.chunking,
+                    index_config=self.index_config,
+                )
+            except FileExistsError as e:  # another process created it since the check
+                raise CollectionExists(f"collection {name!r} already exists", param="name") from e
             self._open[name] = coll
             logger.info("created collection %s (embedder %s)", name, self.embedder.name)
             return coll
