@@ -190,7 +190,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_file_durably(path: Path, data: np.ndarray) -> None:
     with open(path, "wb") as f:
-        f.write(memoryview(data))
+        f.write(data.data)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(path.parent)
@@ -456,7 +456,7 @@ class Collection:
         except OSError as e:
             logger.warning("collection %s: index file %s unreadable (%s)", self.name, f.name, e)
             return None
-        if hashlib.sha256(memoryview(data)).hexdigest() != sha:
+        if hashlib.sha256(data.data).hexdigest() != sha:
             logger.warning("collection %s: index file %s fails its checksum", self.name, f.name)
             return None
         index = faiss.deserialize_index(data)
@@ -507,7 +507,7 @@ class Collection:
     def _write_index(self, index: Any, generation: int) -> str:
         data = faiss.serialize_index(index)
         _write_file_durably(self._index_file(generation), data)
-        return hashlib.sha256(memoryview(data)).hexdigest()
+        return hashlib.sha256(data.data).hexdigest()
 
     def _new_flat(self) -> Any:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
@@ -869,9 +869,8 @@ class Collection:
                 # many eligible candidates are scanned as without a filter; IVF checks the
                 # selector before computing a distance, so the extra lists are cheap.
                 nprobe = math.ceil(nprobe * index.ntotal / len(selected))
-            params: Any = faiss.SearchParametersIVF(
-                nprobe=index.nlist if exact else min(nprobe, index.nlist)
-            )
+            params: Any = faiss.SearchParametersIVF()
+            params.nprobe = index.nlist if exact else min(nprobe, index.nlist)
         else:
             params = faiss.SearchParameters()
         if sel is not None:

@@ -108,8 +108,14 @@ class Embedder:
         get_dim = getattr(self.model, "get_embedding_dimension", None)
         if get_dim is None:
             get_dim = self.model.get_sentence_embedding_dimension
-        self.dim: int = int(get_dim())
-        self.max_seq_length: int = int(self.model.max_seq_length)
+        dim, max_len = get_dim(), self.model.max_seq_length
+        if dim is None or max_len is None:
+            raise InvalidArgument(
+                f"embedding model at {path} does not declare its dimension and max length",
+                param="embedder",
+            )
+        self.dim: int = int(dim)
+        self.max_seq_length: int = int(max_len)
         tokenizer = self.model.tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidArgument(

@@ -6,6 +6,7 @@ process, sharing one embedder. Collections are opened lazily and kept open.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
@@ -309,7 +310,7 @@ class CollectionStore:
         progress: ProgressFn | None = None,
     ) -> AddResult:
         """Parse every file first (so one bad file adds nothing), then add in one batch."""
-        docs: list[DocumentInput] = []
+        docs: builtins.list[DocumentInput] = []
         for p in paths:
             p = Path(p)
             try:
@@ -327,6 +328,6 @@ class CollectionStore:
         top_k: int = 5,
         min_score: float | None = None,
         filter: dict[str, Any] | None = None,
-    ) -> list[Hit]:
+    ) -> builtins.list[Hit]:
         validate_top_k(top_k)
         return self.get(name).search(query, top_k=top_k, min_score=min_score, filter=filter)
