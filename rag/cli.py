@@ -1,0 +1,150 @@
+"""``swapserve rag ...``: ingest files into a collection and search it from a terminal.
+
+The main CLI calls :func:`register` with its subparsers; each command sets ``func``, which
+takes the parsed args and returns an exit code (0 ok, 1 a RAG error, reported on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rag.errors import InvalidFilter, RAGError
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("SWAPSERVE_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "swapserve"
+
+
+def _store(args: argparse.Namespace) -> Any:
+    # Imported here: `swapserve --help` must not load torch.
+    from rag.embeddings import get_embedder
+    from rag.store import CollectionStore
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return CollectionStore(data_dir / "rag", get_embedder(args.embedder))
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rag.collection import DocumentInput
+    from rag.store import documents_from_bytes
+
+    store = _store(args)
+    if args.create and not store.exists(args.collection):
+        store.create(args.collection)
+    coll = store.get(args.collection)
+    docs: list[DocumentInput] = []
+    for f in args.files:
+        p = Path(f)
+        if not p.is_file():
+            raise RAGError(f"no such file: {p}")
+        docs += documents_from_bytes(p.read_bytes(), p.name, max_doc_bytes=store.max_doc_bytes)
+    with tqdm(total=0, unit="chunk", desc=f"embedding into {args.collection}") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        res = coll.add_documents(docs, progress=progress)
+    print(
+        f"{args.collection}: {len(res.added)} added, {len(res.replaced)} replaced, "
+        f"{len(res.unchanged)} unchanged, {len(res.metadata_updated)} metadata updated, "
+        f"{res.chunks_written} chunks embedded; collection now has "
+        f"{coll.count_chunks()} chunks"
+    )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    flt = None
+    if args.filter:
+        try:
+            flt = json.loads(args.filter)
+        except json.JSONDecodeError as e:
+            raise InvalidFilter(f"--filter is not valid JSON: {e}") from e
+    hits = _store(args).search(
+        args.collection, args.query, top_k=args.top_k, min_score=args.min_score, filter=flt
+    )
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        return 0
+    if not hits:
+        print("no hits")
+    for i, h in enumerate(hits, start=1):
+        text = " ".join(h.text.split())
+        print(f"[{i}] {h.score:.3f}  {h.doc_id} #{h.chunk_index}\n    {text[:300]}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rag.collection import read_info
+
+    root = (Path(args.data_dir) if args.data_dir else default_data_dir()) / "rag"
+    # Listing reads metadata only: no embedder load.
+    for p in sorted(root.glob("*/meta.sqlite")) if root.is_dir() else []:
+        i = read_info(p.parent)
+        print(f"{i.name}\t{i.documents} docs\t{i.chunks} chunks\t{i.index_kind}\t{i.embedder_name}")
+    return 0
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except RAGError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``rag`` command group to an argparse subparsers object."""
+    rag = subparsers.add_parser("rag", help="retrieval collections: ingest and search")
+    sub = rag.add_subparsers(dest="rag_command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        help="data folder (default: $SWAPSERVE_DATA_DIR or ~/.local/share/swapserve); "
+        "collections live in <data-dir>/rag",
+    )
+    common.add_argument(
+        "--embedder",
+        default=None,
+        help="local sentence-transformers folder (default: the bundled all-MiniLM-L6-v2)",
+    )
+
+    ingest = sub.add_parser(
+        "ingest",
+        parents=[common],
+        help="add .txt/.md/.json/.jsonl files to a collection",
+        description="Add files to a collection. A document whose id exists is replaced; "
+        ".txt/.md files use the file name as id.",
+    )
+    ingest.add_argument("collection")
+    ingest.add_argument("files", nargs="+")
+    ingest.add_argument("--create", action="store_true", help="create the collection if missing")
+    ingest.set_defaults(func=_guard(_ingest))
+
+    search = sub.add_parser("search", parents=[common], help="search a collection")
+    search.add_argument("collection")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=5, help="hits to return (1-100)")
+    search.add_argument("--min-score", type=float, default=None)
+    search.add_argument(
+        "--filter", default=None, help='metadata filter as JSON, e.g. \'{"lang": "en"}\''
+    )
+    search.add_argument("--json", action="store_true", help="print hits as JSON")
+    search.set_defaults(func=_guard(_search))
+
+    lst = sub.add_parser("list", parents=[common], help="list collections")
+    lst.set_defaults(func=_guard(_list))
+    return rag
