@@ -117,6 +117,7 @@ class JobManager:
         self.cancel_grace_s = cancel_grace_s
         self._lock = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}
+        self._finishing: set[str] = set()  # exited, being finalised (on_success running)
         self._queue: list[str] = []
         self._cancel_requested: dict[str, float] = {}
         self._stop = threading.Event()
@@ -289,7 +290,7 @@ class JobManager:
         while True:
             record = self.get(job_id)
             with self._lock:
-                active = job_id in self._procs or job_id in self._queue
+                active = job_id in self._procs or job_id in self._queue or job_id in self._finishing
             if record["state"] in TERMINAL and not active:
                 return record
             if deadline is not None and time.monotonic() > deadline:
@@ -345,10 +346,20 @@ class JobManager:
     def tick(self) -> None:
         """Reap finished workers, enforce cancel deadlines, start queued jobs."""
         with self._lock:
-            for job_id, proc in list(self._procs.items()):
-                if proc.poll() is not None:
-                    self._finalize(job_id, proc)
-                    continue
+            done = [(i, p) for i, p in self._procs.items() if p.poll() is not None]
+            for job_id, _ in done:
+                del self._procs[job_id]
+                self._finishing.add(job_id)
+        # Finalising runs on_success, which may be slow (the server loads the adapter):
+        # keep it outside the lock so submit/cancel stay responsive.
+        for job_id, proc in done:
+            try:
+                self._finalize(job_id, proc)
+            finally:
+                with self._lock:
+                    self._finishing.discard(job_id)
+        with self._lock:
+            for job_id, proc in self._procs.items():
                 asked = self._cancel_requested.get(job_id)
                 if asked is not None and time.monotonic() - asked > self.cancel_grace_s:
                     logger.warning(
@@ -390,7 +401,8 @@ class JobManager:
         logger.info("started job %s (pid %d)", job_id, proc.pid)
 
     def _finalize(self, job_id: str, proc: subprocess.Popen) -> None:
-        self._procs.pop(job_id, None)
+        with self._lock:
+            self._procs.pop(job_id, None)
         cancel_asked = self._cancel_requested.pop(job_id, None) is not None
         job_dir = self._job_dir(job_id)
         (job_dir / CANCEL_FLAG).unlink(missing_ok=True)
