@@ -26,11 +26,11 @@ class ConfigError(ValueError):
         super().__init__(f"{field_name}: {message}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return (isinstance(value, int | float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -157,11 +157,11 @@ class JobConfig:
             self.device in ("auto", "cpu") or self.device.startswith("cuda")
         ):
             raise ConfigError("device", f"{self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
-        if not _is_int(self.r) or not 1 <= self.r <= MAX_RANK:
+        if not is_int(self.r) or not 1 <= self.r <= MAX_RANK:
             raise ConfigError("r", f"{self.r!r} is out of range: set an integer in 1..{MAX_RANK}")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise ConfigError("lora_alpha", f"{self.lora_alpha!r}: must be a number > 0")
-        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ConfigError(
                 "lora_dropout", f"{self.lora_dropout!r}: must satisfy 0 <= dropout < 1"
             )
@@ -180,47 +180,47 @@ class JobConfig:
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, "must be true or false")
-        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
+        if not is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
             raise ConfigError(
                 "learning_rate", f"{self.learning_rate!r}: must be in (0, 1), e.g. 2e-4"
             )
-        if not _is_number(self.epochs) or self.epochs <= 0:
+        if not is_number(self.epochs) or self.epochs <= 0:
             raise ConfigError("epochs", f"{self.epochs!r}: must be > 0 (or set max_steps)")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ConfigError(
                 "max_steps", f"{self.max_steps!r}: must be an integer >= 1, or null for epochs"
             )
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError("batch_size", f"{self.batch_size!r}: must be an integer >= 1")
-        if not _is_int(self.gradient_accumulation_steps) or self.gradient_accumulation_steps < 1:
+        if not is_int(self.gradient_accumulation_steps) or self.gradient_accumulation_steps < 1:
             raise ConfigError(
                 "gradient_accumulation_steps",
                 f"{self.gradient_accumulation_steps!r}: must be an integer >= 1",
             )
-        if not _is_int(self.max_length) or self.max_length < 16:
+        if not is_int(self.max_length) or self.max_length < 16:
             raise ConfigError("max_length", f"{self.max_length!r}: must be an integer >= 16")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ConfigError(
                 "lr_scheduler_type",
                 f"{self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}",
             )
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"{self.warmup_steps!r}: must be an integer >= 0")
         if self.gradient_checkpointing is not None and not isinstance(
             self.gradient_checkpointing, bool
         ):
             raise ConfigError("gradient_checkpointing", "must be true, false or null (auto)")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ConfigError("seed", f"{self.seed!r}: must be an integer")
-        if not _is_number(self.eval_fraction) or not 0 <= self.eval_fraction < 1:
+        if not is_number(self.eval_fraction) or not 0 <= self.eval_fraction < 1:
             raise ConfigError(
                 "eval_fraction", f"{self.eval_fraction!r}: must satisfy 0 <= fraction < 1"
             )
         if self.eval_file is not None and not isinstance(self.eval_file, str):
             raise ConfigError("eval_file", "must be a path string or null")
-        if not _is_int(self.eval_max_examples) or self.eval_max_examples < 0:
+        if not is_int(self.eval_max_examples) or self.eval_max_examples < 0:
             raise ConfigError("eval_max_examples", "must be an integer >= 0")
-        if not _is_int(self.eval_max_new_tokens) or self.eval_max_new_tokens < 1:
+        if not is_int(self.eval_max_new_tokens) or self.eval_max_new_tokens < 1:
             raise ConfigError("eval_max_new_tokens", "must be an integer >= 1")
 
     # -- (de)serialisation: the HTTP request and the job record use the same shape

@@ -22,6 +22,7 @@ from trainer.common import (
     build_card,
     check_output_dir,
     eval_generation,
+    fix_adapter_dtype,
     load_base,
     lora_config,
     make_progress_callback,
@@ -121,6 +122,7 @@ def run_dpo(
             callbacks=[callback],
         )
         quiet_trainer(trainer)
+        fix_adapter_dtype(trainer, base.device)
         logger.info("DPO: %d train / %d eval pairs", len(train_ds), len(eval_examples))
         trainer.train()
         if callback.cancelled:

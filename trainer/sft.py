@@ -24,6 +24,7 @@ from trainer.common import (
     build_card,
     check_output_dir,
     eval_generation,
+    fix_adapter_dtype,
     load_base,
     lora_config,
     make_progress_callback,
@@ -110,6 +111,7 @@ def run_sft(
             callbacks=[callback],
         )
         quiet_trainer(trainer)
+        fix_adapter_dtype(trainer, base.device)
         logger.info(
             "SFT: %d train / %d eval examples, %d steps",
             len(train_ds),
