@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from tests.trainer.helpers import (
+    assert_base_unchanged,
+    assert_lora_trained,
+    loss_went_down,
+    snapshot_base,
+)
+from trainer.base_model import load_base_model
+from trainer.common import CARD_NAME
+from trainer.config import ConfigError
+from trainer.data import DataError
+from trainer.dpo import DPOJobConfig, run_dpo
+
+
+def test_dpo_qlora_trains_against_base_as_reference(tiny_model_dir, dpo_data, tmp_path):
+    config = DPOJobConfig(
+        base_model=str(tiny_model_dir),
+        quantization="nf4",
+        device="cpu",
+        r=8,
+        learning_rate=1e-2,
+        max_steps=6,
+        batch_size=4,
+        max_length=128,
+        eval_fraction=0.25,
+        eval_max_examples=2,
+        eval_max_new_tokens=4,
+    )
+    base = load_base_model(tiny_model_dir, quantization="nf4", device="cpu")
+    snapshot = snapshot_base(base.model)
+    out = tmp_path / "dpo-adapter"
+
+    result = run_dpo(config, dpo_data, out, base=base)
+
+    assert_base_unchanged(snapshot)
+    assert_lora_trained(out)
+    # DPO starts at log 2 exactly: policy == reference while lora_B is zero
+    assert result.loss_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert loss_went_down(result.loss_history), result.loss_history
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["kind"] == "dpo" and card["hyperparameters"]["beta"] == 0.1
+    assert card["eval"]["examples"] == 2
+    assert card["eval"]["eval_loss"]["adapter"] < card["eval"]["eval_loss"]["base"]
+    assert "exact_match" in card["eval"]["adapter"]
+
+
+def test_dpo_config_and_data_checks(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises(ConfigError, match="beta"):
+        DPOJobConfig(beta=0)
+    with pytest.raises(DataError, match="line 1"):
+        run_dpo(DPOJobConfig(base_model=str(tiny_model_dir)), sft_data, tmp_path / "x")

@@ -1,0 +1,174 @@
+"""Direct preference optimisation of a LoRA adapter with TRL's DPOTrainer.
+
+The reference policy is the same base with the adapter disabled (``ref_model=None`` on a
+PEFT model): no second copy of the weights. Read ``run_dpo`` top to bottom; it mirrors
+``run_sft``. Prompts are always rendered with the chat template (a bare string prompt is
+one user turn), because the adapter is served behind the chat API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.base_model import LoadedBaseModel
+from trainer.common import (
+    ProgressFn,
+    StopFn,
+    TrainingCancelled,
+    TrainResult,
+    build_card,
+    check_output_dir,
+    eval_generation,
+    fix_adapter_dtype,
+    load_base,
+    lora_config,
+    make_progress_callback,
+    prepare_model,
+    quiet_trainer,
+    scratch_dir,
+    split_eval,
+    trainer_args,
+    use_gradient_checkpointing,
+    write_output,
+)
+from trainer.config import ConfigError, JobConfig, is_number
+from trainer.data import Example, LoadedData, as_chat_prompt, check_lengths, load_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOJobConfig(JobConfig):
+    """Configuration of a DPO job: the common fields of ``JobConfig`` plus ``beta``."""
+
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "Peak learning rate of AdamW, in (0, 1); DPO wants less than SFT."},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "DPO temperature (> 0): higher keeps the adapter closer to the base."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not is_number(self.beta) or self.beta <= 0:
+            raise ConfigError("beta", f"{self.beta!r}: must be a number > 0, e.g. 0.1")
+
+
+def _as_trl_row(example: Example) -> dict:
+    assert example.prompt is not None
+    return {
+        "prompt": as_chat_prompt(example.prompt),
+        "chosen": [{"role": "assistant", "content": example.chosen}],
+        "rejected": [{"role": "assistant", "content": example.rejected}],
+    }
+
+
+def run_dpo(
+    config: DPOJobConfig,
+    data_path: str | Path,
+    output_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    base: LoadedBaseModel | None = None,
+    name: str | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on preference pairs; same contract as ``run_sft``."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir)
+
+    data = load_jsonl(data_path, "dpo")
+    eval_data: LoadedData | None = load_jsonl(config.eval_file, "dpo") if config.eval_file else None
+    train_examples, eval_examples = split_eval(data, config, eval_data)
+    if should_stop is not None and should_stop():
+        raise TrainingCancelled("cancelled before the base model was loaded")
+
+    base = load_base(config, base)
+    tokenizer = base.tokenizer
+    length_report = check_lengths(data, tokenizer, config.max_length)
+    if eval_data is not None:
+        check_lengths(eval_data, tokenizer, config.max_length)
+
+    train_ds = Dataset.from_list([_as_trl_row(e) for e in train_examples])
+    eval_ds = Dataset.from_list([_as_trl_row(e) for e in eval_examples]) if eval_examples else None
+
+    gc = use_gradient_checkpointing(config, base.device)
+    model = prepare_model(base, gc)
+    callback = make_progress_callback(progress, should_stop)
+    with scratch_dir(output_dir) as scratch:
+        args = DPOConfig(
+            **trainer_args(config, base.device, Path(scratch), gc),
+            beta=config.beta,
+            # Dropout makes the policy and reference log-probs of one batch disagree.
+            disable_dropout=True,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,  # reference = the same weights with the adapter disabled
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(config),
+            callbacks=[callback],
+        )
+        quiet_trainer(trainer)
+        fix_adapter_dtype(trainer, base.device)
+        logger.info("DPO: %d train / %d eval pairs", len(train_ds), len(eval_examples))
+        trainer.train()
+        if callback.cancelled:
+            raise TrainingCancelled(f"cancelled at step {trainer.state.global_step}")
+
+        peft_model = trainer.model
+        eval_results = None
+        if eval_ds is not None:
+            metrics = trainer.evaluate(eval_ds)
+            # With the adapter disabled, policy == reference and the DPO loss is log 2 by
+            # construction, so only the adapter's numbers are informative.
+            eval_results = {
+                "examples": len(eval_examples),
+                "eval_loss": {"base": 0.6931471805599453, "adapter": metrics["eval_loss"]},
+                "reward_accuracy": metrics.get("eval_rewards/accuracies"),
+                "reward_margin": metrics.get("eval_rewards/margins"),
+                **eval_generation(peft_model, base, eval_examples, config),
+            }
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("cancelled after training, before writing")
+
+        wall = time.monotonic() - started
+        card = build_card(
+            kind="dpo",
+            config=config,
+            base=base,
+            data=data,
+            eval_data=eval_data,
+            n_train=len(train_examples),
+            n_eval=len(eval_examples),
+            length_report=length_report,
+            loss_history=callback.history,
+            steps=trainer.state.global_step,
+            eval_results=eval_results,
+            wall_time_s=wall,
+            name=name or output_dir.name,
+        )
+        write_output(peft_model, card, output_dir)
+    logger.info("DPO adapter written to %s in %.1f s", output_dir, wall)
+    return TrainResult(
+        output_dir=output_dir,
+        card=card,
+        loss_history=callback.history,
+        final_loss=card["train"]["final_loss"],
+        steps=trainer.state.global_step,
+        wall_time_s=wall,
+        eval=eval_results,
+        model=peft_model,
+    )
