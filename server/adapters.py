@@ -5,9 +5,10 @@ into the store and only then recorded in registry.json (written atomically). A c
 any point leaves either the old registry or the new one, never a half-registered adapter;
 leftovers are swept at start-up.
 
-Residency: at most `max_loras` adapters live in the engine (on the compute device); the
-least recently used one that no request holds goes first. The rest wait on disk and are
-loaded on their next request.
+Residency: at most `max_loras` adapters live in the engine (on the compute device) and at
+most `max_cpu_loras` in memory altogether (the others as CPU copies, reloaded without
+touching disk); the rest wait on disk. The least recently used adapter that no request
+holds moves down first; a request brings its adapter back up.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tarfile
 import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ class AdapterState:
     """Run-time facts about one adapter (not persisted)."""
 
     engine_name: str  # PEFT adapter names may not contain '.', so each version gets an id
-    loaded: bool = False
+    loaded: bool = False  # on the compute device
+    in_host: bool = False  # a copy in host memory (after an eviction from the device)
     pins: int = 0
     requests: int = 0
     load_count: int = 0
@@ -87,6 +89,7 @@ class AdapterRegistry:
         base_id: str,
         max_loras: int,
         max_lora_rank: int,
+        max_cpu_loras: int | None = None,
         limits: UploadLimits | None = None,
         metrics: ServerMetrics | None = None,
     ):
@@ -98,6 +101,7 @@ class AdapterRegistry:
         self.index_path = root / "registry.json"
         self.base_id = base_id
         self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras if max_cpu_loras is not None else max_loras
         self.max_lora_rank = max_lora_rank
         self.limits = limits or UploadLimits()
         self.metrics = metrics
@@ -173,7 +177,7 @@ class AdapterRegistry:
             "object": "adapter",
             "id": record.name,
             "parent": self.base_id,
-            "location": "device" if state.loaded else "disk",
+            "location": "device" if state.loaded else "host" if state.in_host else "disk",
             "in_flight": state.pins,
             "requests": state.requests,
             "load_count": state.load_count,
@@ -340,9 +344,8 @@ class AdapterRegistry:
                 await asyncio.wait_for(
                     self._residency.wait_for(lambda: state.pins == 0), timeout=wait_s
                 )
-        if state.loaded:
-            await self.engine.unload_adapter(state.engine_name)
-            state.loaded = False
+        await self.engine.unload_adapter(state.engine_name)
+        state.loaded = state.in_host = False
         shutil.rmtree(record.path, ignore_errors=True)
 
     def _persist(self) -> None:
@@ -399,30 +402,49 @@ class AdapterRegistry:
             started = time.perf_counter()
             await self.engine.load_adapter(state.engine_name, Path(record.path))
             state.loaded = True
+            state.in_host = False
             state.load_count += 1
             state.last_load_ms = (time.perf_counter() - started) * 1000
             self._event(name, "loaded")
         await self._trim()
 
     async def _trim(self) -> None:
-        """Evict least recently used adapters that nobody holds, down to max_loras."""
+        """Least recently used first: device -> host memory (max_loras), host -> disk
+        (max_cpu_loras). Never an adapter that a request holds."""
         while self.loaded_count() > self.max_loras:
-            candidates = [
-                (s.last_used, n)
-                for n, s in self.states.items()
-                if s.loaded and s.pins == 0 and not s.lock.locked()
-            ]
-            if not candidates:
-                return  # every resident adapter is in use: over the limit until one is released
-            _, victim = min(candidates)
+            victim = self._lru(lambda s: s.loaded and s.pins == 0)
+            if victim is None:
+                break  # every resident adapter is in use: over the limit until one is released
             state = self.states[victim]
             async with state.lock:
                 if not state.loaded or state.pins:
                     continue
-                await self.engine.unload_adapter(state.engine_name)
+                await self.engine.offload_adapter(state.engine_name)
                 state.loaded = False
+                state.in_host = True
                 state.evict_count += 1
             self._event(victim, "evicted")
+        # max_cpu_loras bounds every adapter held in memory, on the device or not (vLLM's
+        # meaning), so it is never below max_loras
+        while self._in_memory() > self.max_cpu_loras:
+            victim = self._lru(lambda s: s.in_host)
+            if victim is None:
+                break
+            state = self.states[victim]
+            async with state.lock:
+                if state.in_host:
+                    await self.engine.drop_host_copy(state.engine_name)
+                    state.in_host = False
+            self._event(victim, "to_disk")
+
+    def _in_memory(self) -> int:
+        return sum(1 for s in self.states.values() if s.loaded or s.in_host)
+
+    def _lru(self, eligible: Callable[[AdapterState], bool]) -> str | None:
+        candidates = [
+            (s.last_used, n) for n, s in self.states.items() if eligible(s) and not s.lock.locked()
+        ]
+        return min(candidates)[1] if candidates else None
 
 
 def _copy_adapter_files(source: Path, dest: Path, limits: UploadLimits) -> None:

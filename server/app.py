@@ -114,6 +114,7 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
         base_id=served,
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=settings.max_cpu_loras,
         limits=UploadLimits(max_bytes=settings.max_adapter_bytes),
         metrics=app.state.metrics,
     )

@@ -135,7 +135,15 @@ class Engine(Protocol):
         """Put a validated LoRA folder on the compute device under `name`."""
         ...
 
-    async def unload_adapter(self, name: str) -> None: ...
+    async def unload_adapter(self, name: str) -> None:
+        """Forget the adapter everywhere (device and host memory)."""
+        ...
+
+    async def offload_adapter(self, name: str) -> None:
+        """Move the adapter off the compute device, keeping a copy in host memory."""
+        ...
+
+    async def drop_host_copy(self, name: str) -> None: ...
 
     def stats(self) -> dict[str, float]:
         """Live numbers for /metrics: queue depth, running rows, tokens generated, ..."""

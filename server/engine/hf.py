@@ -73,7 +73,8 @@ class HFEngine:
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
         )
-        self._adapters: set[str] = set()
+        self._adapters: set[str] = set()  # on the compute device, in the PEFT model
+        self._host: dict[str, tuple[Any, dict[str, Any]]] = {}  # name -> (config, CPU tensors)
         self._linear_shapes = _linear_shapes(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
@@ -131,30 +132,59 @@ class HFEngine:
         await asyncio.wrap_future(future)
 
     async def unload_adapter(self, name: str) -> None:
-        future = self.scheduler.call(lambda: self._unload_adapter(name))
+        future = self.scheduler.call(lambda: self._unload_adapter(name, keep_host_copy=False))
+        await asyncio.wrap_future(future)
+
+    async def offload_adapter(self, name: str) -> None:
+        """Off the compute device, but kept in host memory for a fast reload."""
+        future = self.scheduler.call(lambda: self._unload_adapter(name, keep_host_copy=True))
+        await asyncio.wrap_future(future)
+
+    async def drop_host_copy(self, name: str) -> None:
+        future = self.scheduler.call(lambda: self._host.pop(name, None))
         await asyncio.wrap_future(future)
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        from peft import PeftModel
+        from peft import PeftModel, set_peft_model_state_dict
 
         if name in self._adapters:
             return
         model = self.runner.model
-        if not isinstance(model, PeftModel):
-            model = PeftModel.from_pretrained(
-                model, str(path), adapter_name=name, is_trainable=False
-            )
-            model.eval()
-            self.runner.model = model
-            self.runner.uses_adapters = True
-        else:
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        host = self._host.pop(name, None)
+        if host is None:  # from disk
+            if not isinstance(model, PeftModel):
+                model = PeftModel.from_pretrained(
+                    model, str(path), adapter_name=name, is_trainable=False
+                )
+            else:
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:  # from host memory: no file reads, no parsing
+            config, state = host
+            if not isinstance(model, PeftModel):
+                model = PeftModel(model, config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+            result = set_peft_model_state_dict(model, state, adapter_name=name)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise RuntimeError(f"host copy of {name} has unexpected keys: {unexpected[:3]}")
+        model.eval()
+        self.runner.model = model
+        self.runner.uses_adapters = True
         self._adapters.add(name)
 
-    def _unload_adapter(self, name: str) -> None:
+    def _unload_adapter(self, name: str, *, keep_host_copy: bool) -> None:
+        from peft import get_peft_model_state_dict
+
+        if not keep_host_copy:
+            self._host.pop(name, None)
         if name not in self._adapters:
             return
         model = self.runner.model
+        if keep_host_copy:
+            state = get_peft_model_state_dict(model, adapter_name=name)
+            state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            self._host[name] = (model.peft_config[name], state)
         if self._adapters == {name}:
             # the last adapter: go back to the plain base model rather than leave PEFT
             # with no active adapter
