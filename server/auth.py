@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
-from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_body
@@ -543,18 +542,38 @@ def require_scope(scope: str) -> ScopeGuard:
     return ScopeGuard(scope)
 
 
-def route_scopes(route: APIRoute) -> set[str]:
-    """The scopes a route's dependencies require (empty: the route declared none)."""
-    found: set[str] = set()
+@dataclass(frozen=True)
+class RouteScope:
+    path: str
+    methods: frozenset[str]
+    scopes: frozenset[str] | None  # None: not a FastAPI route (the docs), so no dependencies
 
-    def walk(dependant: Dependant) -> None:
-        for sub in dependant.dependencies:
-            if isinstance(sub.call, ScopeGuard):
-                found.add(sub.call.scope)
-            walk(sub)
 
-    walk(route.dependant)
-    return found
+def route_scopes(app: FastAPI) -> list[RouteScope]:
+    """Every route of the app with the scopes its dependencies (router-level ones included)
+    require: what the tests check so that no mounted route goes without a scope."""
+    try:
+        # FastAPI >= 0.16x includes routers lazily: app.routes holds the routers, and the
+        # routes with their include-time dependencies are reached through this iterator
+        from fastapi.routing import iter_route_contexts
+
+        routes: Iterable[Any] = iter_route_contexts(app.routes)
+    except ImportError:
+        routes = app.routes
+    table = []
+    for route in routes:
+        dependant = getattr(route, "dependant", None)
+        methods = frozenset(getattr(route, "methods", None) or ())
+        scopes = None if dependant is None else frozenset(_scopes_of(dependant))
+        table.append(RouteScope(str(getattr(route, "path", route)), methods, scopes))
+    return table
+
+
+def _scopes_of(dependant: Dependant) -> Iterable[str]:
+    for sub in dependant.dependencies:
+        if isinstance(sub.call, ScopeGuard):
+            yield sub.call.scope
+        yield from _scopes_of(sub)
 
 
 def current_key() -> ApiKey | None:
