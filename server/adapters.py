@@ -158,7 +158,11 @@ class AdapterRegistry:
         """The adapter name for a `model` id, or None; raises AdapterError 404 if unknown."""
         if model in self.records:
             return model
-        raise AdapterError(
+        raise self.unknown_model(model)
+
+    @staticmethod
+    def unknown_model(model: str) -> AdapterError:
+        return AdapterError(
             404,
             f"The model `{model}` does not exist. GET /v1/models lists what this server serves.",
             "model_not_found",

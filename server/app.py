@@ -8,9 +8,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from server.adapters import AdapterRegistry, UploadLimits
+from server.auth import ADMIN, INFERENCE, PUBLIC, Auth, StreamLimitMiddleware, current_key
+from server.auth import require_scope as scope
 from server.config import Settings
 from server.engine.base import Engine
 from server.errors import (
@@ -86,16 +88,28 @@ def create_app(
     app.state.chat_hooks = []
     app.state.adapters = None
     app.state.extra_models = list
+    app.state.auth = Auth.from_settings(settings)
+    if not app.state.auth.enabled:
+        logger.warning(
+            "no API keys configured: the server on %s is open to anyone who can reach it "
+            "(create a key with `swapserve keys create`)",
+            settings.host,
+        )
     install_error_handlers(app)
+    app.add_middleware(StreamLimitMiddleware, limits=app.state.auth.limits)
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
         overrides={"/adapters": settings.max_adapter_bytes + 1024 * 1024},
     )
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(openai_routes.router)
-    app.include_router(adapter_routes.router)
-    app.include_router(ops_routes.router)
+    # Every router declares its scope here, and only here (tests/server/routes/
+    # test_auth_routes.py fails for a route without one).
+    app.include_router(openai_routes.router, dependencies=[Depends(scope(INFERENCE))])
+    app.include_router(adapter_routes.router, dependencies=[Depends(scope(ADMIN))])
+    app.include_router(ops_routes.router, dependencies=[Depends(scope(PUBLIC))])
+    # admin: the metrics' labels name every adapter, which allow-listed keys must not see
+    app.include_router(ops_routes.metrics_router, dependencies=[Depends(scope(ADMIN))])
     return app
 
 
@@ -121,12 +135,20 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     await asyncio.to_thread(registry.recover)
 
     def resolve(model: str) -> str | None:
-        return None if model == served else registry.resolve(model)
+        if model == served:
+            return None
+        key = current_key()
+        if key is not None and not key.allows_model(model):
+            # the same 404 as an unknown model: a key cannot learn what others serve
+            raise registry.unknown_model(model)
+        return registry.resolve(model)
 
     def adapter_cards() -> list[ModelCard]:
+        key = current_key()
         return [
             ModelCard(id=r.name, created=r.created, root=r.path, parent=served)
             for r in registry.records.values()
+            if key is None or key.allows_model(r.name)
         ]
 
     app.state.adapters = registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -57,6 +58,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from server.auth import AuthConfigError, add_key_to_file, default_keys_file
+
+    path = args.file or default_keys_file()
+    try:
+        key = add_key_to_file(path, args.name, [args.scope], args.model, args.collection)
+    except AuthConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"created key {args.name!r} ({args.scope}) in {path}; it is shown only once:",
+        file=sys.stderr,
+    )
+    print(key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swapserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key; prints it once, stores its hash")
+    create.add_argument("--name", required=True, help="shown in logs instead of the key")
+    create.add_argument("--scope", required=True, choices=["admin", "inference"])
+    create.add_argument("--file", type=Path, help="keys file (default: the server's)")
+    create.add_argument("--model", action="append", help="allow only this adapter (repeatable)")
+    create.add_argument("--collection", action="append", help="allow only this RAG collection")
+    create.set_defaults(func=_keys_create)
     return parser
 
 

@@ -6,8 +6,10 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.auth import configured_keys
 
 
 def _default_data_dir() -> Path:
@@ -15,7 +17,10 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SWAPSERVE_", extra="ignore")
+    # hide_input_in_errors: a refused setting must not echo API keys into logs
+    model_config = SettingsConfigDict(
+        env_prefix="SWAPSERVE_", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- the base model -------------------------------------------------------------
     base_model: str | None = Field(
@@ -58,6 +63,37 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Largest adapter folder or upload (413)."
     )
+
+    # --- authentication and per-key limits (see server/auth.py) -------------------------
+    api_keys: SecretStr | None = Field(
+        None,
+        description='Plain keys: "key:scope,key:scope" or a JSON list; scope is '
+        "inference or admin.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="JSON file of hashed keys (`swapserve keys create`); unset = "
+        "<data_dir>/api_keys.json when it exists.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Allow a non-loopback host with no API keys (an open server)."
+    )
+    rate_limit_rpm: int = Field(0, ge=0, description="Requests a minute per key; 0 = no limit.")
+    max_streams_per_key: int = Field(
+        0, ge=0, description="Concurrent streamed responses per key; 0 = no limit."
+    )
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        keys = configured_keys(self)  # AuthConfigError (a ValueError) names what to fix
+        if not keys and not self.binds_loopback and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and no API keys are "
+                "configured: create one with `swapserve keys create`, or set "
+                "SWAPSERVE_API_KEYS / SWAPSERVE_API_KEYS_FILE, or bind 127.0.0.1, or set "
+                "SWAPSERVE_ALLOW_UNAUTHENTICATED=true to run an open server on purpose"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

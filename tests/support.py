@@ -47,10 +47,10 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
 
-    def openai(self, **kwargs):
+    def openai(self, api_key: str = "test", **kwargs):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, **kwargs)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
 
 def start_live_server(**settings_kwargs) -> LiveServer:

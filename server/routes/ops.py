@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness (`router`) and metrics (`metrics_router`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from fastapi.responses import JSONResponse, Response
 
 from server.state import MetricsDep
 
+# two routers so create_app can mount them with different scopes: probes stay open,
+# metrics (which name every adapter) need admin
 router = APIRouter(tags=["ops"])
+metrics_router = APIRouter(tags=["ops"])
 
 
 def _rss_bytes() -> int:
@@ -51,7 +54,7 @@ async def ready(request: Request) -> Any:
     }
 
 
-@router.get("/metrics", response_class=Response)
+@metrics_router.get("/metrics", response_class=Response)
 async def metrics(metrics: MetricsDep, request: Request) -> Response:
     engine = getattr(request.app.state, "engine", None)
     if engine is not None:
