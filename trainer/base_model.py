@@ -202,6 +202,22 @@ def _stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
+def _release_freed_memory() -> None:
+    """Hand the float32 staging buffers of a quantizing load back to the OS.
+
+    glibc keeps freed heap pages mapped; without this the process keeps ~0.5 GB of the
+    float32 checkpoint it no longer uses (measured on the bundled model: RSS 1.6 -> 1.15 GB).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_base_model(
     spec: str | Path | None = None,
     *,
@@ -242,6 +258,7 @@ def load_base_model(
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _release_freed_memory()
     name = path.name
     if (path / "swapserve_source.json").is_file():
         name = BUNDLED_MODEL_NAME
