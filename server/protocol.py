@@ -148,6 +148,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     citations: list[dict[str, Any]] | None = None  # swapserve extension (retrieval)
+    ab_arm: str | None = None  # swapserve extension: the A/B arm that served `ab:<split>`
 
 
 class DeltaMessage(BaseModel):

@@ -62,6 +62,12 @@ class Prepared:
     sampling: EngineSampling
     started: float = field(default_factory=time.monotonic)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Online A/B (server/ab/splits.py) sets these: the id the response will carry (known
+    # before generation, so feedback can name it), the arm that served it, and a callback
+    # with choice 0's finished text (the answer a preference pair is made of).
+    response_id: str | None = None
+    ab_arm: str | None = None
+    on_complete: Callable[[str], None] | None = None
 
 
 class OpenAIServing:
@@ -289,6 +295,8 @@ class OpenAIServing:
 
     async def chat(self, prep: Prepared) -> ChatCompletion:
         texts, finish, usage = await self.collect(prep, "chat")
+        if prep.on_complete is not None:
+            prep.on_complete(texts.get(0, ""))
         choices = [
             ChatChoice(
                 index=i,
@@ -298,12 +306,13 @@ class OpenAIServing:
             for i in range(len(prep.prompts) * prep.sampling.n)
         ]
         return ChatCompletion(
-            id=new_id("chatcmpl"),
+            id=prep.response_id or new_id("chatcmpl"),
             created=now(),
             model=prep.model,
             choices=choices,
             usage=usage,
             citations=prep.extra.get("citations"),
+            ab_arm=prep.ab_arm,
         )
 
     async def completion(self, prep: Prepared) -> Completion:
@@ -320,13 +329,14 @@ class OpenAIServing:
         self, prep: Prepared, *, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
         """Server-sent events, OpenAI style, ending with `data: [DONE]`."""
-        rid = new_id("chatcmpl" if chat else "cmpl")
+        rid = prep.response_id or new_id("chatcmpl" if chat else "cmpl")
         created = now()
         endpoint = "chat" if chat else "completions"
         completion = 0
         first: float | None = None
         n_choices = len(prep.prompts) * prep.sampling.n
         outcome = "cancelled"
+        answer: list[str] = []  # choice 0's text, kept only for prep.on_complete
 
         def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
             body: BaseModel
@@ -345,7 +355,10 @@ class OpenAIServing:
                     model=prep.model,
                     choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
                 )
-            return _sse(body.model_dump(exclude_none=False))
+            data = body.model_dump(exclude_none=False)
+            if prep.ab_arm is not None:  # only A/B traffic carries the extension field
+                data["ab_arm"] = prep.ab_arm
+            return _sse(data)
 
         try:
             if chat:
@@ -363,6 +376,8 @@ class OpenAIServing:
                 if first is None:
                     first = time.monotonic()
                 if out.text:
+                    if prep.on_complete is not None and out.index == 0:
+                        answer.append(out.text)
                     yield chunk(out.index, out.text, None)
                 if out.finish_reason is not None:
                     completion += out.completion_tokens
@@ -386,6 +401,8 @@ class OpenAIServing:
                     }
                 )
             outcome = "ok"
+            if prep.on_complete is not None:
+                prep.on_complete("".join(answer))
             yield "data: [DONE]\n\n"
         except EngineError as exc:
             outcome = "error"

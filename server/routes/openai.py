@@ -19,7 +19,10 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
+from server.serving import OpenAIServing, Prepared
 from server.state import EngineDep, ServingDep, SettingsDep
+
+AB_PREFIX = "ab:"
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -50,15 +53,34 @@ def _sse_response(body: Any) -> StreamingResponse:
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep):
-    hooks = getattr(request.app.state, "chat_hooks", [])
+async def prepare_chat_request(
+    state: Any, body: ChatCompletionRequest, serving: OpenAIServing
+) -> Prepared:
+    """Request -> Prepared, exactly as the chat route does it.
+
+    The A/B experiment runner calls this too, so an arm with `rag` settings goes through
+    the same retrieval and validation as a client's request does.
+    """
+    splits = getattr(state, "ab_splits", None)
+    routed = None
+    if splits is not None and body.model.startswith(AB_PREFIX):
+        routed = splits.route(body)  # `ab:<split>` -> one arm's model (and its `rag`)
+        body = routed.request
+    hooks = getattr(state, "chat_hooks", [])
     messages = None
     extra: dict[str, Any] = {}
     for hook in hooks:  # e.g. retrieval: rewrites messages, adds citations
         messages = await hook(body, extra)
     prep = serving.prepare_chat(body, messages)
     prep.extra.update(extra)
+    if routed is not None:
+        routed.attach(prep)
+    return prep
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep):
+    prep = await prepare_chat_request(request.app.state, body, serving)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(serving.stream(prep, chat=True, include_usage=include_usage))
