@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from server.ab.experiments import ExperimentService, make_arm_check
+from server.ab.splits import SplitService
 from server.adapters import AdapterRegistry, UploadLimits
 from server.auth import ADMIN, INFERENCE, PUBLIC, Auth, StreamLimitMiddleware, current_key
 from server.auth import require_scope as scope
@@ -21,11 +23,12 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import ServerMetrics
-from server.protocol import ModelCard
+from server.protocol import ChatCompletionRequest, ModelCard
+from server.routes import ab as ab_routes
 from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
-from server.serving import OpenAIServing
+from server.serving import OpenAIServing, Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ def create_app(
             yield
         finally:
             loader.cancel()
+            await app.state.ab_experiments.shutdown()
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.shutdown()
@@ -95,6 +99,7 @@ def create_app(
             "(create a key with `swapserve keys create`)",
             settings.host,
         )
+    _install_ab(app, settings)
     install_error_handlers(app)
     app.add_middleware(StreamLimitMiddleware, limits=app.state.auth.limits)
     app.add_middleware(
@@ -108,9 +113,39 @@ def create_app(
     app.include_router(openai_routes.router, dependencies=[Depends(scope(INFERENCE))])
     app.include_router(adapter_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(ops_routes.router, dependencies=[Depends(scope(PUBLIC))])
+    app.include_router(ab_routes.router, dependencies=[Depends(scope(ADMIN))])
+    app.include_router(ab_routes.feedback_router, dependencies=[Depends(scope(INFERENCE))])
     # admin: the metrics' labels name every adapter, which allow-listed keys must not see
     app.include_router(ops_routes.metrics_router, dependencies=[Depends(scope(ADMIN))])
     return app
+
+
+def _install_ab(app: FastAPI, settings: Settings) -> None:
+    """A/B services; they need no engine until an experiment or split request comes."""
+    from server.routes.openai import prepare_chat_request
+
+    state = app.state
+    check = make_arm_check(state)
+
+    def serving() -> OpenAIServing:
+        if state.serving is None:
+            raise RuntimeError("the base model is not loaded")
+        return state.serving
+
+    async def prepare(req: ChatCompletionRequest) -> Prepared:
+        return await prepare_chat_request(state, req, serving())
+
+    root = settings.data_dir / "ab"
+    state.ab_experiments = ExperimentService(
+        root / "experiments",
+        serving=serving,
+        prepare=prepare,
+        check_arm=check,
+        base_model=settings.served_model_name,
+    )
+    state.ab_splits = SplitService(root, check_arm=check)
+    state.ab_experiments.recover()
+    state.ab_splits.recover()
 
 
 async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> None:

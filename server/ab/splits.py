@@ -1,0 +1,287 @@
+"""Online A/B: split live chat traffic between arms, sticky per user, and collect feedback.
+
+A chat request for model `ab:<split>` is rewritten to one arm's model (and `rag`) before
+anything else looks at it (server/routes/openai.py: prepare_chat_request). The response
+id is fixed at that point, so a client can send feedback for it; the finished answer is
+logged with the prompt, and rated or compared answers become DPO preference pairs.
+
+On disk, under <data_dir>/ab/: splits.json, and per split responses.jsonl and
+feedback.jsonl (append-only, replayed at start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.ab.models import FeedbackRequest, Split, SplitArm, SplitRequest
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, new_id
+from server.serving import chat_messages
+
+logger = logging.getLogger(__name__)
+
+AB_PREFIX = "ab:"
+
+
+def assign_arm(split: str, weights: Sequence[float], user: str | None) -> int:
+    """The arm index for `user`: sticky (a hash of user and split), else random.
+
+    The split name is in the hash so one user is not always in the first arm of every
+    split; 8 bytes of sha256 give a uniform point in [0, 1) to place on the weights.
+    """
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    if user is None:
+        point = random.random()
+    else:
+        digest = hashlib.sha256(f"{split}\x00{user}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64
+    target = point * total
+    for i, acc in enumerate(itertools.accumulate(weights)):
+        if target < acc:
+            return i
+    return max(i for i, w in enumerate(weights) if w > 0)  # float round-off at the top
+
+
+@dataclass
+class Routed:
+    """A request rewritten to one arm, and what to do once it is prepared."""
+
+    request: ChatCompletionRequest
+    attach: Callable[[Any], None]
+
+
+class SplitService:
+    def __init__(self, root: Path, *, check_arm: Callable[[str, dict[str, Any] | None], None]):
+        self.root = root
+        self.check_arm = check_arm  # raises the 404 for an unknown model or collection
+        self.splits: dict[str, Split] = {}
+        self.responses: dict[str, dict[str, Any]] = {}
+        self.feedback: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # on_complete may run from any task; files append
+
+    # --- persistence ------------------------------------------------------------------
+
+    @property
+    def _index(self) -> Path:
+        return self.root / "splits.json"
+
+    def recover(self) -> None:
+        if self._index.is_file():
+            raw = json.loads(self._index.read_text())
+            self.splits = {s["name"]: Split.model_validate(s) for s in raw.get("splits", [])}
+        for name in self.splits:
+            for rec in _read_jsonl(self._dir(name) / "responses.jsonl"):
+                self.responses[rec["id"]] = rec
+            self.feedback.extend(_read_jsonl(self._dir(name) / "feedback.jsonl"))
+        logger.info("ab: %d splits, %d logged responses", len(self.splits), len(self.responses))
+
+    def _save_index(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._index.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"splits": [s.model_dump() for s in self.splits.values()]}))
+        os.replace(tmp, self._index)  # a crash leaves the old index or the new one
+
+    def _dir(self, split: str) -> Path:
+        return self.root / "splits" / split
+
+    def _append(self, split: str, file: str, record: dict[str, Any]) -> None:
+        path = self._dir(split) / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # --- splits -----------------------------------------------------------------------
+
+    def create(self, req: SplitRequest) -> Split:
+        if req.name in self.splits and not req.replace:
+            raise APIError(
+                409,
+                f"split `{req.name}` exists; send replace=true to replace it",
+                param="name",
+                code="split_exists",
+            )
+        names = [a.name for a in req.arms]
+        if len(set(names)) != len(names):
+            raise APIError(400, "arm names must be unique", param="arms", code="invalid_arms")
+        if not sum(a.weight for a in req.arms) > 0:
+            raise APIError(
+                400,
+                "arm weights must sum to a positive number (give at least one arm weight > 0)",
+                param="arms",
+                code="invalid_weights",
+            )
+        for arm in req.arms:
+            self.check_arm(arm.model, arm.rag)
+        split = Split(
+            name=req.name, model=AB_PREFIX + req.name, arms=req.arms, created=int(time.time())
+        )
+        with self._lock:
+            self.splits[req.name] = split
+            self._save_index()
+        logger.info("ab: split %s with arms %s", req.name, ", ".join(names))
+        return split
+
+    def get(self, name: str) -> Split:
+        split = self.splits.get(name)
+        if split is None:
+            raise APIError(404, f"no split named `{name}`", param="name", code="split_not_found")
+        counts = {a.name: 0 for a in split.arms}
+        for rec in self.responses.values():
+            if rec["split"] == name and rec["arm"] in counts:
+                counts[rec["arm"]] += 1
+        return split.model_copy(update={"counts": counts})
+
+    def route(self, body: ChatCompletionRequest) -> Routed:
+        name = body.model[len(AB_PREFIX) :]
+        split = self.splits.get(name)
+        if split is None:
+            raise APIError(
+                404,
+                f"The model `{body.model}` does not exist: no A/B split named `{name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        arm = split.arms[assign_arm(name, [a.weight for a in split.arms], body.user)]
+        rag = arm.rag if arm.rag is not None else body.rag
+        request = body.model_copy(update={"model": arm.model, "rag": rag})
+        prompt = chat_messages(body)  # plain {role, content}: what the DPO loader reads
+        response_id = new_id("chatcmpl")
+
+        def attach(prep: Any) -> None:
+            prep.response_id = response_id
+            prep.ab_arm = arm.name
+            prep.on_complete = lambda text: self._record(
+                response_id, name, arm, prompt, text, body.user
+            )
+
+        return Routed(request=request, attach=attach)
+
+    def _record(
+        self,
+        response_id: str,
+        split: str,
+        arm: SplitArm,
+        prompt: list[dict[str, Any]],
+        completion: str,
+        user: str | None,
+    ) -> None:
+        rec = {
+            "id": response_id,
+            "split": split,
+            "arm": arm.name,
+            "model": arm.model,
+            "prompt": prompt,
+            "completion": completion,
+            "user": user,
+            "created": int(time.time()),
+        }
+        with self._lock:
+            self.responses[response_id] = rec
+            self._append(split, "responses.jsonl", rec)
+
+    # --- feedback -----------------------------------------------------------------------
+
+    def _response(self, response_id: str, param: str) -> dict[str, Any]:
+        rec = self.responses.get(response_id)
+        if rec is None:
+            raise APIError(
+                404,
+                f"no A/B response with id `{response_id}` (feedback is taken for responses "
+                "served under a split, once they have finished)",
+                param=param,
+                code="response_not_found",
+            )
+        return rec
+
+    def add_feedback(self, fb: FeedbackRequest) -> dict[str, Any]:
+        rec = self._response(fb.response_id, "response_id")
+        if fb.rating is None and fb.preferred_over is None:
+            raise APIError(
+                400, "give a rating (-1 or 1) or preferred_over", param="rating", code="invalid"
+            )
+        if fb.preferred_over is not None:
+            other = self._response(fb.preferred_over, "preferred_over")
+            if other["id"] == rec["id"]:
+                raise APIError(400, "a response cannot be preferred over itself", "preferred_over")
+            if other["split"] != rec["split"] or other["prompt"] != rec["prompt"]:
+                raise APIError(
+                    400,
+                    "preferred_over must name a response to the same prompt in the same split",
+                    param="preferred_over",
+                )
+        entry = {
+            "response_id": rec["id"],
+            "split": rec["split"],
+            "rating": fb.rating,
+            "preferred_over": fb.preferred_over,
+            "created": int(time.time()),
+        }
+        with self._lock:
+            self.feedback.append(entry)
+            self._append(rec["split"], "feedback.jsonl", entry)
+        return rec
+
+    def preference_pairs(self, split: str) -> Iterator[dict[str, Any]]:
+        """DPO lines {prompt, chosen, rejected}: explicit comparisons first, then every
+        (liked, disliked) pair of answers to one prompt. The prompt is the conversation
+        the client sent, before any retrieval: that is what the next adapter will see."""
+        self.get(split)  # 404 for an unknown split
+        seen: set[tuple[str, str]] = set()
+        ratings: dict[str, int] = {}
+        for fb in self.feedback:
+            if fb["split"] != split:
+                continue
+            if fb["rating"] is not None:
+                ratings[fb["response_id"]] = fb["rating"]  # the latest rating counts
+            if fb["preferred_over"] is not None:
+                pair = (fb["response_id"], fb["preferred_over"])
+                if pair not in seen:
+                    seen.add(pair)
+                    line = self._pair(*pair)
+                    if line is not None:
+                        yield line
+        by_prompt: dict[str, tuple[list[str], list[str]]] = {}
+        for rid, rating in ratings.items():
+            key = json.dumps(self.responses[rid]["prompt"], sort_keys=True)
+            liked, disliked = by_prompt.setdefault(key, ([], []))
+            (liked if rating > 0 else disliked).append(rid)
+        for liked, disliked in by_prompt.values():
+            for pair in itertools.product(liked, disliked):
+                if pair not in seen:
+                    seen.add(pair)
+                    line = self._pair(*pair)
+                    if line is not None:
+                        yield line
+
+    def _pair(self, chosen_id: str, rejected_id: str) -> dict[str, Any] | None:
+        chosen = self.responses[chosen_id]["completion"]
+        rejected = self.responses[rejected_id]["completion"]
+        if chosen == rejected or not chosen.strip() or not rejected.strip():
+            return None  # the trainer refuses such pairs: they teach nothing
+        prompt = self.responses[chosen_id]["prompt"]
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line from a crash: skip it
+            logger.warning("ab: skipping a malformed line in %s", path)
+    return out
