@@ -1,0 +1,267 @@
+"""A/B on the tiny model through the real server: an experiment end to end, its report,
+sticky splits, feedback exported as DPO data the trainer accepts, and every bad input."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from server.ab.splits import assign_arm
+from tests.support import start_live_server
+from tests.tiny_model import build_lora_adapter
+from trainer.data import load_jsonl
+
+QUESTIONS = [
+    {"id": "q1", "question": "What is the capital of France?", "references": ["Paris"]},
+    {"question": "Say hello.", "references": ["hello", "hi there"]},
+    {"question": "Two plus two?", "references": ["four", "4"]},
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    data = tmp_path_factory.mktemp("ab-data")
+    adapter = build_lora_adapter(tiny_model_path, tmp_path_factory.mktemp("ab-lora") / "a", seed=1)
+    server = start_live_server(
+        base_model=str(tiny_model_path),
+        quantization="none",
+        max_model_len=256,
+        default_max_tokens=8,
+        data_dir=data,
+    )
+    r = httpx.post(f"{server.url}/adapters", json={"name": "tuned", "path": str(adapter)})
+    assert r.status_code == 201, r.text
+    yield server
+    server.stop()
+
+
+def wait(server, exp_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{server.url}/ab/experiments/{exp_id}").json()
+        if body["status"] != "running":
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(exp_id)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_experiment_end_to_end_and_report(server):
+    r = httpx.post(
+        f"{server.url}/ab/experiments",
+        json={
+            "name": "smoke",
+            "questions": QUESTIONS,
+            "arms": [{"name": "base", "model": "base"}, {"name": "tuned", "model": "tuned"}],
+            "max_tokens": 6,
+        },
+    )
+    assert r.status_code == 202, r.text
+    exp = r.json()
+    assert exp["status"] == "running" and exp["progress"]["total"] == 3
+    done = wait(server, exp["id"])
+    assert done["status"] == "completed", done
+    assert done["progress"]["done"] == 3
+    arms = done["summary"]["arms"]
+    assert set(arms) == {"base", "tuned"}
+    for arm in arms.values():
+        assert arm["n"] == 3 and arm["errors"] == 0
+        assert set(arm["scores"]) == {"exact_match", "token_f1", "rouge_l"}
+        assert arm["completion_tokens"] > 0 and arm["prompt_tokens"] > 0
+        assert 0 < arm["ttft_s"]["mean"] <= arm["latency_s"]["mean"]
+    (cmp,) = done["summary"]["comparisons"]
+    assert cmp["arm"] == "tuned" and cmp["baseline"] == "base"
+    assert cmp["token_f1"]["low"] <= cmp["token_f1"]["diff"] <= cmp["token_f1"]["high"]
+    q = done["questions"][1]
+    assert q["id"] == "q2" and [a["arm"] for a in q["answers"]] == ["base", "tuned"]
+    assert all(a["doc_ids"] == [] and "scores" in a for a in q["answers"])
+
+    html = httpx.get(f"{server.url}/ab/experiments/{exp['id']}/report")
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "<svg" in html.text and "tuned" in html.text and "What is the capital" in html.text
+    assert "<script" not in html.text and "http://" not in html.text.replace(
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )
+
+    listed = httpx.get(f"{server.url}/ab/experiments").json()["data"]
+    assert exp["id"] in [e["id"] for e in listed]
+
+
+def test_experiment_cancel_and_restart_marks_interrupted(server, tmp_path):
+    from server.ab.experiments import ExperimentService
+
+    r = httpx.post(
+        f"{server.url}/ab/experiments",
+        json={
+            "questions": QUESTIONS * 10,
+            "arms": [{"name": "b", "model": "base"}, {"name": "t", "model": "tuned"}],
+            "concurrency": 1,
+        },
+    )
+    exp_id = r.json()["id"]
+    r = httpx.delete(f"{server.url}/ab/experiments/{exp_id}")
+    assert r.status_code == 200
+    assert wait(server, exp_id)["status"] == "cancelled"
+    # a record left "running" by a dead server comes back as interrupted
+    record = server.app.state.ab_experiments.records[exp_id]
+    stale = {**record, "id": "abx-stale", "status": "running"}
+    svc = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="base")  # type: ignore[arg-type]
+    svc._save(stale)
+    svc2 = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="b")  # type: ignore[arg-type]
+    svc2.recover()
+    assert svc2.records["abx-stale"]["status"] == "interrupted"
+
+
+def test_assignment_proportions_and_stickiness():
+    weights = [0.7, 0.2, 0.1]
+    counts = Counter(assign_arm("s", weights, f"user-{i}") for i in range(400))
+    for arm, w in enumerate(weights):
+        assert abs(counts[arm] / 400 - w) < 0.07, counts  # ~3 standard errors
+    assert all(
+        assign_arm("s", weights, "alice") == assign_arm("s", weights, "alice") for _ in range(20)
+    )
+    assert assign_arm("s", [0, 1], "anyone") == 1
+    assert {assign_arm("s", [1, 1], None) for _ in range(200)} == {0, 1}
+
+
+def test_split_sticky_feedback_and_dpo_export(server, tmp_path):
+    r = httpx.post(
+        f"{server.url}/ab/splits",
+        json={
+            "name": "exp1",
+            "arms": [
+                {"name": "control", "model": "base", "weight": 1},
+                {"name": "treat", "model": "tuned", "weight": 1},
+            ],
+        },
+    )
+    assert r.status_code == 201, r.text
+    client = server.openai()
+    seen = {}
+    ids = []
+    for user in ("u1", "u2", "u3", "u4", "u5", "u6"):
+        arms = set()
+        for _ in range(3):
+            resp = client.chat.completions.create(
+                model="ab:exp1",
+                messages=[{"role": "user", "content": "Tell me something."}],
+                max_tokens=6,
+                temperature=1.0,
+                user=user,
+            )
+            arms.add(resp.model_extra["ab_arm"])
+            assert resp.model == {"control": "base", "treat": "tuned"}[resp.model_extra["ab_arm"]]
+            ids.append((resp.id, resp.model_extra["ab_arm"], resp.choices[0].message.content))
+        assert len(arms) == 1, (user, arms)  # sticky
+        seen[user] = arms.pop()
+    # streamed responses are routed, tagged and logged too
+    stream = client.chat.completions.create(
+        model="ab:exp1",
+        messages=[{"role": "user", "content": "Tell me something."}],
+        max_tokens=6,
+        stream=True,
+        user="u1",
+    )
+    chunks = list(stream)
+    assert {c.model_extra.get("ab_arm") for c in chunks} == {seen["u1"]}
+    split = httpx.get(f"{server.url}/ab/splits/exp1").json()
+    assert sum(split["counts"].values()) == 19
+
+    distinct = {}
+    for rid, _arm, text in ids:
+        distinct.setdefault(text, rid)
+    pair = list(distinct.values())[:2]
+    assert len(pair) == 2, "the tiny model gave the same answer every time"
+    r = httpx.post(
+        f"{server.url}/ab/feedback", json={"response_id": pair[0], "preferred_over": pair[1]}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["split"] == "exp1"
+    assert (
+        httpx.post(
+            f"{server.url}/ab/feedback", json={"response_id": pair[1], "rating": -1}
+        ).status_code
+        == 200
+    )
+    assert (
+        httpx.post(
+            f"{server.url}/ab/feedback", json={"response_id": pair[0], "rating": 1}
+        ).status_code
+        == 200
+    )
+
+    r = httpx.get(f"{server.url}/ab/splits/exp1/preferences.jsonl")
+    assert r.status_code == 200
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(r.text)
+    data = load_jsonl(path, task="dpo")  # the trainer's own validation
+    assert data.format == "preference" and len(data.examples) == 1  # the same pair, once
+
+
+def test_bad_inputs(server):
+    url = server.url
+    arms = [{"name": "b", "model": "base"}, {"name": "t", "model": "tuned"}]
+    err = assert_error(
+        httpx.post(f"{url}/ab/experiments", json={"questions": [], "arms": arms}), 400
+    )
+    assert err["param"] == "questions"
+    err = assert_error(
+        httpx.post(f"{url}/ab/experiments", json={"questions": [{"question": "x"}], "arms": arms}),
+        400,
+    )
+    assert "references" in err["param"]
+    q = [{"question": "x", "references": ["y"]}]
+    err = assert_error(
+        httpx.post(
+            f"{url}/ab/experiments",
+            json={"questions": q, "arms": [arms[0], {"name": "n", "model": "nope"}]},
+        ),
+        404,
+    )
+    assert err["code"] == "model_not_found" and err["param"] == "arms.1.model"
+    err = assert_error(
+        httpx.post(
+            f"{url}/ab/experiments",
+            json={"questions": q, "arms": [arms[0], {**arms[1], "rag": {"collection": "nope"}}]},
+        ),
+        404,
+    )
+    assert err["code"] == "collection_not_found" and err["param"] == "arms.1.rag.collection"
+    # default arms need something to compare
+    assert_error(httpx.post(f"{url}/ab/experiments", json={"questions": q}), 400)
+    err = assert_error(
+        httpx.post(f"{url}/ab/experiments", json={"questions": q, "adapter": "nope"}), 404
+    )
+    assert err["code"] == "model_not_found"
+    assert_error(httpx.get(f"{url}/ab/experiments/abx-missing"), 404)
+    assert_error(httpx.get(f"{url}/ab/experiments/abx-missing/report"), 404)
+
+    zero = [
+        {"name": "a", "model": "base", "weight": 0},
+        {"name": "b", "model": "tuned", "weight": 0},
+    ]
+    err = assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": zero}), 400)
+    assert err["code"] == "invalid_weights"
+    neg = [{"name": "a", "model": "base", "weight": -1}]
+    assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": neg}), 400)
+    unknown = [{"name": "a", "model": "nope"}]
+    assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": unknown}), 404)
+    assert_error(httpx.get(f"{url}/ab/splits/z/preferences.jsonl"), 404)
+    err = assert_error(
+        httpx.post(f"{url}/ab/feedback", json={"response_id": "chatcmpl-x", "rating": 1}), 404
+    )
+    assert err["code"] == "response_not_found"
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "ab:nope", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert assert_error(r, 404)["code"] == "model_not_found"
