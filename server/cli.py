@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--model", action="append", help="allow only this adapter (repeatable)")
     create.add_argument("--collection", action="append", help="allow only this RAG collection")
     create.set_defaults(func=_keys_create)
+    from server.ab.cli import add_parser as add_ab_parser
+
+    add_ab_parser(sub)
     return parser
 
 

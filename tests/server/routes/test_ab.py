@@ -265,3 +265,23 @@ def test_bad_inputs(server):
         json={"model": "ab:nope", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert assert_error(r, 404)["code"] == "model_not_found"
+
+
+def test_cli_ab_run(server, tmp_path, capsys):
+    from server.ab.cli import parse_arm
+    from server.cli import main
+
+    assert parse_arm("r=tuned,rag=docs") == {
+        "name": "r",
+        "model": "tuned",
+        "rag": {"collection": "docs"},
+    }
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(__import__("json").dumps(q) for q in QUESTIONS[:2]) + "\n")
+    out = tmp_path / "report.html"
+    argv = ["ab", "run", str(questions), "--arm", "b=base", "--arm", "t=tuned"]
+    argv += ["--server", server.url, "--out", str(out), "--max-tokens", "4", "--poll", "0.2"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "ROUGE-L" in table and "t-b F1" in table
+    assert "<svg" in out.read_text()
