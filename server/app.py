@@ -20,9 +20,11 @@ from server.errors import (
 )
 from server.metrics import ServerMetrics
 from server.protocol import ModelCard
+from server.retrieval import RetrievalService
 from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
+from server.routes import rag as rag_routes
 from server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ def create_app(
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.shutdown()
+            await asyncio.to_thread(app.state.rag.close)
 
     app = FastAPI(
         title="swapserve",
@@ -83,19 +86,30 @@ def create_app(
     app.state.engine = None
     app.state.serving = None
     app.state.load_error = None
-    app.state.chat_hooks = []
+    # Collections are usable while the base model loads: they need no engine, and the
+    # embedding model is loaded on the first request that needs it.
+    app.state.rag = RetrievalService(
+        settings.rag_dir,
+        embedder_path=settings.embedder,
+        max_doc_bytes=settings.rag_max_doc_bytes,
+        approx_threshold=settings.rag_approx_threshold,
+    )
     app.state.adapters = None
     app.state.extra_models = list
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        overrides={"/adapters": settings.max_adapter_bytes + 1024 * 1024},
+        overrides={
+            "/adapters": settings.max_adapter_bytes + 1024 * 1024,
+            "/rag/": settings.rag_max_upload_bytes,
+        },
     )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(rag_routes.router)
     return app
 
 
