@@ -1,4 +1,9 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Both generation routes take swapserve's `rag` extension ({collection, top_k, min_score,
+filter}): the passages retrieved are put into the prompt, and the response carries them
+as `citations` (non-streamed: a top-level field; streamed: on the first SSE chunk).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.state import EngineDep, ServingDep, SettingsDep
+from server.serving import chat_messages
+from server.state import EngineDep, RetrievalDep, ServingDep, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503, 504)
 }
 
 T = TypeVar("T")
@@ -51,14 +57,19 @@ def _sse_response(body: Any) -> StreamingResponse:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep):
-    hooks = getattr(request.app.state, "chat_hooks", [])
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, serving: ServingDep, rag: RetrievalDep
+):
     messages = None
-    extra: dict[str, Any] = {}
-    for hook in hooks:  # e.g. retrieval: rewrites messages, adds citations
-        messages = await hook(body, extra)
+    citations = None
+    if body.rag is not None:
+        # Retrieval before the prompt is built: `model` picks the behaviour (base or an
+        # adapter), `rag` the knowledge. The model is checked first, so an unknown model
+        # costs no embedding.
+        serving.resolve_model(body.model)
+        messages, citations = await rag.augment_chat(body.rag, chat_messages(body))
     prep = serving.prepare_chat(body, messages)
-    prep.extra.update(extra)
+    prep.citations = citations
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(serving.stream(prep, chat=True, include_usage=include_usage))
@@ -66,8 +77,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servin
 
 
 @router.post("/completions", response_model=Completion, responses=ERRORS)
-async def completions(body: CompletionRequest, request: Request, serving: ServingDep):
-    prep = serving.prepare_completion(body)
+async def completions(
+    body: CompletionRequest, request: Request, serving: ServingDep, rag: RetrievalDep
+):
+    prompt = None
+    citations = None
+    if body.rag is not None:
+        if not isinstance(body.prompt, str):
+            raise APIError(
+                400,
+                "with `rag`, prompt must be a single string (it is the retrieval query)",
+                param="prompt",
+            )
+        serving.resolve_model(body.model)
+        prompt, citations = await rag.augment_prompt(body.rag, body.prompt)
+    prep = serving.prepare_completion(body, prompt)
+    prep.citations = citations
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(serving.stream(prep, chat=False, include_usage=include_usage))
