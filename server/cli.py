@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
+    # Imported here, not at the top: rag's module imports numpy/faiss, and the CLI's
+    # commands import torch only when they run.
+    from rag.cli import register as register_rag
+
+    register_rag(sub)
     return parser
 
 
