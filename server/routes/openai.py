@@ -8,7 +8,8 @@ as `citations` (non-streamed: a top-level field; streamed: on the first SSE chun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -18,11 +19,13 @@ from server.errors import APIError
 from server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
+    Citation,
     Completion,
     CompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
+    RAGOptions,
 )
 from server.serving import chat_messages
 from server.state import EngineDep, RetrievalDep, ServingDep, SettingsDep
@@ -56,6 +59,22 @@ def _sse_response(body: Any) -> StreamingResponse:
     )
 
 
+@contextlib.contextmanager
+def _passages_hint(opts: RAGOptions | None, citations: list[Citation] | None) -> Iterator[None]:
+    """A prompt over the context window because of retrieved passages: say so, or the
+    caller is told to shorten a prompt that they did not write."""
+    try:
+        yield
+    except APIError as exc:
+        if opts is None or not citations or exc.code != "context_length_exceeded":
+            raise
+        exc.message += (
+            f" The prompt includes {len(citations)} retrieved passages: lower rag.top_k "
+            "or max_tokens."
+        )
+        raise
+
+
 @router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep, rag: RetrievalDep
@@ -68,7 +87,8 @@ async def chat_completions(
         # costs no embedding.
         serving.resolve_model(body.model)
         messages, citations = await rag.augment_chat(body.rag, chat_messages(body))
-    prep = serving.prepare_chat(body, messages)
+    with _passages_hint(body.rag, citations):
+        prep = serving.prepare_chat(body, messages)
     prep.citations = citations
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -91,7 +111,8 @@ async def completions(
             )
         serving.resolve_model(body.model)
         prompt, citations = await rag.augment_prompt(body.rag, body.prompt)
-    prep = serving.prepare_completion(body, prompt)
+    with _passages_hint(body.rag, citations):
+        prep = serving.prepare_completion(body, prompt)
     prep.citations = citations
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -252,7 +252,7 @@ REFUSED = {
     "unknown file type": ({"files": [("files", ("notes.pdf", b"%PDF-1.4", "application/pdf"))]}, 422, "format"),
     "bad jsonl": ({"files": [("files", ("d.jsonl", b'{"text": "ok"}\nnot json\n', "application/jsonl"))]}, 422, None),
     "bad form metadata": ({"files": [md("ok.md", b"Fine.")], "data": {"metadata": "[1"}}, 400, "metadata"),
-    "no files": ({"data": {"metadata": "{}"}, "files": {}}, 400, None),
+    "no files": ({"files": {"metadata": (None, "{}")}}, 400, "files"),  # a form field only
     "over the body limit": ({"files": [md("big.md", b"a " * UPLOAD_LIMIT)]}, 413, None),
 }  # fmt: skip
 
@@ -264,8 +264,6 @@ def test_refused_ingest_changes_nothing(server, case):
         api(server, "POST", "/collections/guarded/documents", json={"documents": DOCS[:1]})
     before = api(server, "GET", "/collections/guarded").json()
     kwargs, status, param = REFUSED[case]
-    if case == "no files":  # multipart with a form field and no file part
-        kwargs = {"files": {"metadata": (None, "{}")}}
     r = api(server, "POST", "/collections/guarded/documents", **kwargs)
     assert_error(r, status, param)
     after = api(server, "GET", "/collections/guarded").json()
@@ -436,6 +434,18 @@ def test_bad_rag_in_generation_requests(server, kb, rag, status, param, endpoint
         timeout=60,
     )
     assert_error(r, status, param)
+
+
+def test_context_overflow_from_passages_says_so(server, kb):
+    body = {
+        "model": "base",
+        "messages": QUESTION,
+        "max_tokens": 500,
+        "rag": {"collection": kb, "top_k": 5},
+    }
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    err = assert_error(r, 400, code="context_length_exceeded")
+    assert "lower rag.top_k" in err["message"]
 
 
 def test_rag_errors_through_the_sdk(server, kb):
