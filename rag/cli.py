@@ -118,8 +118,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--embedder",
-        default=None,
-        help="local sentence-transformers folder (default: the bundled all-MiniLM-L6-v2)",
+        # The server reads the same variable: CLI and server must embed with one model,
+        # or the server refuses the collection (embedder mismatch).
+        default=os.environ.get("SWAPSERVE_EMBEDDER") or None,
+        help="local sentence-transformers folder (default: $SWAPSERVE_EMBEDDER, else the "
+        "bundled all-MiniLM-L6-v2)",
     )
 
     ingest = sub.add_parser(

@@ -33,9 +33,15 @@ DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
 class EmbedderLike(Protocol):
     """What chunking and collections need from an embedder (tests use a fake one)."""
 
-    name: str
-    dim: int
-    max_seq_length: int
+    # Read-only properties: plain attributes satisfy them, and so does a lazy loader.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def max_seq_length(self) -> int: ...
 
     def count_tokens(self, text: str) -> int: ...
 

@@ -24,10 +24,12 @@ from server.errors import (
 )
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ModelCard
+from server.retrieval import RetrievalService
 from server.routes import ab as ab_routes
 from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
+from server.routes import rag as rag_routes
 from server.serving import OpenAIServing, Prepared
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def create_app(
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.shutdown()
+            await asyncio.to_thread(app.state.rag.close)
 
     app = FastAPI(
         title="swapserve",
@@ -89,7 +92,14 @@ def create_app(
     app.state.engine = None
     app.state.serving = None
     app.state.load_error = None
-    app.state.chat_hooks = []
+    # Collections are usable while the base model loads: they need no engine, and the
+    # embedding model is loaded on the first request that needs it.
+    app.state.rag = RetrievalService(
+        settings.rag_dir,
+        embedder_path=settings.embedder,
+        max_doc_bytes=settings.rag_max_doc_bytes,
+        approx_threshold=settings.rag_approx_threshold,
+    )
     app.state.adapters = None
     app.state.extra_models = list
     app.state.auth = Auth.from_settings(settings)
@@ -105,7 +115,10 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        overrides={"/adapters": settings.max_adapter_bytes + 1024 * 1024},
+        overrides={
+            "/adapters": settings.max_adapter_bytes + 1024 * 1024,
+            "/rag/": settings.rag_max_upload_bytes,
+        },
     )
     app.add_middleware(RequestIdMiddleware)
     # Every router declares its scope here, and only here (tests/server/routes/
@@ -113,6 +126,8 @@ def create_app(
     app.include_router(openai_routes.router, dependencies=[Depends(scope(INFERENCE))])
     app.include_router(adapter_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(ops_routes.router, dependencies=[Depends(scope(PUBLIC))])
+    app.include_router(rag_routes.router, dependencies=[Depends(scope(ADMIN))])
+    app.include_router(rag_routes.search_router, dependencies=[Depends(scope(INFERENCE))])
     app.include_router(ab_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(ab_routes.feedback_router, dependencies=[Depends(scope(INFERENCE))])
     # admin: the metrics' labels name every adapter, which allow-listed keys must not see

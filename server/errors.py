@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rag.errors import RAGError
 from server.adapter_validation import AdapterError
 from server.engine.base import EngineError, QueueFullError
 
@@ -85,7 +86,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] == "body":  # FastAPI's prefix; a field may itself be named "body"
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
@@ -106,6 +109,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RAGError)
+    async def _rag_error(request: Request, exc: RAGError) -> JSONResponse:
+        # rag's errors carry their HTTP status, code and faulty field: no guessing here
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)

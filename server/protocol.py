@@ -51,6 +51,43 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class RAGOptions(BaseModel):
+    """The `rag` extension of chat and completions requests: retrieve, then answer.
+
+    `model` picks the behaviour (base or adapter), `rag` picks the knowledge; any
+    combination works. Unknown keys are refused (400), so a typo such as `topk` is not
+    silently ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    collection: str = Field(min_length=1, description="The collection to search.")
+    top_k: int = Field(4, ge=1, le=100, description="Passages put into the prompt.")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Drop passages below this cosine similarity."
+    )
+    filter: dict[str, Any] | None = Field(
+        None, description='Metadata pre-filter: {"field": value} or {"field": {"$in": [...]}}.'
+    )
+    mode: Literal["user", "system"] = Field(
+        "user",
+        description="Chat only: put the passages in the last user message (default) or in "
+        "the system message.",
+    )
+
+
+class Citation(BaseModel):
+    """One retrieved passage, numbered as in the prompt (`[1]`, `[2]`...)."""
+
+    index: int
+    doc_id: str
+    chunk_index: int
+    score: float
+    snippet: str
+    char_start: int | None = None
+    char_end: int | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions requests."""
 
@@ -93,7 +130,7 @@ class SamplingFields(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    rag: dict[str, Any] | None = None  # swapserve extension (retrieval), see rag/
+    rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
 
     @model_validator(mode="after")
     def _one_budget(self) -> ChatCompletionRequest:
@@ -107,7 +144,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    rag: dict[str, Any] | None = None
+    rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -147,7 +184,8 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    citations: list[dict[str, Any]] | None = None  # swapserve extension (retrieval)
+    # swapserve extension: the passages retrieved for `rag` requests ([] = none matched)
+    citations: list[Citation] | None = None
     ab_arm: str | None = None  # swapserve extension: the A/B arm that served `ab:<split>`
 
 
@@ -188,6 +226,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    citations: list[Citation] | None = None  # swapserve extension, as on ChatCompletion
 
 
 class ModelCard(BaseModel):

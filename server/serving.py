@@ -29,6 +29,7 @@ from server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    Citation,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -61,7 +62,8 @@ class Prepared:
     prompts: list[list[int]]
     sampling: EngineSampling
     started: float = field(default_factory=time.monotonic)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # passages retrieved for a `rag` request (None: no retrieval asked for)
+    citations: list[Citation] | None = None
     # Online A/B (server/ab/splits.py) sets these: the id the response will carry (known
     # before generation, so feedback can name it), the arm that served it, and a callback
     # with choice 0's finished text (the answer a preference pair is made of).
@@ -311,7 +313,7 @@ class OpenAIServing:
             model=prep.model,
             choices=choices,
             usage=usage,
-            citations=prep.extra.get("citations"),
+            citations=prep.citations,
             ab_arm=prep.ab_arm,
         )
 
@@ -322,7 +324,12 @@ class OpenAIServing:
             for i in range(len(prep.prompts) * prep.sampling.n)
         ]
         return Completion(
-            id=new_id("cmpl"), created=now(), model=prep.model, choices=choices, usage=usage
+            id=new_id("cmpl"),
+            created=now(),
+            model=prep.model,
+            choices=choices,
+            usage=usage,
+            citations=prep.citations,
         )
 
     async def stream(
@@ -338,7 +345,13 @@ class OpenAIServing:
         outcome = "cancelled"
         answer: list[str] = []  # choice 0's text, kept only for prep.on_complete
 
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(
+            index: int,
+            text: str | None,
+            finish: str | None,
+            role: bool = False,
+            citations: list[Citation] | None = None,
+        ) -> str:
             body: BaseModel
             if chat:
                 delta = DeltaMessage(role="assistant" if role else None, content=text)
@@ -355,23 +368,24 @@ class OpenAIServing:
                     model=prep.model,
                     choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
                 )
-            data = body.model_dump(exclude_none=False)
+            data = body.model_dump(exclude_none=False, exclude={"citations"})
+            if citations is not None:
+                data["citations"] = [c.model_dump() for c in citations]
             if prep.ab_arm is not None:  # only A/B traffic carries the extension field
                 data["ab_arm"] = prep.ab_arm
             return _sse(data)
 
         try:
+            # Citations ride on the FIRST chunk, a normal chunk of the normal object type,
+            # so clients that know nothing of them parse the stream unchanged (a separate
+            # event type breaks SDKs that parse every event as a chunk). Chat: the role
+            # chunk of choice 0; completions: an empty text chunk sent before any token.
             if chat:
                 for i in range(n_choices):
-                    yield chunk(i, "", None, role=True)
-                if prep.extra.get("citations") is not None:
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.citations",
-                            "citations": prep.extra["citations"],
-                        }
-                    )
+                    first_citations = prep.citations if i == 0 else None
+                    yield chunk(i, "", None, role=True, citations=first_citations)
+            elif prep.citations is not None:
+                yield chunk(0, "", None, citations=prep.citations)
             async for out in self._outputs(prep):
                 if first is None:
                     first = time.monotonic()

@@ -10,6 +10,7 @@ from server.config import Settings
 from server.engine.base import Engine
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.retrieval import RetrievalService
 from server.serving import OpenAIServing
 
 
@@ -35,6 +36,11 @@ def get_serving(request: Request) -> OpenAIServing:
     return serving
 
 
+def get_retrieval(request: Request) -> RetrievalService:
+    # Set in create_app, not after the model loads: collections need no engine.
+    return request.app.state.rag
+
+
 def _not_ready_message(request: Request) -> str:
     error = getattr(request.app.state, "load_error", None)
     if error:
@@ -46,3 +52,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServerMetrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ServingDep = Annotated[OpenAIServing, Depends(get_serving)]
+RetrievalDep = Annotated[RetrievalService, Depends(get_retrieval)]

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = free_port()
+        self.env = env  # a second server on the same SWAPSERVE_DATA_DIR sees the same state
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()

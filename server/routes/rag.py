@@ -1,0 +1,418 @@
+"""Retrieval collections over HTTP: create, list, ingest (JSON or files), search, delete.
+
+Thin routes: each validates its input with pydantic and calls the `rag` package's public
+API through `RetrievalService.run` (a worker thread: all of it blocks). `rag`'s errors
+carry their own status, code and param, and become the OpenAI error shape in
+server/errors.py. Every ingest is parsed and checked in full before anything is written,
+so a refused request changes nothing stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import FormData, UploadFile
+
+from rag.chunking import ChunkingConfig
+from rag.collection import (
+    MAX_DOC_ID_CHARS,
+    MAX_TOP_K,
+    CollectionInfo,
+    DocumentInput,
+    read_info,
+)
+from rag.errors import CollectionNotFound, InvalidDocument, NotFound
+from rag.store import documents_from_bytes, validate_name
+from server.auth import current_key, require_collection
+from server.errors import APIError
+from server.protocol import ErrorResponse
+from server.retrieval import RetrievalService
+from server.state import RetrievalDep
+
+
+def _allowed_collection(request: Request) -> None:
+    """A key with a collection allow-list sees other collections as missing (404)."""
+    name = request.path_params.get("name")
+    if name is not None:
+        require_collection(name)
+
+
+router = APIRouter(prefix="/rag", tags=["rag"], dependencies=[Depends(_allowed_collection)])
+# searching is an inference call (scope chosen in create_app); everything else writes
+search_router = APIRouter(prefix="/rag", tags=["rag"], dependencies=[Depends(_allowed_collection)])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 503)
+}
+
+MAX_FILES = 1000
+
+
+CollectionName = Annotated[str, Path(description="The collection's name.")]
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+class CreateCollection(BaseModel):
+    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
+    chunk_tokens: int | None = Field(None, description="Chunk length in embedder tokens.")
+    overlap: int | None = Field(None, description="Tokens shared by consecutive chunks.")
+
+
+class CollectionOut(BaseModel):
+    id: str
+    object: str = "rag.collection"
+    embedder: str = Field(description="Embedding model (name@fingerprint) of the vectors.")
+    dim: int
+    created_at: float
+    documents: int
+    chunks: int
+    index_kind: str
+    chunk_tokens: int
+    overlap: int
+
+    @classmethod
+    def of(cls, info: CollectionInfo) -> CollectionOut:
+        return cls(
+            id=info.name,
+            embedder=info.embedder_name,
+            dim=info.dim,
+            created_at=info.created_at,
+            documents=info.documents,
+            chunks=info.chunks,
+            index_kind=info.index_kind,
+            chunk_tokens=info.chunk_tokens,
+            overlap=info.overlap,
+        )
+
+
+class CollectionList(BaseModel):
+    object: str = "list"
+    data: list[CollectionOut]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+class DocumentIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_DOC_ID_CHARS,
+        description="Your key; adding an existing id replaces that document. Default: a "
+        "hash of the text, so re-sending the same text changes nothing.",
+    )
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestDocuments(BaseModel):
+    model_config = {"extra": "forbid"}
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+class IngestResult(BaseModel):
+    object: str = "rag.ingest"
+    collection: str
+    ids: list[str] = Field(description="The documents' ids, in the order given.")
+    added: int
+    replaced: int
+    unchanged: int
+    metadata_updated: int
+    chunks: int = Field(description="Chunks embedded by this request.")
+    documents: int = Field(description="Documents in the collection afterwards.")
+
+
+class DocumentOut(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    chunks: int
+    chars: int
+    updated_at: float
+
+
+class DocumentList(BaseModel):
+    object: str = "list"
+    data: list[DocumentOut]
+
+
+class SearchRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    query: str = Field(min_length=1)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    filter: dict[str, Any] | None = Field(
+        None, description='{"field": value} or {"field": {"$in": [v1, v2]}}, ANDed.'
+    )
+
+
+class SearchHit(BaseModel):
+    score: float
+    doc_id: str
+    chunk_index: int
+    text: str
+    char_start: int
+    char_end: int
+    metadata: dict[str, Any]
+
+
+class SearchResult(BaseModel):
+    object: str = "list"
+    collection: str
+    data: list[SearchHit]
+
+
+# --- collections --------------------------------------------------------------------------
+
+
+def _info(rag: RetrievalService, name: str) -> CollectionInfo:
+    # Read from the metadata store: no need to load the index or the embedding model.
+    try:
+        return read_info(rag.store.root / validate_name(name))
+    except NotFound as exc:
+        raise CollectionNotFound(f"no collection named {name!r}", param="name") from exc
+
+
+@router.post("/collections", status_code=201, response_model=CollectionOut, responses=ERRORS)
+async def create_collection(body: CreateCollection, rag: RetrievalDep) -> CollectionOut:
+    chunking = None
+    if body.chunk_tokens is not None or body.overlap is not None:
+        default = ChunkingConfig()
+        chunking = ChunkingConfig(
+            chunk_tokens=body.chunk_tokens or default.chunk_tokens,
+            overlap=default.overlap if body.overlap is None else body.overlap,
+        )
+        chunking.validate()
+    coll = await rag.run(rag.store.create, body.name, chunking=chunking)
+    return CollectionOut.of(await rag.run(coll.info))
+
+
+@router.get("/collections", response_model=CollectionList)
+async def list_collections(rag: RetrievalDep) -> CollectionList:
+    infos = await rag.run(rag.store.list)
+    key = current_key()
+    if key is not None:
+        infos = [i for i in infos if key.allows_collection(i.name)]
+    return CollectionList(data=[CollectionOut.of(i) for i in infos])
+
+
+@router.get("/collections/{name}", response_model=CollectionOut, responses=ERRORS)
+async def get_collection(name: CollectionName, rag: RetrievalDep) -> CollectionOut:
+    return CollectionOut.of(await rag.run(_info, rag, name))
+
+
+@router.delete("/collections/{name}", response_model=Deleted, responses=ERRORS)
+async def delete_collection(name: CollectionName, rag: RetrievalDep) -> Deleted:
+    await rag.run(rag.store.delete, name)
+    return Deleted(id=name, object="rag.collection")
+
+
+# --- documents ----------------------------------------------------------------------------
+
+
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its `$defs` inlined: a schema placed by hand into
+    `openapi_extra` cannot point at `#/$defs/...`, which would resolve against the root
+    of the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+_INGEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inlined_schema(IngestDocuments)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": ".txt/.md (one document each, id = file name), "
+                            ".json (a list of documents) or .jsonl (one per line)",
+                        },
+                        "metadata": {
+                            "type": "string",
+                            "description": "JSON object merged into every document's metadata",
+                        },
+                    },
+                    "required": ["files"],
+                }
+            },
+        },
+    }
+}
+
+
+def _text_id(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+async def _json_documents(request: Request) -> list[DocumentInput]:
+    try:
+        body = IngestDocuments.model_validate_json(await request.body())
+    except ValidationError as exc:
+        # the app's handler turns it into a 400 naming the field (documents.0.text)
+        raise RequestValidationError(exc.errors()) from exc
+    return [
+        DocumentInput(
+            id=d.id if d.id is not None else _text_id(d.text), text=d.text, metadata=d.metadata
+        )
+        for d in body.documents
+    ]
+
+
+async def _file_documents(request: Request, rag: RetrievalService) -> list[DocumentInput]:
+    form = await request.form(max_files=MAX_FILES)
+    try:
+        return await _parse_form(form, rag)
+    finally:
+        await form.close()
+
+
+async def _parse_form(form: FormData, rag: RetrievalService) -> list[DocumentInput]:
+    metadata: dict[str, Any] | None = None
+    raw_meta = form.get("metadata")
+    if isinstance(raw_meta, str) and raw_meta.strip():
+        try:
+            metadata = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"metadata is not valid JSON: {exc}", param="metadata") from exc
+        if not isinstance(metadata, dict):
+            raise APIError(400, "metadata must be a JSON object", param="metadata")
+    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not uploads:
+        raise APIError(
+            400, "no files in the multipart body; send them as `files` parts", param="files"
+        )
+    docs: list[DocumentInput] = []
+    for up in uploads:
+        data = await up.read()
+        # Parsing decodes and splits; cheap next to embedding, but not free on big files.
+        docs += await rag.run(
+            documents_from_bytes,
+            data,
+            up.filename or "upload.txt",
+            max_doc_bytes=rag.store.max_doc_bytes,
+            metadata=metadata,
+        )
+    return docs
+
+
+@router.post(
+    "/collections/{name}/documents",
+    response_model=IngestResult,
+    responses=ERRORS,
+    openapi_extra=_INGEST_BODY,
+)
+async def add_documents(name: CollectionName, request: Request, rag: RetrievalDep) -> IngestResult:
+    """Add documents as JSON (`{"documents": [{id?, text, metadata?}]}`) or as uploaded
+    files (multipart, one or more `files` parts). All or nothing: one bad document or
+    file refuses the whole request. An existing id is replaced; identical text and
+    metadata are left as they are (`unchanged`), without re-embedding."""
+    validate_name(name)
+    if not await rag.run(rag.store.exists, name):
+        # Before reading the body: a large upload to a typo'd name fails fast.
+        raise CollectionNotFound(f"no collection named {name!r}", param="name")
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        docs = await _file_documents(request, rag)
+    elif content_type.startswith("application/json") or not content_type:
+        docs = await _json_documents(request)
+    else:
+        raise APIError(
+            415,
+            f"unsupported content type {content_type!r}: send application/json or "
+            "multipart/form-data",
+            code="unsupported_media_type",
+        )
+    if not docs:
+        raise InvalidDocument("no documents given", param="documents")
+    result = await rag.run(rag.store.add_documents, name, docs)
+    info = await rag.run(_info, rag, name)
+    return IngestResult(
+        collection=name,
+        ids=[d.id for d in docs],
+        added=len(result.added),
+        replaced=len(result.replaced),
+        unchanged=len(result.unchanged),
+        metadata_updated=len(result.metadata_updated),
+        chunks=result.chunks_written,
+        documents=info.documents,
+    )
+
+
+@router.get("/collections/{name}/documents", response_model=DocumentList, responses=ERRORS)
+async def list_documents(
+    name: CollectionName, rag: RetrievalDep, limit: int = 100, offset: int = 0
+) -> DocumentList:
+    if not 1 <= limit <= 1000:
+        raise APIError(400, "limit must be between 1 and 1000", param="limit")
+    if offset < 0:
+        raise APIError(400, "offset must be >= 0", param="offset")
+    coll = await rag.run(rag.store.get, name)
+    rows = await rag.run(coll.documents, limit=limit, offset=offset)
+    return DocumentList(data=[DocumentOut(**r) for r in rows])
+
+
+@router.delete(
+    "/collections/{name}/documents/{doc_id:path}", response_model=Deleted, responses=ERRORS
+)
+async def delete_document(name: CollectionName, doc_id: str, rag: RetrievalDep) -> Deleted:
+    coll = await rag.run(rag.store.get, name)
+    await rag.run(coll.delete_document, doc_id)
+    return Deleted(id=doc_id, object="rag.document")
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+@search_router.post("/collections/{name}/search", response_model=SearchResult, responses=ERRORS)
+async def search(name: CollectionName, body: SearchRequest, rag: RetrievalDep) -> SearchResult:
+    hits = await rag.run(
+        rag.store.search,
+        name,
+        body.query,
+        top_k=body.top_k,
+        min_score=body.min_score,
+        filter=body.filter,
+    )
+    return SearchResult(
+        collection=name,
+        data=[
+            SearchHit(
+                score=h.score,
+                doc_id=h.doc_id,
+                chunk_index=h.chunk_index,
+                text=h.text,
+                char_start=h.char_start,
+                char_end=h.char_end,
+                metadata=h.metadata,
+            )
+            for h in hits
+        ],
+    )
