@@ -39,6 +39,8 @@ EXPECTED = {
     "/metrics": ADMIN,
     "/health": PUBLIC,
     "/ready": PUBLIC,
+    "/rag/collections": ADMIN,
+    "/rag/collections/{name}/search": INFERENCE,
 }
 
 
@@ -102,6 +104,9 @@ def server(tiny_model_path, tmp_path_factory, adapters):
         ),
     )
     server.limited_key = limited_key
+    server.tenant_b_key = add_key_to_file(
+        data / "api_keys.json", "tenant-b", [INFERENCE], collections=["mine"]
+    )
     for name, path in adapters.items():
         r = httpx.post(
             f"{server.url}/adapters",
@@ -238,6 +243,31 @@ def test_allow_list_limits_models_and_hides_the_rest(server):
         model="b", prompt="Hi", max_tokens=2
     )
     assert other.model == "b"
+
+
+def test_collection_allow_list_hides_other_collections(server):
+    for name in ("mine", "other"):
+        r = httpx.post(
+            f"{server.url}/rag/collections",
+            json={"name": name},
+            headers=bearer(ADMIN_KEY),
+            timeout=120,
+        )
+        assert r.status_code == 201, r.text
+    key = server.tenant_b_key
+    # listing collections is an admin call; an inference key only searches its own
+    listed = httpx.get(f"{server.url}/rag/collections", headers=bearer(key))
+    assert_error(listed, 403, "insufficient_scope")
+    r = call(server, "POST", "/rag/collections/other/search", key)
+    assert_error(r, 404, "collection_not_found")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        server.openai(api_key=key).chat.completions.create(
+            model="base",
+            messages=CHAT,
+            max_tokens=2,
+            extra_body={"rag": {"collection": "other"}},
+        )
+    assert hidden.value.body["param"] == "rag.collection"
 
 
 # --- limits --------------------------------------------------------------------------------
