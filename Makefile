@@ -44,5 +44,14 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PY) loadtests/bench_generate.py
 
+$(VENV)/.installed-loadtest: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q -e ".[loadtest]"
+	touch $@
+
+# Bounded locust run on the bundled model; LOADTEST_ARGS e.g. "--users 8 --duration 60"
+# or "--steps 2,4,8". Results (CSV, HTML) go to loadtests/results/.
+loadtest: $(VENV)/.installed-loadtest
+	$(PY) loadtests/run_loadtest.py $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
