@@ -3,8 +3,9 @@
 
     python loadtests/bench_generate.py [--tokens 64] [--runs 3]
 
-Prints both figures and their ratio (server / generate). The two are measured one after
-the other, never at once, so they do not compete for cores.
+Prints both figures and their ratio (server / generate). The two are measured in turns
+(server, generate, server, generate, ...), never at once: the idle server uses no CPU
+while `generate` runs, and a machine whose load changes over time affects both alike.
 """
 
 from __future__ import annotations
@@ -22,36 +23,32 @@ from loadtests._server import running_server  # noqa: E402
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def server_decode_rate(url: str, tokens: int, runs: int) -> float:
-    import openai
-
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
-    rates = []
-    for i in range(runs + 1):  # the first run warms up
-        stream = client.completions.create(
-            model="base",
-            prompt=PROMPT,
-            max_tokens=tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        first = last = None
-        completion = 0
-        for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].text:
-                first = first or now
-                last = now
-            if chunk.usage:
-                completion = chunk.usage.completion_tokens
-        if i and first and last and last > first:
-            rates.append((completion - 1) / (last - first))
-    return statistics.median(rates)
+def server_decode_rate(client, tokens: int) -> float:
+    """One streamed request; decode rate from the first to the last token."""
+    stream = client.completions.create(
+        model="base",
+        prompt=PROMPT,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    first = last = None
+    completion = 0
+    for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            first = first or now
+            last = now
+        if chunk.usage:
+            completion = chunk.usage.completion_tokens
+    assert first is not None and last is not None and last > first
+    return (completion - 1) / (last - first)
 
 
-def generate_decode_rate(tokens: int, runs: int) -> float:
+def generate_decoder(tokens: int):
+    """A function timing plain `model.generate` on the same NF4 model, in this process."""
     import torch
 
     from trainer.base_model import load_base_model
@@ -65,13 +62,13 @@ def generate_decode_rate(tokens: int, runs: int) -> float:
             loaded.model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - start
 
-    timed(2)  # warm-up
-    rates = []
-    for _ in range(runs):
+    def rate() -> float:
         one = timed(1)  # prefill + first token
         full = timed(tokens)
-        rates.append((tokens - 1) / (full - one))
-    return statistics.median(rates)
+        return (tokens - 1) / (full - one)
+
+    timed(2)  # warm-up
+    return rate
 
 
 def main() -> None:
@@ -79,13 +76,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    import openai
+
     with running_server() as url:
-        server = server_decode_rate(url, args.tokens, args.runs)
-    plain = generate_decode_rate(args.tokens, args.runs)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        server_decode_rate(client, 4)  # warm-up
+        plain_rate = generate_decoder(args.tokens)
+        served, plain = [], []
+        for _ in range(args.runs):
+            served.append(server_decode_rate(client, args.tokens))
+            plain.append(plain_rate())
+    server, plain_median = statistics.median(served), statistics.median(plain)
+    ratios = [a / b for a, b in zip(served, plain, strict=True)]
     print(f"decode tokens/s, one request at a time, bundled model in NF4, {args.tokens} tokens")
-    print(f"  server (HTTP, SSE):   {server:8.2f} tok/s")
-    print(f"  plain model.generate: {plain:8.2f} tok/s")
-    print(f"  ratio server/generate: {server / plain:.2f}")
+    print(f"  server (HTTP, SSE):   {server:8.2f} tok/s (median of {args.runs})")
+    print(f"  plain model.generate: {plain_median:8.2f} tok/s (median of {args.runs})")
+    print(
+        f"  ratio server/generate: {server / plain_median:.2f} "
+        f"(per pair: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
 
 if __name__ == "__main__":
