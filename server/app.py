@@ -23,7 +23,9 @@ from server.protocol import ModelCard
 from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
+from server.routes import train as train_routes
 from server.serving import OpenAIServing
+from server.training import TrainingService
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ def create_app(
             yield
         finally:
             loader.cancel()
+            training = getattr(app.state, "training", None)
+            if training is not None:
+                # In a thread: a job finishing now registers through this very loop.
+                await asyncio.to_thread(training.close)
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.shutdown()
@@ -85,17 +91,23 @@ def create_app(
     app.state.load_error = None
     app.state.chat_hooks = []
     app.state.adapters = None
+    app.state.training = None
+    app.state.training_error = None
     app.state.extra_models = list
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        overrides={"/adapters": settings.max_adapter_bytes + 1024 * 1024},
+        overrides={
+            "/adapters": settings.max_adapter_bytes + 1024 * 1024,
+            "/train/": settings.max_train_data_bytes,
+        },
     )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(train_routes.router)
     return app
 
 
@@ -130,6 +142,12 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
 
     app.state.adapters = registry
     app.state.extra_models = adapter_cards
+    try:
+        app.state.training = await _start_training(registry, settings)
+    except Exception as exc:
+        # Serving must not die with the trainer: the /train routes answer 503 with this.
+        logger.exception("starting the training job manager failed; /train is unavailable")
+        app.state.training_error = f"{type(exc).__name__}: {exc}"
     app.state.serving = OpenAIServing(
         engine,
         resolve_model=resolve,
@@ -144,3 +162,29 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     logger.info(
         "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
     )
+
+
+async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:
+    """Jobs under data_dir/train, adapters to data_dir/trained, on this server's base."""
+    from trainer.base_model import resolve_base_model
+
+    # The engine has loaded (and, for the bundled model, converted) it: this only looks it up.
+    base_path = await asyncio.to_thread(resolve_base_model, settings.base_model, settings.cache_dir)
+    training = TrainingService(
+        settings.data_dir / "train",
+        settings.data_dir / "trained",
+        registry=registry,
+        loop=asyncio.get_running_loop(),
+        base_spec=settings.base_model,
+        base_path=base_path,
+        quantization=settings.quantization,
+        device=settings.device,
+        served_model_name=settings.served_model_name,
+        max_running=settings.max_training_jobs,
+    )
+    # In a thread: recover() hands finished-but-unregistered jobs to on_success, which
+    # waits on this loop.
+    interrupted = await asyncio.to_thread(training.recover)
+    if interrupted:
+        logger.warning("training jobs interrupted by the last shutdown: %s", interrupted)
+    return training
