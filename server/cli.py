@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
+    from trainer.cli import register as register_train
+
+    register_train(sub)  # swapserve train sft|dpo
     return parser
 
 
