@@ -362,3 +362,18 @@ def test_restart_lists_old_jobs_and_interrupts_the_running_one(server, tiny_mode
         assert "cut-short" not in adapter_names(again)
     finally:
         again.stop()
+
+
+def test_cli_train_subcommand_returns_its_exit_code(tiny_model_path, tmp_path, capsys):
+    from server.cli import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(SFT_ROWS[0]) + "\n{oops\n")
+    common = ["--name", "x", "--base", str(tiny_model_path), "--dry-run"]
+
+    assert main(["train", "sft", "--data", str(good), *common]) == 0
+    assert "carry loss" in capsys.readouterr().out
+    assert main(["train", "sft", "--data", str(bad), *common]) == 2
+    assert "line 2" in capsys.readouterr().err
