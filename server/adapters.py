@@ -228,6 +228,11 @@ class AdapterRegistry:
                 "name",
             )
 
+    def check_new_name(self, name: str, *, replace: bool = False) -> None:
+        """Raise the AdapterError that registering ``name`` would raise (400 bad name, 409
+        taken): the trainer asks before a job starts, not after it has trained."""
+        self._check_new_name(name, replace)
+
     def new_staging_dir(self) -> Path:
         path = self.staging / uuid.uuid4().hex
         path.mkdir(parents=True)

@@ -30,7 +30,9 @@ from server.routes import adapters as adapter_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
 from server.routes import rag as rag_routes
+from server.routes import train as train_routes
 from server.serving import OpenAIServing, Prepared
+from server.training import TrainingService
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ def create_app(
         finally:
             loader.cancel()
             await app.state.ab_experiments.shutdown()
+            training = getattr(app.state, "training", None)
+            if training is not None:
+                # In a thread: a job finishing now registers through this very loop.
+                await asyncio.to_thread(training.close)
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 await engine.shutdown()
@@ -101,6 +107,8 @@ def create_app(
         approx_threshold=settings.rag_approx_threshold,
     )
     app.state.adapters = None
+    app.state.training = None
+    app.state.training_error = None
     app.state.extra_models = list
     app.state.auth = Auth.from_settings(settings)
     if not app.state.auth.enabled:
@@ -118,6 +126,7 @@ def create_app(
         overrides={
             "/adapters": settings.max_adapter_bytes + 1024 * 1024,
             "/rag/": settings.rag_max_upload_bytes,
+            "/train/": settings.max_train_data_bytes,
         },
     )
     app.add_middleware(RequestIdMiddleware)
@@ -128,6 +137,7 @@ def create_app(
     app.include_router(ops_routes.router, dependencies=[Depends(scope(PUBLIC))])
     app.include_router(rag_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(rag_routes.search_router, dependencies=[Depends(scope(INFERENCE))])
+    app.include_router(train_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(ab_routes.router, dependencies=[Depends(scope(ADMIN))])
     app.include_router(ab_routes.feedback_router, dependencies=[Depends(scope(INFERENCE))])
     # admin: the metrics' labels name every adapter, which allow-listed keys must not see
@@ -203,6 +213,12 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
 
     app.state.adapters = registry
     app.state.extra_models = adapter_cards
+    try:
+        app.state.training = await _start_training(registry, settings)
+    except Exception as exc:
+        # Serving must not die with the trainer: the /train routes answer 503 with this.
+        logger.exception("starting the training job manager failed; /train is unavailable")
+        app.state.training_error = f"{type(exc).__name__}: {exc}"
     app.state.serving = OpenAIServing(
         engine,
         resolve_model=resolve,
@@ -217,3 +233,29 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     logger.info(
         "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
     )
+
+
+async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:
+    """Jobs under data_dir/train, adapters to data_dir/trained, on this server's base."""
+    from trainer.base_model import resolve_base_model
+
+    # The engine has loaded (and, for the bundled model, converted) it: this only looks it up.
+    base_path = await asyncio.to_thread(resolve_base_model, settings.base_model, settings.cache_dir)
+    training = TrainingService(
+        settings.data_dir / "train",
+        settings.data_dir / "trained",
+        registry=registry,
+        loop=asyncio.get_running_loop(),
+        base_spec=settings.base_model,
+        base_path=base_path,
+        quantization=settings.quantization,
+        device=settings.device,
+        served_model_name=settings.served_model_name,
+        max_running=settings.max_training_jobs,
+    )
+    # In a thread: recover() hands finished-but-unregistered jobs to on_success, which
+    # waits on this loop.
+    interrupted = await asyncio.to_thread(training.recover)
+    if interrupted:
+        logger.warning("training jobs interrupted by the last shutdown: %s", interrupted)
+    return training

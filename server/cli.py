@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rag.cli import register as register_rag
 
     register_rag(sub)
+    from trainer.cli import register as register_train
+
+    register_train(sub)  # swapserve train sft|dpo
     return parser
 
 

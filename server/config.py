@@ -118,6 +118,14 @@ class Settings(BaseSettings):
         """Where collections live; `swapserve rag` uses the same folder by default."""
         return self.data_dir / "rag"
 
+    # --- training -------------------------------------------------------------------------
+    max_training_jobs: int = Field(
+        1, ge=1, description="Training jobs running at once; more wait in a queue."
+    )
+    max_train_data_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest training request or upload (413)."
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.max_cpu_loras < self.max_loras:

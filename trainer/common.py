@@ -319,6 +319,11 @@ def generate_answers(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     device = next(model.parameters()).device
+    # After training the model is still in train mode (dropout on) and its config says
+    # use_cache=False (set for training): generating like that re-runs the whole prefix
+    # at every token. Evaluate as the server would serve.
+    was_training = model.training
+    model.eval()
     try:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
@@ -337,6 +342,7 @@ def generate_answers(
                     do_sample=False,
                     eos_token_id=stop_token_ids or None,
                     pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :]  # (batch, new)
             answers.extend(
@@ -344,6 +350,8 @@ def generate_answers(
             )
     finally:
         tokenizer.padding_side = old_side
+        if was_training:
+            model.train()
     return answers
 
 

@@ -132,8 +132,13 @@ class JobManager:
         config: JobConfig | dict[str, Any] | None,
         data_path: str | Path,
         name: str,
+        *,
+        meta: dict[str, Any] | None = None,
     ) -> str:
         """Validate, copy the data into the job folder, queue; return the job id.
+
+        ``meta`` is stored as ``record["meta"]`` for the caller (the server keeps its
+        register/replace choices there, so ``on_success`` still knows them after a restart).
 
         Raises ConfigError, DataError (structure: JSON, fields, roles; the token-length
         check needs the tokenizer and runs in the job), JobConflict.
@@ -186,6 +191,7 @@ class JobManager:
                 "finished_at": None,
                 "pid": None,
                 "notified": False,
+                "meta": dict(meta or {}),
             }
             write_record(job_dir, record)
             append_event(job_dir, "state", state="queued")
