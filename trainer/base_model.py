@@ -202,6 +202,18 @@ def _stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether bfloat16 matmuls run natively on this device (else they are emulated)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _release_freed_memory() -> None:
     """Hand the float32 staging buffers of a quantizing load back to the OS.
 
@@ -234,11 +246,16 @@ def load_base_model(
     kwargs: dict[str, Any] = {}
     if quantization == "nf4":
         # bfloat16 for everything that stays unquantized (embeddings, norms): it halves the
-        # resident size of Gemma's 262k-row embedding against float32.
+        # resident size of Gemma's 262k-row embedding against float32. The 4-bit layers
+        # compute in bfloat16 only where bfloat16 matmuls are native: on a CPU without
+        # AVX512-BF16/AMX they are emulated, and float32 compute was measured 1.8-2x
+        # faster per decode step (bundled model, 2 AVX2 cores: 0.38 -> 0.21 s at batch 1,
+        # 1.14 -> 0.56 s at batch 8), at the same resident size.
+        compute = torch.bfloat16 if native_bf16(device) else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=False,
         )
         kwargs["dtype"] = torch.bfloat16

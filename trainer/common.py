@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.base_model import LoadedBaseModel, load_base_model, model_fingerprint
+from trainer.base_model import (
+    LoadedBaseModel,
+    load_base_model,
+    model_fingerprint,
+    native_bf16,
+)
 from trainer.config import JobConfig
 from trainer.data import Example, LoadedData, prompt_for_generation
 from trainer.metrics import aggregate
@@ -150,19 +155,11 @@ def fast_bf16(device: str) -> bool:
     """Whether bf16 matmuls are native here. CPUs without AVX512-BF16/AMX emulate them:
     measured on a 2-core AVX2 machine, QLoRA steps on Gemma 3 270M took ~95 s in bf16
     against ~5 s in fp32."""
-    import torch
-
-    if device.startswith("cuda"):
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return native_bf16(device)
 
 
 def prepare_model(base: LoadedBaseModel, gradient_checkpointing: bool) -> Any:
     """Make the base ready for adapter training; for a 4-bit base, the QLoRA recipe."""
-    import torch
 
     model = base.model
     if base.quantization == "nf4":
@@ -175,14 +172,8 @@ def prepare_model(base: LoadedBaseModel, gradient_checkpointing: bool) -> Any:
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        if not fast_bf16(base.device):
-            import bitsandbytes as bnb
-
-            # The loader computes NF4 layers in bf16; without native bf16 that dominates
-            # the step time, so dequantize to fp32 instead (the weights stay 4-bit).
-            for module in model.modules():
-                if isinstance(module, bnb.nn.Linear4bit):
-                    module.compute_dtype = torch.float32
+        # (the loader already picks fp32 compute for the 4-bit layers where bf16 matmuls
+        # are emulated; see trainer.base_model.native_bf16)
     else:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -475,3 +466,55 @@ def scratch_dir(output_dir: Path) -> tempfile.TemporaryDirectory:
     """Trainer's own output_dir (it writes nothing there with save_strategy='no', but wants one)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-")
+
+
+def finish_run(
+    *,
+    kind: str,
+    trainer: Any,
+    peft_model: Any,
+    history: list[dict[str, float]],
+    config: Any,
+    base: Any,
+    data: Any,
+    eval_data: Any,
+    n_train: int,
+    n_eval: int,
+    length_report: Any,
+    eval_results: dict[str, Any] | None,
+    output_dir: Path,
+    started: float,
+    should_stop: StopFn | None,
+    name: str | None,
+) -> TrainResult:
+    """The end both methods share: last cancel check, card, adapter folder, result."""
+    if should_stop is not None and should_stop():
+        raise TrainingCancelled("cancelled after training, before writing")
+    wall = time.monotonic() - started
+    card = build_card(
+        kind=kind,
+        config=config,
+        base=base,
+        data=data,
+        eval_data=eval_data,
+        n_train=n_train,
+        n_eval=n_eval,
+        length_report=length_report,
+        loss_history=history,
+        steps=trainer.state.global_step,
+        eval_results=eval_results,
+        wall_time_s=wall,
+        name=name or output_dir.name,
+    )
+    write_output(peft_model, card, output_dir)
+    logger.info("%s adapter written to %s in %.1f s", kind.upper(), output_dir, wall)
+    return TrainResult(
+        output_dir=output_dir,
+        card=card,
+        loss_history=history,
+        final_loss=card["train"]["final_loss"],
+        steps=trainer.state.global_step,
+        wall_time_s=wall,
+        eval=eval_results,
+        model=peft_model,
+    )

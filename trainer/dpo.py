@@ -19,9 +19,9 @@ from trainer.common import (
     StopFn,
     TrainingCancelled,
     TrainResult,
-    build_card,
     check_output_dir,
     eval_generation,
+    finish_run,
     fix_adapter_dtype,
     load_base,
     lora_config,
@@ -32,7 +32,6 @@ from trainer.common import (
     split_eval,
     trainer_args,
     use_gradient_checkpointing,
-    write_output,
 )
 from trainer.config import ConfigError, JobConfig, is_number
 from trainer.data import Example, LoadedData, as_chat_prompt, check_lengths, load_jsonl
@@ -141,12 +140,11 @@ def run_dpo(
                 "reward_margin": metrics.get("eval_rewards/margins"),
                 **eval_generation(peft_model, base, eval_examples, config),
             }
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled("cancelled after training, before writing")
-
-        wall = time.monotonic() - started
-        card = build_card(
+        return finish_run(
             kind="dpo",
+            trainer=trainer,
+            peft_model=peft_model,
+            history=callback.history,
             config=config,
             base=base,
             data=data,
@@ -154,21 +152,9 @@ def run_dpo(
             n_train=len(train_examples),
             n_eval=len(eval_examples),
             length_report=length_report,
-            loss_history=callback.history,
-            steps=trainer.state.global_step,
             eval_results=eval_results,
-            wall_time_s=wall,
-            name=name or output_dir.name,
+            output_dir=output_dir,
+            started=started,
+            should_stop=should_stop,
+            name=name,
         )
-        write_output(peft_model, card, output_dir)
-    logger.info("DPO adapter written to %s in %.1f s", output_dir, wall)
-    return TrainResult(
-        output_dir=output_dir,
-        card=card,
-        loss_history=callback.history,
-        final_loss=card["train"]["final_loss"],
-        steps=trainer.state.global_step,
-        wall_time_s=wall,
-        eval=eval_results,
-        model=peft_model,
-    )
