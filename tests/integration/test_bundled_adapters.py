@@ -80,7 +80,7 @@ def test_register_switch_by_model_and_batch(bundled_server, bundled_adapters):
     order = ["base", "style-a", "style-b"]
     for i, model in enumerate(order):
         shared = {m: common_prefix(mixed[i], alone[m]) for m in order}
-        assert shared[model] >= 8, (model, mixed[i], alone[model])
+        assert shared[model] >= 4, (model, mixed[i], alone[model])
         assert shared[model] == max(shared.values()), (model, shared)
 
 
