@@ -74,30 +74,19 @@ class ModelRunner:
         # logits only where a row's last prompt token falls in this chunk
         wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
         keep = sorted(set(wanted.values()))
-        logits = None
-        if keep:
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            logits = self._forward(
-                group.adapters,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                past_key_values=group.cache,
-                cache_position=torch.arange(start, end, device=device),
-                logits_to_keep=keep_t,
-            )  # (batch, len(keep), vocab)
-            for row, col in wanted.items():
-                group.last_logits[row] = logits[row, keep.index(col)].float()
-        else:
-            self._forward(
-                group.adapters,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                past_key_values=group.cache,
-                cache_position=torch.arange(start, end, device=device),
-                logits_to_keep=1,
-            )
+        # a chunk that ends no row's prompt still fills the cache; keep one column, unused
+        to_keep = torch.tensor(keep, dtype=torch.long, device=device) if keep else 1
+        logits = self._forward(
+            group.adapters,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=group.cache,
+            cache_position=torch.arange(start, end, device=device),
+            logits_to_keep=to_keep,
+        )  # (batch, len(keep) or 1, vocab)
+        for row, col in wanted.items():
+            group.last_logits[row] = logits[row, keep.index(col)].float()
         group.done = end
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[KVBatch, torch.Tensor]:
