@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.engine.peft_format import lora_key_module
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,14 +75,6 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise AdapterError(400, f"{path.name} has a malformed header", "invalid_weights")
     header.pop("__metadata__", None)
     return header
-
-
-def _module_of(key: str) -> tuple[str, str] | None:
-    """'base_model.model.model.layers.0.q_proj.lora_A.weight' -> ('model.layers.0.q_proj', 'A')."""
-    m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-    if not m:
-        return None
-    return m.group(1), m.group(2)
 
 
 def validate_adapter_dir(
@@ -147,6 +141,14 @@ def validate_adapter_dir(
             "unsupported_adapter",
         )
 
+    if config.get("lora_bias"):
+        raise AdapterError(
+            400,
+            "lora_bias=true adds a trained bias to lora_B, which the mixed-batch LoRA layers "
+            "do not apply; retrain with lora_bias=false",
+            "unsupported_adapter",
+        )
+
     try:
         rank = int(config.get("r", 0))
         alpha = float(config.get("lora_alpha", rank))
@@ -179,7 +181,7 @@ def validate_adapter_dir(
     header = read_safetensors_header(weights)
     modules: dict[str, dict[str, list[int]]] = {}
     for key, meta in header.items():
-        found = _module_of(key)
+        found = lora_key_module(key)
         if found is None:
             continue
         module, which = found

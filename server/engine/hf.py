@@ -1,4 +1,4 @@
-"""The `hf` engine: transformers + peft + bitsandbytes on the CPU or one GPU."""
+"""The `hf` engine: transformers + bitsandbytes on the CPU or one GPU, own LoRA layers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from server.engine.base import (
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.lora import LoRAWeights, read_peft_lora
 from server.engine.runner import ModelRunner
 from server.scheduler import Scheduler, new_sequences
 from trainer.base_model import LoadedBaseModel
@@ -73,8 +74,8 @@ class HFEngine:
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
         )
-        self._adapters: set[str] = set()  # on the compute device, in the PEFT model
-        self._host: dict[str, tuple[Any, dict[str, Any]]] = {}  # name -> (config, CPU tensors)
+        self._adapters: set[str] = set()  # on the compute device, in the LoRA layers
+        self._host: dict[str, LoRAWeights] = {}  # off the device, kept in host memory
         self._linear_shapes = _linear_shapes(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
@@ -145,57 +146,21 @@ class HFEngine:
         await asyncio.wrap_future(future)
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        from peft import PeftModel, set_peft_model_state_dict
-
-        if name in self._adapters:
+        lora = self.runner.lora
+        if name in lora:
             return
-        model = self.runner.model
-        host = self._host.pop(name, None)
-        if host is None:  # from disk
-            if not isinstance(model, PeftModel):
-                model = PeftModel.from_pretrained(
-                    model, str(path), adapter_name=name, is_trainable=False
-                )
-            else:
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        else:  # from host memory: no file reads, no parsing
-            config, state = host
-            if not isinstance(model, PeftModel):
-                model = PeftModel(model, config, adapter_name=name)
-            else:
-                model.add_adapter(name, config)
-            result = set_peft_model_state_dict(model, state, adapter_name=name)
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise RuntimeError(f"host copy of {name} has unexpected keys: {unexpected[:3]}")
-        model.eval()
-        self.runner.model = model
-        self.runner.uses_adapters = True
+        weights = self._host.pop(name, None)  # from host memory: no file reads
+        if weights is None:
+            weights = read_peft_lora(name, path, lora.dtype)
+        lora.add(weights)
         self._adapters.add(name)
 
     def _unload_adapter(self, name: str, *, keep_host_copy: bool) -> None:
-        from peft import get_peft_model_state_dict
-
         if not keep_host_copy:
             self._host.pop(name, None)
-        if name not in self._adapters:
-            return
-        model = self.runner.model
-        if keep_host_copy:
-            state = get_peft_model_state_dict(model, adapter_name=name)
-            state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            self._host[name] = (model.peft_config[name], state)
-        if self._adapters == {name}:
-            # the last adapter: go back to the plain base model rather than leave PEFT
-            # with no active adapter
-            self.runner.model = model.unload()
-            self.runner.uses_adapters = False
-        else:
-            model.delete_adapter(name)
-            remaining = [n for n in model.peft_config if n != name]
-            # PEFT keeps pointing at a deleted adapter as the active one; rows name their
-            # adapter explicitly, but the wrapper still looks the active one up
-            model.set_adapter(remaining[0])
+        weights = self.runner.lora.remove(name)
+        if keep_host_copy and weights is not None:
+            self._host[name] = weights  # already host tensors
         self._adapters.discard(name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

@@ -1,7 +1,8 @@
 """Forward passes for the scheduler: chunked prefill of newcomers, one decode step for all.
 
-Every forward carries `adapter_names` (one per row) once adapters exist, so rows of one
-batch can each use a different LoRA adapter (PEFT's mixed-batch forward).
+Every forward names one adapter per row (BASE_ADAPTER for none); the model's LoRA layers
+(server/engine/lora.py) apply each row's own adapter, so rows of one batch can each use a
+different LoRA adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import DynamicCache
 
 from server.engine.base import BASE_ADAPTER
 from server.engine.kv import KVBatch
+from server.engine.lora import MultiLoRA, compute_dtype
 
 
 @dataclass
@@ -41,19 +43,21 @@ class PrefillGroup:
 
 class ModelRunner:
     def __init__(self, model: Any, pad_token_id: int):
-        self.model = model  # a transformers model, or a PeftModel around it
+        self.model = model  # a transformers model; LoRA layers are wrapped into it
         self.pad_token_id = pad_token_id
-        self.uses_adapters = False  # True once the model is a PeftModel
+        self.lora = MultiLoRA(model, self.device, compute_dtype(model))
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _forward(self, adapters: list[str], **kwargs: Any) -> torch.Tensor:
-        if self.uses_adapters:
-            kwargs["adapter_names"] = adapters
-        with torch.inference_mode():
-            out = self.model(use_cache=True, **kwargs)
+        self.lora.set_rows(adapters)
+        try:
+            with torch.inference_mode():
+                out = self.model(use_cache=True, **kwargs)
+        finally:
+            self.lora.clear_rows()
         return out.logits
 
     @torch.inference_mode()

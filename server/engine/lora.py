@@ -1,0 +1,210 @@
+"""Many LoRA adapters on one base model, mixed per row in one forward.
+
+Every base linear layer that some resident adapter targets is wrapped once. The adapters
+resident on the compute device are packed side by side in each wrapped layer:
+``a_cat`` (in, R) and ``b_cat`` (R, out), adapter k in columns [off_k, off_k + r_k) with
+its scaling folded into B. A batch whose rows use different adapters then costs, per
+layer, the same two small matmuls whatever the number of adapters:
+
+    delta = ((x @ a_cat) * row_mask) @ b_cat
+
+where ``row_mask`` keeps, for each row, only its own adapter's block (all zeros for a
+base row). PEFT's mixed-batch forward instead loops over the distinct adapters of the
+batch (select the rows, two matmuls, scatter back, for each), which on a CPU makes eight
+adapters cost far more than one. A batch that uses a single adapter slices its block and
+skips the mask. The layout (offsets) is the same in every layer, so one mask serves all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.engine.base import BASE_ADAPTER
+from server.engine.peft_format import lora_key_module, lora_scaling
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter as host tensors: module path -> (A (r, in), B * scaling (out, r))."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        """Width of the adapter's block: its largest rank over modules (rank_pattern)."""
+        return max(a.shape[0] for a, _ in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def read_peft_lora(name: str, path: Path, dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Read a validated PEFT LoRA folder (safetensors only; nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    config: dict[str, Any] = json.loads((path / "adapter_config.json").read_text())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        found = lora_key_module(key)
+        if found is not None:
+            module, which = found
+            pairs.setdefault(module, {})[which] = tensor
+    modules = {}
+    for module, ab in pairs.items():
+        a, b = ab["A"], ab["B"]
+        scale = lora_scaling(config, module, int(a.shape[0]))
+        modules[module] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return LoRAWeights(name, modules)
+
+
+@dataclass
+class _Plan:
+    """Which adapter block each row of the current forward uses."""
+
+    single: tuple[int, int] | None  # (offset, rank) when every row uses one adapter
+    single_name: str | None
+    mask: torch.Tensor | None  # (batch, 1, R) otherwise
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer plus the packed LoRA blocks of every resident adapter."""
+
+    def __init__(self, base: nn.Module, owner: MultiLoRA):
+        super().__init__()
+        self.base = base
+        self.in_features = int(base.in_features)
+        self.out_features = int(base.out_features)
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule
+        self.targets: set[str] = set()  # adapters with weights for this layer
+        self.a_cat: torch.Tensor | None = None
+        self.b_cat: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        plan = self._owner[0].plan
+        if plan is None or self.a_cat is None or self.b_cat is None:
+            return out
+        xa = x.to(self.a_cat.dtype)
+        if plan.single is not None:
+            if plan.single_name not in self.targets:
+                return out
+            off, rank = plan.single
+            delta = (xa @ self.a_cat[:, off : off + rank]) @ self.b_cat[off : off + rank]
+        else:
+            assert plan.mask is not None
+            delta = ((xa @ self.a_cat) * plan.mask) @ self.b_cat
+        return out + delta.to(out.dtype)
+
+
+class MultiLoRA:
+    """The resident adapters of one model and the per-forward row plan."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.layers: dict[str, LoRALinear] = {}
+        self.adapters: dict[str, LoRAWeights] = {}  # resident, in packing order
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.plan: _Plan | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.adapters
+
+    def add(self, weights: LoRAWeights) -> None:
+        for module in weights.modules:
+            if module not in self.layers:
+                self._wrap(module)
+        self.adapters[weights.name] = weights
+        self._pack()
+
+    def remove(self, name: str) -> LoRAWeights | None:
+        weights = self.adapters.pop(name, None)
+        if weights is not None:
+            self._pack()
+        return weights
+
+    def _wrap(self, module: str) -> None:
+        parent_name, _, child = module.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        base = getattr(parent, child)
+        if isinstance(base, LoRALinear):
+            self.layers[module] = base
+            return
+        if not (hasattr(base, "in_features") and hasattr(base, "out_features")):
+            raise ValueError(f"{module} is not a linear layer")
+        wrapped = LoRALinear(base, self)
+        setattr(parent, child, wrapped)
+        self.layers[module] = wrapped
+
+    def _pack(self) -> None:
+        """Lay every resident adapter's block side by side in every wrapped layer."""
+        self.offsets = {}
+        total = 0
+        for name, weights in self.adapters.items():
+            self.offsets[name] = (total, weights.rank)
+            total += weights.rank
+        for module, layer in self.layers.items():
+            if total == 0:  # no adapter left: wrapped layers pass the base through
+                layer.a_cat = layer.b_cat = None
+                layer.targets = set()
+                continue
+            a_cat = torch.zeros(layer.in_features, total, dtype=self.dtype)
+            b_cat = torch.zeros(total, layer.out_features, dtype=self.dtype)
+            targets = set()
+            for name, weights in self.adapters.items():
+                pair = weights.modules.get(module)
+                if pair is None:
+                    continue
+                off = self.offsets[name][0]
+                a, b = pair
+                rank = a.shape[0]
+                a_cat[:, off : off + rank] = a.t()
+                b_cat[off : off + rank] = b.t()
+                targets.add(name)
+            layer.a_cat = a_cat.to(self.device)
+            layer.b_cat = b_cat.to(self.device)
+            layer.targets = targets
+
+    def set_rows(self, adapters: list[str]) -> None:
+        """Plan the next forward: row i uses adapters[i] (BASE_ADAPTER for none)."""
+        used = set(adapters) - {BASE_ADAPTER}
+        unknown = used - set(self.offsets)
+        if unknown:
+            raise KeyError(f"adapters not resident: {sorted(unknown)}")
+        if not used:
+            self.plan = None
+        elif len(used) == 1 and BASE_ADAPTER not in adapters:
+            (name,) = used
+            self.plan = _Plan(single=self.offsets[name], single_name=name, mask=None)
+        else:
+            total = sum(rank for _, rank in self.offsets.values())
+            mask = torch.zeros(len(adapters), 1, total, dtype=self.dtype)
+            for row, name in enumerate(adapters):
+                if name != BASE_ADAPTER:
+                    off, rank = self.offsets[name]
+                    mask[row, 0, off : off + rank] = 1
+            self.plan = _Plan(single=None, single_name=None, mask=mask.to(self.device))
+
+    def clear_rows(self) -> None:
+        self.plan = None
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the base's linear layers compute in (4-bit layers say so themselves)."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32

@@ -1,0 +1,125 @@
+"""The engine's own LoRA layers give, row by row, what PEFT gives for the same adapter.
+
+PEFT is the reference: an adapter loaded by PeftModel and made active must produce the
+same logits as the same adapter applied by server/engine/lora.py, alone or in a batch
+whose other rows use other adapters or none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.base import BASE_ADAPTER
+from server.engine.lora import MultiLoRA, read_peft_lora
+from tests.tiny_model import build_lora_adapter
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_path: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora-adapters")
+    return {
+        "all": build_lora_adapter(tiny_model_path, root / "all", r=4, seed=1),
+        "attn-rslora": build_lora_adapter(
+            tiny_model_path,
+            root / "attn-rslora",
+            r=8,
+            seed=2,
+            target_modules=["q_proj", "v_proj"],
+            use_rslora=True,
+        ),
+        "patterns": build_lora_adapter(
+            tiny_model_path,
+            root / "patterns",
+            r=4,
+            seed=3,
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"o_proj": 3},
+        ),
+    }
+
+
+def _base(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> torch.Tensor:
+    return torch.randint(5, 60, (1, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path, adapters, inputs) -> dict[str, torch.Tensor]:
+    """Logits per adapter from PEFT (and from the plain base for BASE_ADAPTER)."""
+    from peft import PeftModel
+
+    out = {}
+    with torch.inference_mode():
+        out[BASE_ADAPTER] = _base(tiny_model_path)(inputs).logits[0]
+        for name, path in adapters.items():
+            model = PeftModel.from_pretrained(_base(tiny_model_path), str(path)).eval()
+            out[name] = model(inputs).logits[0]
+    return out
+
+
+def _ours(model, lora: MultiLoRA, rows: list[str], inputs: torch.Tensor) -> torch.Tensor:
+    lora.set_rows(rows)
+    try:
+        with torch.inference_mode():
+            return model(inputs.expand(len(rows), -1)).logits
+    finally:
+        lora.clear_rows()
+
+
+def test_each_adapter_alone_matches_peft(tiny_model_path, adapters, reference, inputs):
+    model = _base(tiny_model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name, path in adapters.items():
+        lora.add(read_peft_lora(name, path))
+    for name in adapters:
+        logits = _ours(model, lora, [name, name], inputs)
+        for row in logits:
+            torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+        # the adapter changes the output: the comparison above is not base vs base
+        assert (reference[name] - reference[BASE_ADAPTER]).abs().max() > 1e-2
+
+
+def test_mixed_rows_match_peft_row_by_row(tiny_model_path, adapters, reference, inputs):
+    model = _base(tiny_model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name, path in adapters.items():
+        lora.add(read_peft_lora(name, path))
+    rows = ["attn-rslora", BASE_ADAPTER, "all", "patterns", "all"]
+    logits = _ours(model, lora, rows, inputs)
+    for row, name in zip(logits, rows, strict=True):
+        torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+
+
+def test_removing_adapters_repacks_the_rest(tiny_model_path, adapters, reference, inputs):
+    model = _base(tiny_model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name, path in adapters.items():
+        lora.add(read_peft_lora(name, path))
+    assert lora.remove("all") is not None
+    rows = ["patterns", "attn-rslora", BASE_ADAPTER]
+    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+        torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+    with pytest.raises(KeyError, match="all"):
+        lora.set_rows(["all"])
+    lora.remove("patterns")
+    lora.remove("attn-rslora")
+    logits = _ours(model, lora, [BASE_ADAPTER], inputs)
+    torch.testing.assert_close(logits[0], reference[BASE_ADAPTER], atol=ATOL, rtol=0)
+
+
+def test_block_width_is_the_largest_rank(adapters):
+    weights = read_peft_lora("patterns", adapters["patterns"])
+    ranks = {m.rsplit(".", 1)[-1]: a.shape[0] for m, (a, _) in weights.modules.items()}
+    assert ranks["down_proj"] == 2 and ranks["q_proj"] == 4
+    assert weights.rank == 4
