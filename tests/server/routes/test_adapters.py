@@ -332,7 +332,7 @@ def test_rank_above_maximum(server, tiny_model_path, tmp_path, unchanged):
     assert "max_lora_rank 8" in err["message"]
 
 
-def test_dora_and_modules_to_save_are_refused_with_a_reason(
+def test_dora_modules_to_save_and_lora_bias_are_refused_with_a_reason(
     server, tiny_model_path, tmp_path, unchanged
 ):
     dora = build_lora_adapter(tiny_model_path, tmp_path / "dora", use_dora=True)
@@ -344,6 +344,9 @@ def test_dora_and_modules_to_save_are_refused_with_a_reason(
     (mts / "adapter_config.json").write_text(json.dumps(cfg))
     err = assert_refused(server, register(server, "bad", mts), 400, "unsupported_adapter")
     assert "modules_to_save" in err["message"]
+    bias = build_lora_adapter(tiny_model_path, tmp_path / "bias", lora_bias=True)
+    err = assert_refused(server, register(server, "bad", bias), 400, "unsupported_adapter")
+    assert "lora_bias" in err["message"]
 
 
 def test_taken_and_unsafe_names(server, adapters, unchanged):
