@@ -47,3 +47,32 @@ def test_nf4_on_cuda_and_batched_decoding_match_alone(tiny_model_path):
         assert asyncio.run(together()) == alone
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_packed_lora_on_cuda_matches_peft_on_cpu(tiny_model_path, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.base import BASE_ADAPTER
+    from server.engine.lora import MultiLoRA, read_peft_lora
+    from tests.tiny_model import build_lora_adapter
+
+    paths = {
+        f"g{i}": build_lora_adapter(tiny_model_path, tmp_path / f"g{i}", seed=i) for i in (1, 2)
+    }
+    ids = torch.randint(5, 60, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = {BASE_ADAPTER: AutoModelForCausalLM.from_pretrained(tiny_model_path)(ids).logits[0]}
+        for name, path in paths.items():
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+            ref[name] = PeftModel.from_pretrained(base, str(path)).eval()(ids).logits[0]
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path).to("cuda").eval()
+        lora = MultiLoRA(model, torch.device("cuda"), torch.float32)
+        for name, path in paths.items():
+            lora.add(read_peft_lora(name, path))
+        rows = ["g1", BASE_ADAPTER, "g2"]
+        lora.set_rows(rows)
+        logits = model(ids.to("cuda").expand(len(rows), -1)).logits.cpu()
+        lora.clear_rows()
+    for row, name in zip(logits, rows, strict=True):
+        torch.testing.assert_close(row, ref[name], atol=1e-3, rtol=1e-3)
