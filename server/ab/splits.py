@@ -247,7 +247,9 @@ class SplitService:
         if fb.preferred_over is not None:
             other = self._response(fb.preferred_over, "preferred_over")
             if other["id"] == rec["id"]:
-                raise APIError(400, "a response cannot be preferred over itself", "preferred_over")
+                raise APIError(
+                    400, "a response cannot be preferred over itself", param="preferred_over"
+                )
             if other["split"] != rec["split"] or other["prompt"] != rec["prompt"]:
                 raise APIError(
                     400,

@@ -247,6 +247,8 @@ def test_split_routes_completions(server, tmp_path):
     for rid, rating in ((good, 1), (bad, -1)):
         r = httpx.post(f"{server.url}/ab/feedback", json={"response_id": rid, "rating": rating})
         assert r.status_code == 200, r.text
+    r = httpx.post(f"{server.url}/ab/feedback", json={"response_id": good, "preferred_over": good})
+    assert assert_error(r, 400)["param"] == "preferred_over"  # was a TypeError (500)
     path = tmp_path / "prefs.jsonl"
     path.write_text(httpx.get(f"{server.url}/ab/splits/comp/preferences.jsonl").text)
     data = load_jsonl(path, task="dpo")
