@@ -170,6 +170,7 @@ def parse_questions(lines: Iterable[str], *, source: str = "questions") -> list[
             problems.append(f"line {n}: `doc_id` must be a non-empty string")
         if len(problems) > before:
             continue
+        assert isinstance(q, str) and isinstance(refs, list)  # checked above; for mypy
         seen[qid] = n
         out.append(RaftQuestion(qid, q.strip(), [r.strip() for r in refs], doc_id, n))
     if not out and not problems:
