@@ -94,6 +94,43 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raft(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rag.raft import RaftConfig, build_raft, read_questions, write_jsonl
+
+    config = RaftConfig(
+        distractors=args.distractors,
+        p_no_oracle=args.p_no_oracle,
+        distractor_source=args.distractor_source,
+        candidates=args.candidates,
+        closed_book=args.closed_book,
+        cite=args.cite,
+        seed=args.seed,
+    )
+    config.validate()  # bad flags fail before the embedder loads
+    questions = read_questions(args.questions)
+    store = _store(args)
+    coll = store.get(args.collection)  # CollectionNotFound: "no collection named ..."
+    with tqdm(total=len(questions), unit="q", desc=f"raft from {args.collection}") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        records, stats = build_raft(coll, questions, config, progress=progress)
+    write_jsonl(records, args.out)
+    for w in stats.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(
+        f"{args.out}: {stats.examples} examples from {stats.questions} questions "
+        f"({stats.with_oracle} with the oracle, {stats.without_oracle} without, "
+        f"{stats.closed_book} closed-book); oracle by doc_id {stats.oracle_by_doc_id}, by "
+        f"answer {stats.oracle_by_answer}; retrieval ranks the oracle in the top "
+        f"{config.distractors + 1} for {stats.oracle_in_top_k} of {stats.questions}"
+    )
+    return 0
+
+
 def _guard(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -147,6 +184,46 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     search.add_argument("--json", action="store_true", help="print hits as JSON")
     search.set_defaults(func=_guard(_search))
+
+    raft = sub.add_parser(
+        "raft",
+        parents=[common],
+        help="build RAFT-style SFT data (question + oracle chunk + distractors)",
+        description="Build chat SFT data for `swapserve train sft` from a collection and a "
+        "question set (the A/B format: {id?, question, references, doc_id?} per line). Each "
+        "example is the question with the oracle chunk and distractor chunks, shuffled, in "
+        "the prompt the server builds for `rag` requests; a fraction has no oracle.",
+    )
+    raft.add_argument("collection")
+    raft.add_argument("questions", type=Path, help="question set, JSONL")
+    raft.add_argument("--out", type=Path, required=True, help="the SFT JSONL to write")
+    raft.add_argument("--distractors", type=int, default=3, help="distractor chunks (k)")
+    raft.add_argument(
+        "--p-no-oracle",
+        type=float,
+        default=0.2,
+        help="fraction of examples with k+1 distractors and no oracle (default 0.2)",
+    )
+    raft.add_argument(
+        "--distractor-source",
+        choices=["retrieved", "random"],
+        default="retrieved",
+        help="top-ranked non-oracle chunks (default) or random chunks",
+    )
+    raft.add_argument(
+        "--candidates", type=int, default=20, help="chunks retrieved per question (1-100)"
+    )
+    raft.add_argument(
+        "--closed-book",
+        type=float,
+        default=0.0,
+        help="fraction of questions that also get a no-passage example (default 0)",
+    )
+    raft.add_argument(
+        "--cite", action="store_true", help="append the oracle's number to answers: 'x [2]'"
+    )
+    raft.add_argument("--seed", type=int, default=0)
+    raft.set_defaults(func=_guard(_raft))
 
     lst = sub.add_parser("list", parents=[common], help="list collections")
     lst.set_defaults(func=_guard(_list))

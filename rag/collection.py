@@ -779,6 +779,33 @@ class Collection:
             for r in rows
         ]
 
+    def chunks(self, doc_id: str | None = None) -> list[Hit]:
+        """Every chunk (of one document, or of all), in document order, as score-0 hits:
+        for tools that walk a collection rather than search it (the RAFT data builder)."""
+        sql = (
+            "SELECT c.id, c.text, c.doc_id, c.chunk_index, c.char_start, c.char_end, "
+            "d.metadata FROM chunks c JOIN documents d ON d.doc_id = c.doc_id"
+        )
+        params: list[Any] = []
+        if doc_id is not None:
+            sql += " WHERE c.doc_id = ?"
+            params.append(doc_id)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY c.doc_id, c.chunk_index", params).fetchall()
+        return [
+            Hit(
+                score=0.0,
+                text=r[1],
+                doc_id=r[2],
+                chunk_index=r[3],
+                char_start=r[4],
+                char_end=r[5],
+                chunk_id=r[0],
+                metadata=json.loads(r[6]),
+            )
+            for r in rows
+        ]
+
     def count_chunks(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])

@@ -227,6 +227,7 @@ class Completion(BaseModel):
     usage: Usage | None = None
     system_fingerprint: str | None = None
     citations: list[Citation] | None = None  # swapserve extension, as on ChatCompletion
+    ab_arm: str | None = None  # swapserve extension, as on ChatCompletion
 
 
 class ModelCard(BaseModel):

@@ -319,17 +319,20 @@ class OpenAIServing:
 
     async def completion(self, prep: Prepared) -> Completion:
         texts, finish, usage = await self.collect(prep, "completions")
+        if prep.on_complete is not None:
+            prep.on_complete(texts.get(0, ""))
         choices = [
             CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=finish.get(i, "length"))  # type: ignore[arg-type]
             for i in range(len(prep.prompts) * prep.sampling.n)
         ]
         return Completion(
-            id=new_id("cmpl"),
+            id=prep.response_id or new_id("cmpl"),
             created=now(),
             model=prep.model,
             choices=choices,
             usage=usage,
             citations=prep.citations,
+            ab_arm=prep.ab_arm,
         )
 
     async def stream(
@@ -368,7 +371,7 @@ class OpenAIServing:
                     model=prep.model,
                     choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
                 )
-            data = body.model_dump(exclude_none=False, exclude={"citations"})
+            data = body.model_dump(exclude_none=False, exclude={"citations", "ab_arm"})
             if citations is not None:
                 data["citations"] = [c.model_dump() for c in citations]
             if prep.ab_arm is not None:  # only A/B traffic carries the extension field

@@ -119,7 +119,12 @@ class ExperimentService:
                 for a in arms
             ]
         questions = [
-            {"id": q.id or f"q{i + 1}", "question": q.question, "references": q.references}
+            {
+                "id": q.id or f"q{i + 1}",
+                "question": q.question,
+                "references": q.references,
+                **({"doc_id": q.doc_id} if q.doc_id is not None else {}),
+            }
             for i, q in enumerate(req.questions)
         ]
         rec: dict[str, Any] = {
@@ -293,6 +298,7 @@ def summarize(rec: dict[str, Any]) -> dict[str, Any]:
             "ttft_s": latency_summary([a["ttft_s"] for a in answers]),
             "prompt_tokens": sum(a["prompt_tokens"] for a in answers),
             "completion_tokens": sum(a["completion_tokens"] for a in answers),
+            "retrieval_hit_rate": _hit_rate(rec, n, names.index(n)),
         }
     baseline = names[0]
     comparisons = [
@@ -308,6 +314,23 @@ def summarize(rec: dict[str, Any]) -> dict[str, Any]:
         "comparisons": comparisons,
         "bootstrap": {"resamples": 1000, "confidence": 0.95},
     }
+
+
+def _hit_rate(rec: dict[str, Any], arm: str, column: int) -> float | None:
+    """Of the questions that name their `doc_id`, the share whose answer in this arm was
+    given with that document among the retrieved ones; None for an arm without `rag` or a
+    question set without doc ids."""
+    spec = next(a for a in rec["arms"] if a["name"] == arm)
+    if not spec.get("rag"):
+        return None
+    pairs = [
+        (q["doc_id"], row[column]["doc_ids"])
+        for q, row in zip(rec["questions"], rec["results"], strict=True)
+        if row is not None and q.get("doc_id")
+    ]
+    if not pairs:
+        return None
+    return sum(doc in docs for doc, docs in pairs) / len(pairs)
 
 
 def make_arm_check(state: Any) -> ArmCheck:

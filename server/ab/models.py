@@ -23,6 +23,11 @@ class Question(Strict):
     references: list[str] = Field(
         min_length=1, description="Acceptable answers; each score is the best over them."
     )
+    doc_id: str | None = Field(
+        None,
+        description="The document that holds the answer (the RAFT builder's oracle); an "
+        "experiment keeps it with the question and reports whether retrieval found it.",
+    )
 
 
 class ArmSpec(Strict):

@@ -91,6 +91,10 @@ def _ci(d: dict[str, float], key: str = "mean") -> str:
     )
 
 
+def _rate(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:.2f}"
+
+
 def render_report(rec: dict[str, Any]) -> str:
     names = [a["name"] for a in rec["arms"]]
     summary = rec.get("summary")
@@ -163,13 +167,15 @@ def render_report(rec: dict[str, Any]) -> str:
             f"<td class='n'>{arms[n]['latency_s']['mean']:.3f} / {arms[n]['latency_s']['p50']:.3f}"
             f" / {arms[n]['latency_s']['p95']:.3f}</td>"
             f"<td class='n'>{arms[n]['prompt_tokens']} / {arms[n]['completion_tokens']}</td>"
+            f"<td class='n'>{_rate(arms[n].get('retrieval_hit_rate'))}</td>"
             f"<td class='n'>{arms[n]['errors']}</td></tr>"
             for n in names
         )
         parts.append(
             "<h2>Arms</h2><table><tr><th>Arm</th>" + head + "<th>TTFT mean (s)</th>"
             "<th>Latency mean / p50 / p95 (s)</th><th>Tokens prompt / completion</th>"
-            f"<th>Errors</th></tr>{rows}</table>"
+            "<th title='share of questions with a doc_id whose document was retrieved'>"
+            f"Retrieval hit</th><th>Errors</th></tr>{rows}</table>"
         )
         if summary["comparisons"]:
             rows = "".join(

@@ -1,7 +1,7 @@
 """Online A/B: split live chat traffic between arms, sticky per user, and collect feedback.
 
-A chat request for model `ab:<split>` is rewritten to one arm's model (and `rag`) before
-anything else looks at it (server/routes/openai.py: prepare_chat_request). The response
+A chat or completions request for model `ab:<split>` is rewritten to one arm's model (and
+`rag`) before anything else looks at it (server/routes/openai.py). The response
 id is fixed at that point, so a client can send feedback for it; the finished answer is
 logged with the prompt, and rated or compared answers become DPO preference pairs.
 
@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
 
 from server.ab.models import FeedbackRequest, Split, SplitArm, SplitRequest
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, new_id
+from server.protocol import ChatCompletionRequest, CompletionRequest, RAGOptions, new_id
 from server.serving import chat_messages
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,14 @@ def assign_arm(split: str, weights: Sequence[float], user: str | None) -> int:
     return max(i for i, w in enumerate(weights) if w > 0)  # float round-off at the top
 
 
+Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest)
+
+
 @dataclass
-class Routed:
+class Routed(Generic[Req]):
     """A request rewritten to one arm, and what to do once it is prepared."""
 
-    request: ChatCompletionRequest
+    request: Req
     attach: Callable[[Any], None]
 
 
@@ -123,7 +128,18 @@ class SplitService:
                 param="arms",
                 code="invalid_weights",
             )
-        for arm in req.arms:
+        for i, arm in enumerate(req.arms):
+            if arm.rag is not None:
+                try:
+                    RAGOptions.model_validate(arm.rag)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    raise APIError(
+                        400,
+                        f"arms.{i}.rag: {err['msg']}" + (f" ({where})" if where else ""),
+                        param=f"arms.{i}.rag" + (f".{where}" if where else ""),
+                    ) from exc
             self.check_arm(arm.model, arm.rag)
         split = Split(
             name=req.name, model=AB_PREFIX + req.name, arms=req.arms, created=int(time.time())
@@ -144,7 +160,10 @@ class SplitService:
                 counts[rec["arm"]] += 1
         return split.model_copy(update={"counts": counts})
 
-    def route(self, body: ChatCompletionRequest) -> Routed:
+    def route(self, body: Req) -> Routed[Req]:
+        """Chat or completions: the arm for this request's user, and the hook that tags and
+        logs the response. A completion is logged with its prompt string (DPO pairs take a
+        string prompt as well as a conversation), so it must be a single string."""
         name = body.model[len(AB_PREFIX) :]
         split = self.splits.get(name)
         if split is None:
@@ -154,11 +173,24 @@ class SplitService:
                 param="model",
                 code="model_not_found",
             )
+        prompt: str | list[dict[str, str]]
+        if isinstance(body, ChatCompletionRequest):
+            prompt = chat_messages(body)  # plain {role, content}: what the DPO loader reads
+            response_id = new_id("chatcmpl")
+        else:
+            if not isinstance(body.prompt, str):
+                raise APIError(
+                    400,
+                    f"with an A/B model (`{body.model}`), prompt must be a single string: "
+                    "the answer is logged against it for feedback",
+                    param="prompt",
+                )
+            prompt = body.prompt
+            response_id = new_id("cmpl")
         arm = split.arms[assign_arm(name, [a.weight for a in split.arms], body.user)]
-        rag = arm.rag if arm.rag is not None else body.rag
+        # model_copy does not validate: the arm's `rag` dict becomes RAGOptions here
+        rag = RAGOptions.model_validate(arm.rag) if arm.rag is not None else body.rag
         request = body.model_copy(update={"model": arm.model, "rag": rag})
-        prompt = chat_messages(body)  # plain {role, content}: what the DPO loader reads
-        response_id = new_id("chatcmpl")
 
         def attach(prep: Any) -> None:
             prep.response_id = response_id
@@ -174,7 +206,7 @@ class SplitService:
         response_id: str,
         split: str,
         arm: SplitArm,
-        prompt: list[dict[str, Any]],
+        prompt: str | list[dict[str, str]],
         completion: str,
         user: str | None,
     ) -> None:
@@ -215,7 +247,9 @@ class SplitService:
         if fb.preferred_over is not None:
             other = self._response(fb.preferred_over, "preferred_over")
             if other["id"] == rec["id"]:
-                raise APIError(400, "a response cannot be preferred over itself", "preferred_over")
+                raise APIError(
+                    400, "a response cannot be preferred over itself", param="preferred_over"
+                )
             if other["split"] != rec["split"] or other["prompt"] != rec["prompt"]:
                 raise APIError(
                     400,

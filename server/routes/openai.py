@@ -129,6 +129,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servin
 async def completions(
     body: CompletionRequest, request: Request, serving: ServingDep, rag: RetrievalDep
 ):
+    splits = getattr(request.app.state, "ab_splits", None)
+    routed = None
+    if splits is not None and body.model.startswith(AB_PREFIX):
+        routed = splits.route(body)  # `ab:<split>` -> one arm's model (and its `rag`)
+        body = routed.request
     prompt = None
     citations = None
     if body.rag is not None:
@@ -144,6 +149,8 @@ async def completions(
     with _passages_hint(body.rag, citations):
         prep = serving.prepare_completion(body, prompt)
     prep.citations = citations
+    if routed is not None:
+        routed.attach(prep)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse_response(serving.stream(prep, chat=False, include_usage=include_usage))

@@ -207,6 +207,64 @@ def test_split_sticky_feedback_and_dpo_export(server, tmp_path):
     assert data.format == "preference" and len(data.examples) == 1  # the same pair, once
 
 
+def test_split_routes_completions(server, tmp_path):
+    """`ab:<split>` on /v1/completions: sticky arm, tagged, logged, rated like chat."""
+    arms = [
+        {"name": "control", "model": "base", "weight": 1},
+        {"name": "treat", "model": "tuned", "weight": 1},
+    ]
+    r = httpx.post(f"{server.url}/ab/splits", json={"name": "comp", "arms": arms})
+    assert r.status_code == 201, r.text
+    client = server.openai()
+    by_user: dict[str, set[str]] = {}
+    responses = []
+    for user in ("c1", "c2", "c3", "c4", "c5", "c6"):
+        for _ in range(2):
+            resp = client.completions.create(
+                model="ab:comp", prompt="Once upon a time", max_tokens=5, temperature=1.0, user=user
+            )
+            arm = resp.model_extra["ab_arm"]
+            by_user.setdefault(user, set()).add(arm)
+            assert resp.model == {"control": "base", "treat": "tuned"}[arm]
+            assert resp.id.startswith("cmpl-")
+            responses.append((resp.id, resp.choices[0].text))
+    assert all(len(a) == 1 for a in by_user.values()), by_user  # sticky per user
+    assert {a for s in by_user.values() for a in s} == {"control", "treat"}
+    expected = {"control": "base", "treat": "tuned"}
+    stream = client.completions.create(
+        model="ab:comp", prompt="Once upon a time", max_tokens=4, stream=True, user="c1"
+    )
+    chunks = list(stream)
+    (arm_c1,) = by_user["c1"]
+    assert {c.model_extra.get("ab_arm") for c in chunks} == {arm_c1}
+    assert {c.model for c in chunks} == {expected[arm_c1]}
+    split = httpx.get(f"{server.url}/ab/splits/comp").json()
+    assert sum(split["counts"].values()) == 13  # every answer logged, streamed ones too
+
+    # feedback on completions: the logged prompt is the string, and DPO export takes it
+    distinct = {text: rid for rid, text in responses}
+    good, bad = list(distinct.values())[:2]
+    for rid, rating in ((good, 1), (bad, -1)):
+        r = httpx.post(f"{server.url}/ab/feedback", json={"response_id": rid, "rating": rating})
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{server.url}/ab/feedback", json={"response_id": good, "preferred_over": good})
+    assert assert_error(r, 400)["param"] == "preferred_over"  # was a TypeError (500)
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(httpx.get(f"{server.url}/ab/splits/comp/preferences.jsonl").text)
+    data = load_jsonl(path, task="dpo")
+    assert len(data.examples) == 1 and data.examples[0].prompt == "Once upon a time"
+
+    # a batch of prompts cannot be logged against one response: a 400, nothing logged
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "ab:comp", "prompt": ["a", "b"], "max_tokens": 2},
+    )
+    assert assert_error(r, 400)["param"] == "prompt"
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "ab:none", "prompt": "a"})
+    assert assert_error(r, 404)["code"] == "model_not_found"
+    assert sum(httpx.get(f"{server.url}/ab/splits/comp").json()["counts"].values()) == 13
+
+
 def test_bad_inputs(server):
     url = server.url
     arms = [{"name": "b", "model": "base"}, {"name": "t", "model": "tuned"}]
@@ -253,6 +311,9 @@ def test_bad_inputs(server):
     assert err["code"] == "invalid_weights"
     neg = [{"name": "a", "model": "base", "weight": -1}]
     assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": neg}), 400)
+    bad_rag = [{"name": "a", "model": "base", "rag": {"collection": "docs", "top_k": 0}}]
+    err = assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": bad_rag}), 400)
+    assert err["param"] == "arms.0.rag.top_k"
     unknown = [{"name": "a", "model": "nope"}]
     assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": unknown}), 404)
     assert_error(httpx.get(f"{url}/ab/splits/z/preferences.jsonl"), 404)
