@@ -248,7 +248,9 @@ async def _stop_background_work(app: FastAPI) -> None:
     """At the start of a drain: training workers get SIGTERM now, so they have the grace
     period to stop at their next step (they end 'interrupted'); the ones still running at
     its end are killed and recorded 'interrupted' too. Queued jobs stay queued for the next
-    start."""
+    start. Running A/B experiments stop now (the next start shows them interrupted): the
+    grace belongs to the clients' requests."""
+    await app.state.ab_experiments.shutdown()
     training = getattr(app.state, "training", None)
     if training is not None:
         grace = app.state.settings.shutdown_grace_s

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -45,6 +46,48 @@ PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 CUT_FLUSH_S = 3.0
 
 
+class Flag:
+    """A one-way flag that coroutines on any event loop may wait for.
+
+    Not an asyncio.Event: that binds to the first loop that waits on it, and one app can
+    be served by several loops over its life (test clients start one each)."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for fut in waiters:
+            fut.get_loop().call_soon_threadsafe(_resolve, fut)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._set:
+                return
+            self._waiters.add(fut)
+        try:
+            await fut
+        finally:
+            with self._lock:
+                self._waiters.discard(fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Drain:
     """In-flight request count and the shutdown state of one app."""
 
@@ -55,7 +98,7 @@ class Drain:
         self._idle = asyncio.Event()
         self._idle.set()
         # set when running generations must end now (the grace is over, or a 2nd signal)
-        self.aborting = asyncio.Event()
+        self.aborting = Flag()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
 
     @property

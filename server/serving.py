@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -72,6 +72,14 @@ class Prepared:
     on_complete: Callable[[str], None] | None = None
 
 
+class AbortFlag(Protocol):
+    """What serving needs of the shutdown's abort flag (server/drain.py's Flag)."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
 class GenerationAborted(Exception):
     """The server cut this generation short (end of the shutdown grace period)."""
 
@@ -92,7 +100,7 @@ class OpenAIServing:
         max_n: int,
         request_timeout_s: float,
         lease: AdapterLease = _no_adapters,
-        abort: asyncio.Event | None = None,
+        abort: AbortFlag | None = None,
     ):
         self.engine = engine
         # set at the end of the shutdown grace (server/drain.py): running generations end
@@ -193,10 +201,21 @@ class OpenAIServing:
         if prompt_override is not None:
             prompts = [prompt_override]
         token_lists: list[list[int]] = []
+        vocab = self.engine.info.vocab_size
         for p in prompts:
             ids = self.engine.tokenize(p) if isinstance(p, str) else p
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
+            if not isinstance(p, str) and vocab is not None:
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    # caught here: in the model it would fail the whole batch's step
+                    raise APIError(
+                        400,
+                        f"prompt holds token id {bad}, outside this model's vocabulary "
+                        f"(0 to {vocab - 1})",
+                        param="prompt",
+                    )
             token_lists.append(ids)
         longest = max(len(t) for t in token_lists)
         sampling = self._sampling(req, longest, "prompt")
@@ -488,6 +507,13 @@ class OpenAIServing:
         except AdapterError as exc:  # e.g. unregistered while this request waited
             outcome = "error"
             yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
+            yield "data: [DONE]\n\n"
+        except Exception:
+            # a bug, not the caller's fault: still an ending the client can parse (the
+            # response has started, so a 500 status can no longer be sent)
+            outcome = "error"
+            logger.exception("streamed generation failed")
+            yield _sse(error_body(500, "internal server error", None, "internal_error"))
             yield "data: [DONE]\n\n"
         finally:
             self._observe(
