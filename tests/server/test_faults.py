@@ -105,11 +105,12 @@ def crashed(tiny_model_path, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("faults")
     data = root / "data"
     armed, marker = root / "armed", root / "paused"
-    adapters = {
-        name: build_lora_adapter(tiny_model_path, root / name, seed=seed)
-        for seed, name in enumerate(("keep", "other", "bad"), start=1)
-    }
-    half = tar_gz(build_lora_adapter(tiny_model_path, root / "half", seed=9))
+    # one adapter built, copied under four names (building each costs a model load)
+    built = build_lora_adapter(tiny_model_path, root / "keep", seed=1)
+    adapters = {"keep": built}
+    for name in ("other", "bad"):
+        adapters[name] = Path(shutil.copytree(built, root / name))
+    half = tar_gz(built)
     server = server_for(
         tiny_model_path,
         data,

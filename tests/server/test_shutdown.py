@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, start_live_server
 from tests.tiny_model import build_tiny_model
 from tests.trainer.helpers import QA, house
 
@@ -176,3 +176,48 @@ def test_sigterm_drains_then_cuts_streams_cleanly(long_model, tmp_path):
     # the training job: recorded interrupted (not lost, not 'running', not 'failed')
     record = json.loads((tmp_path / "data" / "train" / job_id / "job.json").read_text())
     assert record["state"] == "interrupted", record
+
+
+def test_the_cut_ends_streamed_and_plain_requests_with_abort(long_model, tmp_path):
+    """The end of the grace, in-process: Drain.cut_now while a stream and a plain request
+    run; both end as answers (finish_reason "abort"), the engine keeps no row."""
+    server = start_live_server(
+        base_model=str(long_model),
+        quantization="none",
+        max_model_len=8192,
+        data_dir=tmp_path / "data",
+    )
+    try:
+        drain = server.app.state.drain
+        client = server.openai(timeout=120)
+        plain: list = []
+        worker = threading.Thread(
+            target=lambda: plain.append(
+                client.completions.create(
+                    model="base", prompt="Once", max_tokens=6000, extra_body={"ignore_eos": True}
+                )
+            )
+        )
+        worker.start()
+        stream = client.completions.create(
+            model="base", prompt="Once", max_tokens=6000, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = [next(iter(stream))]
+        deadline = time.monotonic() + 60
+        while drain.in_flight < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        drain.cut_now()
+        chunks += list(stream)
+        worker.join(60)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "abort"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        assert plain and plain[0].choices[0].finish_reason == "abort"
+        assert plain[0].usage.completion_tokens < 6000
+        deadline = time.monotonic() + 30
+        while server.app.state.engine.stats()["running"]:
+            assert time.monotonic() < deadline, "cut rows still in the batch"
+            time.sleep(0.05)
+    finally:
+        server.stop()
