@@ -92,8 +92,12 @@ CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, chunk_index);
 
 def _test_pause(point: str) -> None:
     """Crash-safety test hook: park the process at a named point so a test can SIGKILL it
-    there deterministically. A no-op unless SWAPSERVE_RAG_TEST_PAUSE_AT names the point."""
+    there deterministically. A no-op unless SWAPSERVE_RAG_TEST_PAUSE_AT names the point
+    (and, when SWAPSERVE_RAG_TEST_PAUSE_ARMED names a file, until that file exists)."""
     if os.environ.get("SWAPSERVE_RAG_TEST_PAUSE_AT") != point:
+        return
+    armed = os.environ.get("SWAPSERVE_RAG_TEST_PAUSE_ARMED")
+    if armed and not Path(armed).exists():  # not armed yet: earlier batches pass through
         return
     marker = os.environ.get("SWAPSERVE_RAG_TEST_PAUSE_MARKER")
     if marker:
@@ -971,6 +975,40 @@ class Collection:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_index_file(path: str | Path) -> tuple[Path | None, str | None]:
+    """(the committed index file, what is wrong with it or None), from metadata alone.
+
+    Reads under SQLite's SHARED lock, as `_load_index` does, so a writer in another
+    process cannot commit (and delete the file checked) meanwhile. Raises CorruptCollection
+    when the metadata itself is unreadable. A collection with no vectors yet (generation
+    0) has no index file: (None, None).
+    """
+    path = Path(path)
+    db = path / DB_NAME
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60, isolation_level=None)
+    except sqlite3.Error as e:
+        raise CorruptCollection(f"collection {path.name!r}: unreadable metadata ({e})") from e
+    try:
+        conn.execute("BEGIN")
+        info = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM info")}
+        gen, sha = int(info["generation"]), str(info["index_sha256"])
+        if gen == 0:
+            return None, None
+        f = path / f"index-{gen:010d}.faiss"
+        try:
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        except OSError as e:
+            return f, f"index file {f.name} unreadable ({e.strerror})"
+        if digest != sha:
+            return f, f"index file {f.name} fails its checksum"
+        return f, None
+    except (sqlite3.Error, KeyError, ValueError, TypeError) as e:
+        raise CorruptCollection(f"collection {path.name!r}: unreadable metadata ({e})") from e
+    finally:
+        conn.close()
 
 
 def read_info(path: str | Path, *, conn: sqlite3.Connection | None = None) -> CollectionInfo:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from rag.collection import (
     DocumentInput,
     Hit,
     IndexConfig,
+    check_index_file,
     read_info,
     validate_top_k,
 )
@@ -31,6 +34,7 @@ from rag.embeddings import EmbedderLike, ProgressFn
 from rag.errors import (
     CollectionExists,
     CollectionNotFound,
+    CorruptCollection,
     DocumentTooLarge,
     InvalidDocument,
     InvalidName,
@@ -187,6 +191,56 @@ class CollectionStore:
         self._open: dict[str, Collection] = {}
         # Guards _open and create/delete; per-collection work has its own lock.
         self._lock = threading.Lock()
+
+    @property
+    def quarantine(self) -> Path:
+        # a name no collection can have (names start with a letter or digit)
+        return self.root / ".quarantine"
+
+    def recover(self) -> builtins.list[str]:
+        """At start: check every collection from its metadata, and set aside what is broken
+        so the rest keep serving. Returns what was quarantined, as log-ready lines.
+
+        - Metadata (SQLite) unreadable: nothing can be rebuilt from it, so the whole folder
+          moves to ``<root>/.quarantine/`` and the collection is gone from the list.
+        - Index file missing, or failing the checksum the metadata holds: the file moves to
+          quarantine, and the index is rebuilt from the vectors stored in SQLite when the
+          collection is next opened (no document is lost).
+        """
+        done: builtins.list[str] = []
+        for p in sorted(self.root.iterdir()):
+            if not (p.is_dir() and NAME_RE.match(p.name) and (p / "meta.sqlite").is_file()):
+                continue
+            try:
+                index_file, problem = check_index_file(p)
+            except CorruptCollection as exc:
+                dest = self._set_aside(p, p.name)
+                logger.error(
+                    "collection %s quarantined at start-up: %s; moved to %s",
+                    p.name,
+                    exc.message,
+                    dest,
+                )
+                done.append(f"{p.name}: {exc.message}")
+                continue
+            if problem is not None and index_file is not None:
+                dest = self._set_aside(index_file, f"{p.name}-{index_file.name}")
+                logger.error(
+                    "collection %s: %s; quarantined to %s, the index will be rebuilt from the "
+                    "stored vectors when the collection is next opened",
+                    p.name,
+                    problem,
+                    dest if dest.exists() else "(nothing: the file is missing)",
+                )
+                done.append(f"{p.name}: {problem}")
+        return done
+
+    def _set_aside(self, path: Path, label: str) -> Path:
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        dest = self.quarantine / f"{label}-{int(time.time())}"
+        if path.exists():
+            os.replace(path, dest)
+        return dest
 
     def _path(self, name: str) -> Path:
         return self.root / validate_name(name)

@@ -16,6 +16,7 @@ from server.adapters import AdapterRegistry, UploadLimits
 from server.auth import ADMIN, INFERENCE, PUBLIC, Auth, StreamLimitMiddleware, current_key
 from server.auth import require_scope as scope
 from server.config import Settings
+from server.drain import Drain, DrainMiddleware
 from server.engine.base import Engine
 from server.errors import (
     BodyLimitMiddleware,
@@ -106,11 +107,16 @@ def create_app(
         max_doc_bytes=settings.rag_max_doc_bytes,
         approx_threshold=settings.rag_approx_threshold,
     )
+    # metadata reads and index checksums only (no embedder): broken collections are set
+    # aside with a log line, the others serve
+    app.state.rag.recover()
     app.state.adapters = None
     app.state.training = None
     app.state.training_error = None
     app.state.extra_models = list
     app.state.auth = Auth.from_settings(settings)
+    app.state.drain = drain = Drain(settings.shutdown_grace_s)
+    drain.on_start(lambda: _stop_background_work(app))
     if not app.state.auth.enabled:
         logger.warning(
             "no API keys configured: the server on %s is open to anyone who can reach it "
@@ -129,6 +135,8 @@ def create_app(
             "/train/": settings.max_train_data_bytes,
         },
     )
+    # inside RequestIdMiddleware, so a 503 during the drain carries a request id too
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestIdMiddleware)
     # Every router declares its scope here, and only here (tests/server/routes/
     # test_auth_routes.py fails for a route without one).
@@ -228,11 +236,25 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
         default_max_tokens=settings.default_max_tokens,
         max_n=settings.max_n,
         request_timeout_s=settings.request_timeout_s,
+        abort=app.state.drain.aborting,
     )
     app.state.engine = engine
     logger.info(
         "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
     )
+
+
+async def _stop_background_work(app: FastAPI) -> None:
+    """At the start of a drain: training workers get SIGTERM now, so they have the grace
+    period to stop at their next step (they end 'interrupted'); the ones still running at
+    its end are killed and recorded 'interrupted' too. Queued jobs stay queued for the next
+    start. Running A/B experiments stop now (the next start shows them interrupted): the
+    grace belongs to the clients' requests."""
+    await app.state.ab_experiments.shutdown()
+    training = getattr(app.state, "training", None)
+    if training is not None:
+        grace = app.state.settings.shutdown_grace_s
+        await asyncio.to_thread(training.close, timeout_s=grace)
 
 
 async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:

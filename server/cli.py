@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.config import Settings
+    from server.drain import DrainingServer
 
     overrides: dict[str, Any] = {
         k: v
@@ -48,13 +49,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(args.log_level)
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=10,
+        # the drain (server/drain.py) has already waited for running requests; this only
+        # bounds closing the idle connections left after it
+        timeout_graceful_shutdown=2,
     )
+    DrainingServer(config, app.state.drain).run()
     return 0
 
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="413 above this.")
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running requests may finish before they are cut "
+        "(finish_reason 'abort'); new requests get 503 meanwhile. See server/drain.py.",
+    )
 
     # --- generation limits --------------------------------------------------------------
     max_model_len: int = Field(

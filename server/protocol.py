@@ -172,7 +172,7 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "abort"] | None
     logprobs: None = None
 
 
@@ -197,7 +197,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
     logprobs: None = None
 
 
@@ -214,7 +214,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "abort"] | None
     logprobs: None = None
 
 

@@ -129,6 +129,10 @@ class RetrievalService:
     def close(self) -> None:
         self.store.close()
 
+    def recover(self) -> list[str]:
+        """Quarantine broken collections at start-up (see CollectionStore.recover)."""
+        return self.store.recover()
+
     # --- chat and completions -----------------------------------------------------------
 
     async def retrieve(self, opts: RAGOptions, query: str, *, query_param: str) -> list[Hit]:

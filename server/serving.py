@@ -11,10 +11,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -72,6 +72,22 @@ class Prepared:
     on_complete: Callable[[str], None] | None = None
 
 
+class AbortFlag(Protocol):
+    """What serving needs of the shutdown's abort flag (server/drain.py's Flag)."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+class GenerationAborted(Exception):
+    """The server cut this generation short (end of the shutdown grace period)."""
+
+
+# finish_reason of a choice cut short by the server's shutdown (vLLM uses the same word)
+ABORT = "abort"
+
+
 class OpenAIServing:
     def __init__(
         self,
@@ -84,8 +100,12 @@ class OpenAIServing:
         max_n: int,
         request_timeout_s: float,
         lease: AdapterLease = _no_adapters,
+        abort: AbortFlag | None = None,
     ):
         self.engine = engine
+        # set at the end of the shutdown grace (server/drain.py): running generations end
+        # with finish_reason "abort"
+        self.abort = abort
         self.lease = lease
         self.resolve_model = resolve_model
         self.metrics = metrics
@@ -181,10 +201,21 @@ class OpenAIServing:
         if prompt_override is not None:
             prompts = [prompt_override]
         token_lists: list[list[int]] = []
+        vocab = self.engine.info.vocab_size
         for p in prompts:
             ids = self.engine.tokenize(p) if isinstance(p, str) else p
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
+            if not isinstance(p, str) and vocab is not None:
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    # caught here: in the model it would fail the whole batch's step
+                    raise APIError(
+                        400,
+                        f"prompt holds token id {bad}, outside this model's vocabulary "
+                        f"(0 to {vocab - 1})",
+                        param="prompt",
+                    )
             token_lists.append(ids)
         longest = max(len(t) for t in token_lists)
         sampling = self._sampling(req, longest, "prompt")
@@ -195,7 +226,37 @@ class OpenAIServing:
     # --- running ----------------------------------------------------------------------------
 
     async def _outputs(self, prep: Prepared) -> AsyncIterator[GenerationOutput]:
-        """All choices of all prompts, interleaved; choice index = prompt * n + choice."""
+        """All choices of all prompts, interleaved; choice index = prompt * n + choice.
+
+        Raises GenerationAborted when `abort` is set (the server's shutdown grace is over);
+        the engine's requests are cancelled and the adapter released before it does."""
+        gen = self._leased_outputs(prep)
+        if self.abort is None:
+            async for out in gen:
+                yield out
+            return
+        cut = asyncio.ensure_future(self.abort.wait())
+        step: asyncio.Future[GenerationOutput] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(gen))
+                await asyncio.wait({step, cut}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    raise GenerationAborted("the server's shutdown grace period is over")
+                try:
+                    out = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield out
+        finally:
+            cut.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.wait({step})  # the generator must stop before aclose
+            await gen.aclose()
+
+    async def _leased_outputs(self, prep: Prepared) -> AsyncGenerator[GenerationOutput, None]:
         async with self.lease(prep.adapter) as engine_adapter:
             async for out in self._engine_outputs(prep, engine_adapter):
                 yield out
@@ -273,21 +334,29 @@ class OpenAIServing:
         """Run to completion: text and finish reason per choice, and usage."""
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
-        completion = 0
+        tokens: dict[int, int] = {}  # completion tokens so far, per choice
         first: float | None = None
         try:
             async for out in self._outputs(prep):
                 if first is None:
                     first = time.monotonic()
                 texts.setdefault(out.index, []).append(out.text)
+                tokens[out.index] = out.completion_tokens
                 if out.finish_reason is not None:
                     finish[out.index] = out.finish_reason
-                    completion += out.completion_tokens
         except EngineError as exc:
-            self._observe(prep, endpoint, 0, completion, first, "error")
+            self._observe(prep, endpoint, 0, sum(tokens.values()), first, "error")
             raise from_engine_error(exc) from exc
+        except GenerationAborted:
+            # the text so far, marked as cut: the caller gets an answer, not an error
+            for i in range(len(prep.prompts) * prep.sampling.n):
+                finish.setdefault(i, ABORT)
+            outcome = "aborted"
+        else:
+            outcome = "ok"
+        completion = sum(tokens.values())
         prompt_tokens = sum(len(p) for p in prep.prompts)
-        self._observe(prep, endpoint, prompt_tokens, completion, first, "ok")
+        self._observe(prep, endpoint, prompt_tokens, completion, first, outcome)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
@@ -297,7 +366,7 @@ class OpenAIServing:
 
     async def chat(self, prep: Prepared) -> ChatCompletion:
         texts, finish, usage = await self.collect(prep, "chat")
-        if prep.on_complete is not None:
+        if prep.on_complete is not None and ABORT not in finish.values():
             prep.on_complete(texts.get(0, ""))
         choices = [
             ChatChoice(
@@ -342,11 +411,12 @@ class OpenAIServing:
         rid = prep.response_id or new_id("chatcmpl" if chat else "cmpl")
         created = now()
         endpoint = "chat" if chat else "completions"
-        completion = 0
         first: float | None = None
         n_choices = len(prep.prompts) * prep.sampling.n
         outcome = "cancelled"
         answer: list[str] = []  # choice 0's text, kept only for prep.on_complete
+        finished: set[int] = set()
+        tokens: dict[int, int] = {}  # completion tokens so far, per choice
 
         def chunk(
             index: int,
@@ -389,16 +459,27 @@ class OpenAIServing:
                     yield chunk(i, "", None, role=True, citations=first_citations)
             elif prep.citations is not None:
                 yield chunk(0, "", None, citations=prep.citations)
-            async for out in self._outputs(prep):
-                if first is None:
-                    first = time.monotonic()
-                if out.text:
-                    if prep.on_complete is not None and out.index == 0:
-                        answer.append(out.text)
-                    yield chunk(out.index, out.text, None)
-                if out.finish_reason is not None:
-                    completion += out.completion_tokens
-                    yield chunk(out.index, None if chat else "", out.finish_reason)
+            aborted = False
+            try:
+                async for out in self._outputs(prep):
+                    if first is None:
+                        first = time.monotonic()
+                    tokens[out.index] = out.completion_tokens
+                    if out.text:
+                        if prep.on_complete is not None and out.index == 0:
+                            answer.append(out.text)
+                        yield chunk(out.index, out.text, None)
+                    if out.finish_reason is not None:
+                        finished.add(out.index)
+                        yield chunk(out.index, None if chat else "", out.finish_reason)
+            except GenerationAborted:
+                # Cut by the server's shutdown: each unfinished choice gets a final chunk
+                # that says so, then usage and [DONE] as usual: the stream ends, not torn.
+                aborted = True
+                for i in range(n_choices):
+                    if i not in finished:
+                        yield chunk(i, None if chat else "", ABORT)
+            completion = sum(tokens.values())
             prompt_tokens = sum(len(p) for p in prep.prompts)
             if include_usage:
                 usage = Usage(
@@ -417,8 +498,8 @@ class OpenAIServing:
                         "usage": usage.model_dump(),
                     }
                 )
-            outcome = "ok"
-            if prep.on_complete is not None:
+            outcome = "aborted" if aborted else "ok"
+            if prep.on_complete is not None and not aborted:
                 prep.on_complete("".join(answer))
             yield "data: [DONE]\n\n"
         except EngineError as exc:
@@ -430,9 +511,21 @@ class OpenAIServing:
             outcome = "error"
             yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
             yield "data: [DONE]\n\n"
+        except Exception:
+            # a bug, not the caller's fault: still an ending the client can parse (the
+            # response has started, so a 500 status can no longer be sent)
+            outcome = "error"
+            logger.exception("streamed generation failed")
+            yield _sse(error_body(500, "internal server error", None, "internal_error"))
+            yield "data: [DONE]\n\n"
         finally:
             self._observe(
-                prep, endpoint, sum(len(p) for p in prep.prompts), completion, first, outcome
+                prep,
+                endpoint,
+                sum(len(p) for p in prep.prompts),
+                sum(tokens.values()),
+                first,
+                outcome,
             )
 
 

@@ -81,9 +81,10 @@ class TrainingService:
         # Runs on a worker thread: it may call _on_success, which waits on the event loop.
         return self.manager.recover()
 
-    def close(self) -> None:
-        # Workers get SIGTERM and end 'interrupted'; a restart shows them so.
-        self.manager.close()
+    def close(self, timeout_s: float = 30.0) -> None:
+        # Workers get SIGTERM and end 'interrupted'; one still running after timeout_s is
+        # killed and recorded 'interrupted' as well.
+        self.manager.close(timeout_s=timeout_s)
 
     # --- submit -------------------------------------------------------------------------------
 

@@ -60,3 +60,127 @@ def start_live_server(**settings_kwargs) -> LiveServer:
     port = free_port()
     settings = Settings(port=port, **settings_kwargs)
     return LiveServer(create_app(settings), port).start()
+
+
+class ServerProcess:
+    """`swapserve serve` in a process of its own, so a test can SIGTERM or SIGKILL it.
+
+    ``argv`` replaces the command (a test harness that wraps server.cli); the server's
+    output goes to ``log_path`` (read it with ``log()``).
+    """
+
+    def __init__(
+        self,
+        model_path,
+        data_dir,
+        *,
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+    ):
+        import os
+        import sys
+        from pathlib import Path
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server-{self.port}.log"
+        root = Path(__file__).resolve().parent.parent
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(root), os.environ.get("PYTHONPATH")) if p
+            ),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "SWAPSERVE_DATA_DIR": str(self.data_dir),
+            "SWAPSERVE_MAX_MODEL_LEN": "256",
+            "SWAPSERVE_DEFAULT_MAX_TOKENS": "16",
+            **(env or {}),
+        }
+        self.argv = (argv or [sys.executable, "-m", "server.cli"]) + [
+            "serve",
+            "--base-model",
+            str(model_path),
+            "--quantization",
+            "none",
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+        ]
+        self.cwd = root
+        self.proc = None
+
+    def start(self, timeout_s: float = 120) -> ServerProcess:
+        import subprocess
+
+        import httpx
+
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = httpx.get(f"{self.url}/ready", timeout=2)
+                if r.status_code == 200:
+                    return self
+                if r.json().get("status") == "failed":
+                    raise RuntimeError(r.text)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise TimeoutError(f"server did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a crash or an OOM kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM and wait (the graceful path); SIGKILL if it does not end in time."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def openai(self, api_key: str = "test", **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)

@@ -46,8 +46,11 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Write a tiny random Gemma 3 causal LM + tokenizer into ``path``."""
+def build_tiny_model(path: Path, *, seed: int = 0, max_position_embeddings: int = 512) -> Path:
+    """Write a tiny random Gemma 3 causal LM + tokenizer into ``path``.
+
+    A larger ``max_position_embeddings`` allows streams long enough to outlast a test's
+    timing window (the shutdown tests cut a stream that must still be running)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -61,7 +64,7 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,

@@ -11,6 +11,7 @@ asyncio loop should hand the work over with ``asyncio.run_coroutine_threadsafe``
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from trainer.data import load_jsonl
 from trainer.records import (
     CANCEL_FLAG,
     RECORD,
+    STATES,
     TERMINAL,
     WORKER_LOG,
     append_event,
@@ -214,9 +216,14 @@ class JobManager:
         for child in self.root.iterdir():
             if (child / RECORD).is_file():
                 try:
-                    out.append(read_record(child))
+                    record = read_record(child)
                 except (OSError, ValueError):
                     logger.warning("unreadable job record in %s", child)
+                    continue
+                if _record_problem(record, child.name) is None:
+                    out.append(record)
+                else:
+                    logger.warning("job record in %s is not a usable job record", child)
         return sorted(out, key=lambda r: (r.get("created_at") or 0, r["id"]))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -255,6 +262,7 @@ class JobManager:
         interrupted = []
         to_notify = []
         with self._lock:
+            self._quarantine_unreadable()
             for record in self.list():
                 job_id, state = record["id"], record["state"]
                 job_dir = self._job_dir(job_id)
@@ -290,6 +298,27 @@ class JobManager:
             logger.warning("marked %d job(s) interrupted: %s", len(interrupted), interrupted)
         return interrupted
 
+    def _quarantine_unreadable(self) -> builtins.list[str]:
+        """Job folders whose record cannot be read (torn, edited, not a job record) move to
+        ``<root>/.quarantine/``: one bad file must not break listing the others."""
+        moved = []
+        for child in sorted(self.root.iterdir()):
+            if not child.is_dir() or child.name.startswith(".") or not (child / RECORD).exists():
+                continue
+            try:
+                record = read_record(child)
+                problem = _record_problem(record, child.name)
+            except (OSError, ValueError) as exc:
+                problem = f"unreadable ({type(exc).__name__}: {exc})"
+            if problem is None:
+                continue
+            dest = self.root / ".quarantine" / f"{child.name}-{int(time.time())}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(child, dest)
+            logger.error("job record %s %s; quarantined to %s", child.name, problem, dest)
+            moved.append(child.name)
+        return moved
+
     def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Block until the job is terminal and reaped (tests and the CLI use this)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -304,21 +333,29 @@ class JobManager:
             time.sleep(0.2)
 
     def close(self, *, stop_running: bool = True, timeout_s: float = 30.0) -> None:
-        """Stop the monitor; running workers are sent SIGTERM (they end 'interrupted')."""
+        """Stop the monitor; running workers are sent SIGTERM (they end 'interrupted').
+
+        ``timeout_s`` bounds the whole wait, not each worker's; a worker still running then
+        is killed, and recorded 'interrupted' like one that stopped on the signal."""
         self._stop.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._lock:
             procs = dict(self._procs)
+        if stop_running:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.terminate()  # all at once: they stop in parallel
+        deadline = time.monotonic() + timeout_s
         for job_id, proc in procs.items():
-            if stop_running and proc.poll() is None:
-                proc.terminate()
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                logger.warning("job %s did not stop on SIGTERM in time: killing it", job_id)
                 proc.kill()
                 proc.wait()
-            self._finalize(job_id, proc)
+            self._finalize(job_id, proc, stopped=stop_running)
 
     # ------------------------------------------------------------------ internals
 
@@ -406,7 +443,7 @@ class JobManager:
         self._procs[job_id] = proc
         logger.info("started job %s (pid %d)", job_id, proc.pid)
 
-    def _finalize(self, job_id: str, proc: subprocess.Popen) -> None:
+    def _finalize(self, job_id: str, proc: subprocess.Popen, *, stopped: bool = False) -> None:
         with self._lock:
             self._procs.pop(job_id, None)
         cancel_asked = self._cancel_requested.pop(job_id, None) is not None
@@ -417,6 +454,10 @@ class JobManager:
             # The worker died without writing its end: killed, crashed, out of memory.
             if cancel_asked:
                 record.update(state="cancelled", error=None)
+            elif stopped:  # we stopped it (shutdown) before it could write its own end
+                record.update(
+                    state="interrupted", error="the server stopped while this job was running"
+                )
             else:
                 record.update(
                     state="failed",
@@ -455,6 +496,20 @@ class JobManager:
         for pattern in (f".{out.name}.tmp-*", f".{out.name}.scratch-*"):
             for leftover in out.parent.glob(pattern):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _record_problem(record: Any, job_id: str) -> str | None:
+    """What makes ``record`` unusable as the record of job ``job_id``, or None."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if record.get("id") != job_id:
+        return f"has id {record.get('id')!r}, not its folder's name"
+    if record.get("state") not in STATES:
+        return f"has an unknown state {record.get('state')!r}"
+    for key in ("name", "kind", "output_dir"):
+        if not isinstance(record.get(key), str):
+            return f"lacks {key!r}"
+    return None
 
 
 def _is_our_worker(pid: int, job_dir: Path) -> bool:

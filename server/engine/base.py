@@ -98,6 +98,8 @@ class EngineInfo:
     weights_bytes: int  # resident bytes of the base model's parameters and buffers
     fp32_bytes: int  # what the same parameters would take in float32
     num_parameters: int
+    # rows of the input embedding: prompt token ids must be below it (None: unknown)
+    vocab_size: int | None = None
 
 
 @runtime_checkable

@@ -87,6 +87,7 @@ class HFEngine:
             weights_bytes=loaded.memory_bytes,
             fp32_bytes=num_parameters * 4,
             num_parameters=num_parameters,
+            vocab_size=int(loaded.model.get_input_embeddings().weight.shape[0]),
         )
 
     @property

@@ -8,6 +8,10 @@ import torch
 
 from server.engine.base import SamplingParams
 
+# Temperatures below this decode greedily (vLLM does the same): dividing logits by a
+# temperature such as 1e-300 overflows to inf, and softmax of inf is NaN.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class RowSampler:
@@ -18,7 +22,7 @@ class RowSampler:
     @classmethod
     def create(cls, params: SamplingParams, choice_index: int) -> RowSampler:
         generator = None
-        if params.temperature > 0 and params.seed is not None:
+        if params.temperature >= MIN_TEMPERATURE and params.seed is not None:
             generator = torch.Generator(device="cpu")
             # distinct but reproducible streams for the n choices of one request
             generator.manual_seed(params.seed + choice_index)
@@ -26,7 +30,7 @@ class RowSampler:
 
     @property
     def greedy(self) -> bool:
-        return self.params.temperature <= 0
+        return self.params.temperature < MIN_TEMPERATURE
 
     def observe(self, token_id: int) -> None:
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
@@ -49,12 +53,17 @@ class RowSampler:
             return int(torch.argmax(logits))
         logits = logits / self.params.temperature
         probs = torch.softmax(logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # logits that were already inf/NaN: one bad row must not fail the whole batch
+            return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
         top_p = self.params.top_p
         if top_p < 1.0:
             sorted_probs, sorted_ids = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             keep = cumulative - sorted_probs < top_p
+            # the top token always stays: a top_p such as 1e-300 is 0 in float32
+            keep[0] = True
             sorted_probs = sorted_probs * keep
             choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
             return int(sorted_ids[choice])

@@ -30,8 +30,18 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "model not loaded yet"}})
+@router.get("/ready", responses={503: {"description": "model not loaded yet, or shutting down"}})
 async def ready(request: Request) -> Any:
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.draining:
+        return JSONResponse(
+            {
+                "status": "draining",
+                "in_flight": drain.in_flight,
+                "grace_left_s": round(drain.grace_left_s(), 1),
+            },
+            status_code=503,
+        )
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         error = getattr(request.app.state, "load_error", None)

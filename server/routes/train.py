@@ -405,8 +405,13 @@ async def _event_stream(
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     settled_seen = False
+    aborting = request.app.state.drain.aborting
     while True:
         if await request.is_disconnected():
+            return
+        if aborting.is_set():  # the server's shutdown grace is over: end, don't tear
+            record = await asyncio.to_thread(training.manager.get, job_id)
+            yield _sse("end", training.view(record))
             return
         events = await asyncio.to_thread(training.manager.events, job_id, since)
         for event in events:

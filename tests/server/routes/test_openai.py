@@ -200,6 +200,16 @@ def test_empty_messages_is_400(tiny_server):
     assert_error(r, 400, "messages")
 
 
+@pytest.mark.parametrize("prompt", [[5, 10**6], [-1], [[3, 4], [7, 400000]]])
+def test_token_ids_outside_the_vocabulary_are_400(tiny_server, prompt):
+    # found by the API fuzzer: these reached the embedding layer, raised there, and the
+    # scheduler failed every request in the same batch with a 500
+    r = post(tiny_server, "/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 2})
+    assert "vocabulary" in assert_error(r, 400, "prompt")["message"]
+    ok = post(tiny_server, "/v1/completions", {"model": "base", "prompt": [5, 6], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
 def test_prompt_longer_than_context_is_400(tiny_server):
     long = "The quick brown fox jumps over the lazy dog. " * 200
     r = post(
