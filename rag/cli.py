@@ -13,12 +13,49 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rag.errors import InvalidFilter, RAGError
+from rag.errors import InvalidArgument, InvalidFilter, RAGError
+
+# The server's settings for the same things (server/config.py, prefix SWAPSERVE_). rag/ must
+# not import server/, so the CLI reads the variables itself; both sides must agree, or a
+# document the server refuses could still enter through the CLI (and the reverse).
+ENV_MAX_DOC_BYTES = "SWAPSERVE_RAG_MAX_DOC_BYTES"
+ENV_APPROX_THRESHOLD = "SWAPSERVE_RAG_APPROX_THRESHOLD"
 
 
 def default_data_dir() -> Path:
     env = os.environ.get("SWAPSERVE_DATA_DIR")
     return Path(env) if env else Path.home() / ".local" / "share" / "swapserve"
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    """An integer setting from the environment, checked as the server checks it."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise InvalidArgument(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def store_limits(max_doc_bytes: int | None = None) -> dict[str, Any]:
+    """CollectionStore keyword arguments from the server's SWAPSERVE_RAG_* variables;
+    ``max_doc_bytes`` (the --max-doc-bytes flag) wins over the variable."""
+    from rag.collection import IndexConfig
+    from rag.store import DEFAULT_MAX_DOC_BYTES
+
+    if max_doc_bytes is None:
+        max_doc_bytes = env_int(ENV_MAX_DOC_BYTES, DEFAULT_MAX_DOC_BYTES, 1)
+    elif max_doc_bytes < 1:
+        raise InvalidArgument(f"--max-doc-bytes {max_doc_bytes}: must be >= 1")
+    threshold = env_int(ENV_APPROX_THRESHOLD, IndexConfig.approx_threshold, 100)
+    return {
+        "max_doc_bytes": max_doc_bytes,
+        "index_config": IndexConfig(approx_threshold=threshold),
+    }
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -27,7 +64,9 @@ def _store(args: argparse.Namespace) -> Any:
     from rag.store import CollectionStore
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    return CollectionStore(data_dir / "rag", get_embedder(args.embedder))
+    # Limits first: a bad variable is reported before the embedding model loads.
+    limits = store_limits(getattr(args, "max_doc_bytes", None))
+    return CollectionStore(data_dir / "rag", get_embedder(args.embedder), **limits)
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -37,15 +76,17 @@ def _ingest(args: argparse.Namespace) -> int:
     from rag.store import documents_from_bytes
 
     store = _store(args)
-    if args.create and not store.exists(args.collection):
-        store.create(args.collection)
-    coll = store.get(args.collection)
+    # Every file is read and checked (UTF-8, size limit, records) before anything is
+    # created or written: one bad file refuses the whole ingest, as over HTTP.
     docs: list[DocumentInput] = []
     for f in args.files:
         p = Path(f)
         if not p.is_file():
             raise RAGError(f"no such file: {p}")
         docs += documents_from_bytes(p.read_bytes(), p.name, max_doc_bytes=store.max_doc_bytes)
+    if args.create and not store.exists(args.collection):
+        store.create(args.collection)
+    coll = store.get(args.collection)
     with tqdm(total=0, unit="chunk", desc=f"embedding into {args.collection}") as bar:
 
         def progress(done: int, total: int) -> None:
@@ -172,6 +213,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     ingest.add_argument("collection")
     ingest.add_argument("files", nargs="+")
     ingest.add_argument("--create", action="store_true", help="create the collection if missing")
+    ingest.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=None,
+        help=f"largest document in UTF-8 bytes (default: ${ENV_MAX_DOC_BYTES}, the server's "
+        "limit, else 2 MiB); a larger one refuses the whole ingest",
+    )
     ingest.set_defaults(func=_guard(_ingest))
 
     search = sub.add_parser("search", parents=[common], help="search a collection")

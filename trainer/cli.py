@@ -180,9 +180,18 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         raise ConfigError("name", f"{args.name!r}: use letters, digits, '.', '_' or '-'")
     output_dir = args.output_dir or default_data_dir() / "trained" / args.name
     bar: tqdm | None = None
+    eval_bar: tqdm | None = None
 
     def progress(update: ProgressUpdate) -> None:
-        nonlocal bar
+        nonlocal bar, eval_bar
+        if update.phase == "eval":
+            # base and adapter answers to the eval prompts: minutes on a CPU
+            if eval_bar is None:
+                if bar is not None:
+                    bar.close()
+                eval_bar = tqdm(total=update.eval_total, desc="eval answers", unit="answer")
+            eval_bar.update((update.eval_done or 0) - eval_bar.n)
+            return
         if bar is None:
             bar = tqdm(total=update.total_steps, desc=f"train {args.train_kind}", unit="step")
         bar.update(update.step - bar.n)
@@ -196,8 +205,9 @@ def _train(args: argparse.Namespace, config: Any) -> int:
     try:
         result = runner(config, args.data, output_dir, progress=progress, name=args.name)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in (bar, eval_bar):
+            if b is not None:
+                b.close()
     print(f"adapter: {result.output_dir}")
     print(f"final loss: {result.final_loss}")
     if result.eval:

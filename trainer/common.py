@@ -47,6 +47,11 @@ class ProgressUpdate:
     eta_s: float | None
     elapsed_s: float
     epoch: float | None = None
+    # "train", then "eval" after the last step (eval loss, then generated answers, base and
+    # adapter): on a CPU the eval can take minutes, so it reports progress of its own.
+    phase: str = "train"
+    eval_done: int | None = None  # answers generated so far
+    eval_total: int | None = None  # answers to generate (base + adapter)
 
     @property
     def progress(self) -> float:
@@ -55,6 +60,8 @@ class ProgressUpdate:
 
 ProgressFn = Callable[[ProgressUpdate], None]
 StopFn = Callable[[], bool]
+# Raises TrainingCancelled when the job should stop; called between (and inside) eval steps.
+CheckFn = Callable[[], None]
 
 
 @dataclass
@@ -262,6 +269,13 @@ def make_progress_callback(progress: ProgressFn | None, should_stop: StopFn | No
                 self.cancelled = True
                 control.should_training_stop = True
 
+        def on_prediction_step(self, args, state, control, **kwargs):
+            # Only our own trainer.evaluate() calls predict (eval_strategy is "no"). The
+            # Trainer has no flag to end an evaluation early, so raise out of it.
+            if should_stop is not None and should_stop():
+                self.cancelled = True
+                raise TrainingCancelled("cancelled during eval (eval loss)")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or state.global_step == 0:
                 return
@@ -295,6 +309,94 @@ def quiet_trainer(trainer: Any) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
+class EvalPhase:
+    """The eval phase of a run: reports its progress and stops it on cancel.
+
+    ``check()`` raises TrainingCancelled once ``should_stop()`` is true; it is called for
+    every eval-loss batch and every generated token, so a cancel during eval takes effect
+    within one forward pass instead of after the whole eval."""
+
+    def __init__(
+        self,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        trainer: Any,
+        callback: Any,
+        answers: int,
+    ):
+        self.progress = progress
+        self.should_stop = should_stop
+        self.step = int(trainer.state.global_step)
+        self.total_steps = int(trainer.state.max_steps or self.step)
+        history = callback.history
+        self.loss = history[-1]["loss"] if history else None
+        self.started = callback.started
+        self.total = answers
+        self.done = 0
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise TrainingCancelled(
+                f"cancelled during eval ({self.done} of {self.total} answers generated)"
+            )
+
+    def report(self, done: int | None = None) -> None:
+        """Tell ``progress`` where the eval stands (``done`` answers generated so far)."""
+        if done is not None:
+            self.done = done
+        self.check()
+        if self.progress is None:
+            return
+        self.progress(
+            ProgressUpdate(
+                step=self.step,
+                total_steps=self.total_steps,
+                loss=self.loss,
+                eta_s=None,
+                elapsed_s=time.monotonic() - self.started,
+                phase="eval",
+                eval_done=self.done,
+                eval_total=self.total,
+            )
+        )
+
+
+# Eval prompts per generate() call. On a CPU a decode step of the 4-bit model costs about
+# the same for 8 rows as for 32 (dequantizing the weights dominates), so fewer, larger
+# batches finish the eval sooner.
+EVAL_BATCH_SIZE = 32
+AUTO_EVAL_TOKENS_MARGIN = 8
+AUTO_EVAL_TOKENS_MAX = 256
+
+
+def eval_token_budget(config: JobConfig, tokenizer: Any, references: list[str]) -> int:
+    """max_new_tokens of each eval answer: the configured one, else just past the longest
+    reference (generating further cannot turn a miss into an exact match)."""
+    if config.eval_max_new_tokens is not None:
+        return config.eval_max_new_tokens
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(AUTO_EVAL_TOKENS_MAX, longest + AUTO_EVAL_TOKENS_MARGIN)
+
+
+def answers_to_generate(examples: list[Example], config: JobConfig) -> int:
+    """How many answers eval_generation generates: base and adapter for each example."""
+    return 2 * len(examples[: config.eval_max_examples])
+
+
+def _stop_on_check(check: CheckFn) -> Any:
+    """A generation StoppingCriteria that calls ``check`` at every token (it raises)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class CheckEveryToken(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            check()
+            # (batch,): never ends a row itself; EOS and max_new_tokens do that
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return CheckEveryToken()
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -302,9 +404,16 @@ def generate_answers(
     max_new_tokens: int,
     stop_token_ids: list[int],
     batch_size: int = 8,
+    *,
+    check: CheckFn | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy answers to each example's prompt, batched with left padding."""
+    """Greedy answers to each example's prompt, batched with left padding.
+
+    ``check`` runs at every generated token and may raise to abandon the generation;
+    ``after_batch(n)`` is told how many answers are done after each batch."""
     import torch
+    from transformers import StoppingCriteriaList
 
     answers: list[str] = []
     old_side = tokenizer.padding_side
@@ -326,6 +435,7 @@ def generate_answers(
                 padding=True,
                 return_tensors="pt",
             ).to(device)
+            stopping = StoppingCriteriaList([_stop_on_check(check)]) if check else None
             with torch.no_grad():
                 out = model.generate(
                     **enc,
@@ -334,11 +444,14 @@ def generate_answers(
                     eos_token_id=stop_token_ids or None,
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
+                    stopping_criteria=stopping,
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :]  # (batch, new)
             answers.extend(
                 t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             )
+            if after_batch is not None:
+                after_batch(len(answers))
     finally:
         tokenizer.padding_side = old_side
         if was_training:
@@ -347,22 +460,47 @@ def generate_answers(
 
 
 def eval_generation(
-    model: Any, base: LoadedBaseModel, examples: list[Example], config: JobConfig
+    model: Any,
+    base: LoadedBaseModel,
+    examples: list[Example],
+    config: JobConfig,
+    phase: EvalPhase | None = None,
 ) -> dict[str, Any]:
-    """Exact match and token F1 of greedy answers, adapter disabled vs enabled."""
+    """Exact match and token F1 of greedy answers, adapter disabled vs enabled.
+    ``phase`` (optional) gets progress after each batch and can cancel mid-answer."""
     chosen = examples[: config.eval_max_examples]
     if not chosen:
         return {}
     refs = [e.reference_answer() for e in chosen]
+    n = len(chosen)
+    budget = eval_token_budget(config, base.tokenizer, refs)
+
+    def hooks(offset: int) -> dict[str, Any]:
+        if phase is None:
+            return {}
+        return {"check": phase.check, "after_batch": lambda done: phase.report(offset + done)}
+
     was_training = model.training
     model.eval()
     try:
         with model.disable_adapter():
             base_answers = generate_answers(
-                model, base.tokenizer, chosen, config.eval_max_new_tokens, base.stop_token_ids
+                model,
+                base.tokenizer,
+                chosen,
+                budget,
+                base.stop_token_ids,
+                EVAL_BATCH_SIZE,
+                **hooks(0),
             )
         adapter_answers = generate_answers(
-            model, base.tokenizer, chosen, config.eval_max_new_tokens, base.stop_token_ids
+            model,
+            base.tokenizer,
+            chosen,
+            budget,
+            base.stop_token_ids,
+            EVAL_BATCH_SIZE,
+            **hooks(n),
         )
     finally:
         model.train(was_training)
@@ -373,6 +511,7 @@ def eval_generation(
     return {
         "base": aggregate(base_answers, refs),
         "adapter": aggregate(adapter_answers, refs),
+        "max_new_tokens": budget,
         "samples": samples,
     }
 

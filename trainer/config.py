@@ -138,8 +138,13 @@ class JobConfig:
         default=20,
         metadata={"help": "At most this many eval examples get generated answers (>= 0)."},
     )
-    eval_max_new_tokens: int = field(
-        default=64, metadata={"help": "Token budget of each generated eval answer (>= 1)."}
+    eval_max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of each generated eval answer (>= 1). Default: the longest "
+            "eval reference in tokens + 8, at most 256 (a longer answer cannot match exactly, "
+            "and cutting it off can only raise its token F1)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -220,8 +225,10 @@ class JobConfig:
             raise ConfigError("eval_file", "must be a path string or null")
         if not is_int(self.eval_max_examples) or self.eval_max_examples < 0:
             raise ConfigError("eval_max_examples", "must be an integer >= 0")
-        if not is_int(self.eval_max_new_tokens) or self.eval_max_new_tokens < 1:
-            raise ConfigError("eval_max_new_tokens", "must be an integer >= 1")
+        if self.eval_max_new_tokens is not None and (
+            not is_int(self.eval_max_new_tokens) or self.eval_max_new_tokens < 1
+        ):
+            raise ConfigError("eval_max_new_tokens", "must be an integer >= 1, or null (auto)")
 
     # -- (de)serialisation: the HTTP request and the job record use the same shape
 

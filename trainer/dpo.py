@@ -15,10 +15,12 @@ from pathlib import Path
 
 from trainer.base_model import LoadedBaseModel
 from trainer.common import (
+    EvalPhase,
     ProgressFn,
     StopFn,
     TrainingCancelled,
     TrainResult,
+    answers_to_generate,
     check_output_dir,
     eval_generation,
     finish_run,
@@ -130,7 +132,16 @@ def run_dpo(
         peft_model = trainer.model
         eval_results = None
         if eval_ds is not None:
+            phase = EvalPhase(
+                progress,
+                should_stop,
+                trainer,
+                callback,
+                answers_to_generate(eval_examples, config),
+            )
+            phase.report(0)
             metrics = trainer.evaluate(eval_ds)
+            phase.check()
             # With the adapter disabled, policy == reference and the DPO loss is log 2 by
             # construction, so only the adapter's numbers are informative.
             eval_results = {
@@ -138,7 +149,7 @@ def run_dpo(
                 "eval_loss": {"base": 0.6931471805599453, "adapter": metrics["eval_loss"]},
                 "reward_accuracy": metrics.get("eval_rewards/accuracies"),
                 "reward_margin": metrics.get("eval_rewards/margins"),
-                **eval_generation(peft_model, base, eval_examples, config),
+                **eval_generation(peft_model, base, eval_examples, config, phase),
             }
         return finish_run(
             kind="dpo",

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from trainer.base_model import LoadedBaseModel
 from trainer.common import (
+    EvalPhase,
     ProgressFn,
     StopFn,
     TrainingCancelled,
     TrainResult,
+    answers_to_generate,
     check_output_dir,
     eval_generation,
     finish_run,
@@ -124,13 +126,22 @@ def run_sft(
         peft_model = trainer.model
         eval_results = None
         if eval_ds is not None:
+            phase = EvalPhase(
+                progress,
+                should_stop,
+                trainer,
+                callback,
+                answers_to_generate(eval_examples, config),
+            )
+            phase.report(0)
             adapter_loss = trainer.evaluate(eval_ds)["eval_loss"]
             with peft_model.disable_adapter():
                 base_loss = trainer.evaluate(eval_ds)["eval_loss"]
+            phase.check()
             eval_results = {
                 "examples": len(eval_examples),
                 "eval_loss": {"base": base_loss, "adapter": adapter_loss},
-                **eval_generation(peft_model, base, eval_examples, config),
+                **eval_generation(peft_model, base, eval_examples, config, phase),
             }
         return finish_run(
             kind="sft",

@@ -56,7 +56,7 @@ def run_job(job_dir: Path) -> int:
 
     def progress(update: ProgressUpdate) -> None:
         history = record.setdefault("loss_history", [])
-        if update.loss is not None:
+        if update.loss is not None and update.phase == "train":
             history.append({"step": update.step, "loss": update.loss})
             del history[:-MAX_HISTORY_IN_RECORD]
         record.update(
@@ -66,6 +66,9 @@ def run_job(job_dir: Path) -> int:
             eta_s=update.eta_s,
             progress=update.progress,
             epoch=update.epoch,
+            phase=update.phase,
+            eval_done=update.eval_done,
+            eval_total=update.eval_total,
         )
         write_record(job_dir, record)
         append_event(
@@ -76,6 +79,9 @@ def run_job(job_dir: Path) -> int:
             loss=update.loss,
             eta_s=update.eta_s,
             progress=update.progress,
+            phase=update.phase,
+            eval_done=update.eval_done,
+            eval_total=update.eval_total,
         )
 
     record.update(

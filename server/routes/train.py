@@ -105,6 +105,13 @@ class TrainJob(BaseModel):
     loss: float | None = None
     loss_history: list[LossPoint] = Field(default_factory=list)
     eta_s: float | None = None
+    phase: str | None = Field(
+        None,
+        description="train, then eval after the last step (eval loss and generated answers, "
+        "base and adapter); null before the first step",
+    )
+    eval_done: int | None = Field(None, description="eval answers generated so far")
+    eval_total: int | None = Field(None, description="eval answers to generate")
     error: str | None = None
     output_dir: str
     data_sha256: str | None = None

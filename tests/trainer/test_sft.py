@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -52,9 +53,16 @@ def test_sft_trains_adapter_and_leaves_base_alone(tiny_model_dir, sft_data, tmp_
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, CARD_NAME])
     assert not list(tmp_path.glob(".adapter*")), "temp folders left behind"
     # progress: every step reported, with total, loss and eta
-    assert [u.step for u in updates] == list(range(1, 9))
-    assert all(u.total_steps == 8 and u.loss is not None for u in updates)
-    assert updates[-1].eta_s == 0 and updates[-1].progress == 1.0
+    train_updates = [u for u in updates if u.phase == "train"]
+    assert [u.step for u in train_updates] == list(range(1, 9))
+    assert all(u.total_steps == 8 and u.loss is not None for u in train_updates)
+    assert train_updates[-1].eta_s == 0 and train_updates[-1].progress == 1.0
+    # then the eval reports its own progress: answers generated, base then adapter
+    eval_updates = [(u.phase, u.step, u.eval_done, u.eval_total) for u in updates[8:]]
+    if quantization == "none":
+        assert eval_updates == [("eval", 8, 0, 4), ("eval", 8, 2, 4), ("eval", 8, 4, 4)]
+    else:
+        assert eval_updates == []
 
     card = json.loads((out / CARD_NAME).read_text())
     assert card["base_model"]["fingerprint"] and card["base_model"]["quantization"] == quantization
@@ -93,6 +101,52 @@ def test_cancel_leaves_nothing(tiny_model_dir, sft_data, tmp_path):
             should_stop=lambda: len(steps) >= 2,
         )
     assert len(steps) < 50
+    assert list(tmp_path.iterdir()) == [sft_data]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("eval loss", "cancelled during eval (eval loss)"),
+        ("between answers", "cancelled during eval (4 of 8 answers generated)"),
+        ("mid-answer", "cancelled during eval (0 of 8 answers generated)"),
+    ],
+)
+def test_cancel_during_eval_leaves_nothing(tiny_model_dir, sft_data, tmp_path, where, message):
+    """The eval after the last step can take minutes on a CPU: a cancel must stop it
+    within a forward pass, not after it."""
+    updates = []
+    calls_in_eval = []
+
+    def should_stop() -> bool:
+        if not any(u.phase == "eval" for u in updates):
+            return False
+        calls_in_eval.append(1)
+        if where == "eval loss":
+            return True
+        if where == "between answers":
+            return any((u.eval_done or 0) > 0 for u in updates)
+        # one check per eval-loss batch, then one per generated token: 20 checks in, the
+        # base answers are half way through their 40 tokens
+        return len(calls_in_eval) > 20
+
+    config = fast_config(
+        tiny_model_dir,
+        quantization="none",
+        max_steps=2,
+        eval_fraction=0.5,
+        eval_max_examples=4,
+        eval_max_new_tokens=40,
+    )
+    with pytest.raises(TrainingCancelled, match=re.escape(message)):
+        run_sft(
+            config,
+            sft_data,
+            tmp_path / "adapter",
+            progress=updates.append,
+            should_stop=should_stop,
+        )
+    assert [u.step for u in updates if u.phase == "train"] == [1, 2]
     assert list(tmp_path.iterdir()) == [sft_data]
 
 

@@ -557,25 +557,79 @@ def test_openapi_documents_every_rag_route(server):
 
 
 def test_data_survives_a_restart(tiny_model_path, tmp_path, embedder):
+    """Stop the server (its port closes, its store is closed), start a new one on the same
+    data dir: the collections, their documents and the answers to every query are the same."""
     kwargs = dict(
         base_model=str(tiny_model_path),
         quantization="none",
         max_model_len=512,
-        default_max_tokens=8,
+        default_max_tokens=4,
         data_dir=tmp_path,
     )
+    queries = ["purple rain", "What does the Zorblax-7 reactor run on?", "cheese", "moon birds"]
+
+    def state(server: LiveServer) -> dict:
+        out: dict = {"collections": api(server, "GET", "/collections").json()["data"]}
+        for c in out["collections"]:
+            name = c["id"]
+            out[name] = {
+                "info": api(server, "GET", f"/collections/{name}").json(),
+                "documents": api(server, "GET", f"/collections/{name}/documents").json()["data"],
+            }
+        search = "/collections/durable/search"
+        out["hits"] = [
+            api(server, "POST", search, json={"query": q, "top_k": 10}).json()["data"]
+            for q in queries
+        ]
+        out["filtered"] = api(
+            server, "POST", search, json={"query": "engines", "filter": {"year": 2022}}
+        ).json()["data"]
+        return out
+
+    def cited(server: LiveServer) -> list:
+        r = server.openai().chat.completions.create(
+            model="base",
+            messages=QUESTION,
+            max_tokens=2,
+            extra_body={"rag": {"collection": "durable", "top_k": 3}},
+        )
+        return citations_of(r)
+
     first = start_live_server(**kwargs)
     try:
-        api(first, "POST", "/collections", json={"name": "durable"})
-        api(first, "POST", "/collections/durable/documents", json={"documents": DOCS})
+        # Everything through HTTP: create, JSON documents, Markdown uploads, a delete.
+        assert api(first, "POST", "/collections", json={"name": "durable"}).status_code == 201
+        assert api(first, "POST", "/collections", json={"name": "spare"}).status_code == 201
+        r = api(first, "POST", "/collections/durable/documents", json={"documents": DOCS})
+        assert r.status_code == 200, r.text
+        files = [("files", (n, t.encode(), "text/markdown")) for n, t in NOTES.items()]
+        r = api(first, "POST", "/collections/durable/documents", files=files)
+        assert r.status_code == 200, r.text
+        assert api(first, "DELETE", "/collections/durable/documents/mizzle").status_code == 200
+        before = state(first)
+        cited_before = cited(first)
     finally:
         first.stop()
+    with pytest.raises(httpx.ConnectError):  # really stopped
+        httpx.get(f"{first.url}/health", timeout=5)
+
     second = start_live_server(**kwargs)
     try:
-        assert [c["id"] for c in api(second, "GET", "/collections").json()["data"]] == ["durable"]
-        hits = api(
-            second, "POST", "/collections/durable/search", json={"query": "purple rain"}
-        ).json()["data"]
-        assert hits[0]["doc_id"] == "glorp"
+        after = state(second)
+        assert after == before
+        assert [c["id"] for c in after["collections"]] == ["durable", "spare"]
+        durable = after["durable"]
+        assert durable["info"]["documents"] == 4
+        assert {d["id"] for d in durable["documents"]} == {"glorp", "trandle", *NOTES}
+        assert after["hits"][0][0]["doc_id"] == "glorp"
+        assert after["hits"][1][0]["doc_id"] == "zorblax.md"
+        assert len(after["hits"][2]) == 4  # every chunk of the 4 documents left
+        assert "mizzle" not in {h["doc_id"] for hits in after["hits"] for h in hits}
+        assert [h["doc_id"] for h in after["filtered"]] == ["trandle"]
+        assert cited(second) == cited_before
+        assert cited_before[0]["doc_id"] == "zorblax.md"
+        # and the reopened collection takes writes
+        r = api(second, "POST", "/collections/durable/documents", json={"documents": DOCS[2:]})
+        assert r.status_code == 200 and r.json()["added"] == 1
     finally:
         second.stop()

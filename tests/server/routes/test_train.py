@@ -223,6 +223,41 @@ def test_cancel_mid_run_shows_progress_then_cancels_without_registering(server):
     assert httpx.delete(f"{server.url}/train/jobs/{job_id}").json()["state"] == "cancelled"
 
 
+def test_cancel_during_the_final_eval_stops_it_and_registers_nothing(server):
+    # 96 rows, half held out: after 2 steps the eval generates 96 answers of up to 400
+    # tokens (the random tiny model rarely stops early), far longer than a cancel takes.
+    rows = SFT_ROWS * 12
+    config = {
+        **CONFIG,
+        "max_steps": 2,
+        "eval_fraction": 0.5,
+        "eval_max_examples": 48,
+        "eval_max_new_tokens": 400,
+    }
+    r = submit(server, name="eval-cut", data=rows, config=config)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    # the job reports its eval phase (after the last step); cancel then
+    evaluating = wait_for(lambda: (rec := job(server, job_id))["phase"] == "eval" and rec)
+    assert evaluating["state"] == "running" and evaluating["step"] == 2
+    assert evaluating["eval_total"] == 96 and evaluating["eval_done"] < 96
+    r = httpx.delete(f"{server.url}/train/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    record, _ = wait_settled(server, job_id)
+
+    assert record["state"] == "cancelled" and not record["registered"]
+    assert record["phase"] == "eval" and record["eval_done"] < 96  # stopped mid-eval
+    assert "eval-cut" not in adapter_names(server) and "eval-cut" not in model_ids(server)
+    trained = server.data_dir / "trained"
+    assert not (trained / "eval-cut").exists()
+    assert not list(trained.glob(".eval-cut*")), "temp folders left behind"
+    events = httpx.get(f"{server.url}/train/jobs/{job_id}/events").json()["data"]
+    types = [e["type"] for e in events]
+    assert "cancel_requested" in types and "registered" not in types
+    assert events[-1]["type"] == "state" and events[-1]["state"] == "cancelled"
+
+
 def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_path):
     before = len(httpx.get(f"{server.url}/train/jobs").json()["data"])
     good = SFT_ROWS[:2]
