@@ -45,7 +45,7 @@ def build_engine(settings: Settings) -> Engine:
     if settings.engine == "vllm":
         raise ValueError("the vllm engine is not available in this build; use engine=hf")
     from server.engine.hf import HFEngine
-    from trainer.base_model import load_base_model
+    from trainer.base_model import load_base_model, native_bf16
 
     loaded = load_base_model(
         settings.base_model,
@@ -53,8 +53,15 @@ def build_engine(settings: Settings) -> Engine:
         device=settings.device,
         cache_dir=settings.cache_dir,
     )
+    int8_lm_head = settings.lm_head == "int8" or (
+        settings.lm_head == "auto"
+        and settings.quantization == "nf4"
+        and loaded.device == "cpu"
+        and not native_bf16("cpu")
+    )
     return HFEngine(
         loaded,
+        int8_lm_head=int8_lm_head,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_queue=settings.max_queue,

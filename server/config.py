@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     served_model_name: str = Field("base", description="The `model` id clients use for the base.")
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit bitsandbytes.")
     device: str = Field("auto", description="auto, cpu or cuda[:N].")
+    lm_head: Literal["auto", "int8", "native"] = Field(
+        "auto",
+        description="Output layer: int8 (weight-only, one scale per vocabulary row) or as "
+        "loaded. auto = int8 with nf4 on a CPU without native bfloat16 matmuls, where the "
+        "bfloat16 output layer is half of a batched decode step.",
+    )
     engine: Literal["hf", "vllm"] = "hf"
     cache_dir: Path | None = Field(None, description="Where the converted bundled model lives.")
     data_dir: Path = Field(default_factory=_default_data_dir)

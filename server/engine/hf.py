@@ -13,6 +13,7 @@ from server.engine.base import (
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.lm_head import use_int8_lm_head
 from server.engine.lora import LoRAWeights, read_peft_lora
 from server.engine.runner import ModelRunner
 from server.scheduler import Scheduler, new_sequences
@@ -59,8 +60,11 @@ class HFEngine:
         max_queue: int = 64,
         prefill_chunk_tokens: int = 512,
         request_timeout_s: float = 600.0,
+        int8_lm_head: bool = False,
     ):
         self.loaded = loaded
+        if int8_lm_head and use_int8_lm_head(loaded.model):
+            logger.info("output layer in int8 (SWAPSERVE_LM_HEAD=native keeps it as loaded)")
         self.tokenizer = loaded.tokenizer
         self.request_timeout_s = request_timeout_s
         self.runner = ModelRunner(loaded.model, pad_token_id=int(self.tokenizer.pad_token_id))

@@ -1,0 +1,82 @@
+"""The int8 output layer: close to the full-precision one, and batch-invariant per row."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from torch import nn
+
+from server.engine.lm_head import Int8LMHead, use_int8_lm_head
+
+
+def test_int8_logits_stay_close_to_full_precision():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 5000, bias=False)
+    x = torch.randn(6, 3, 64)
+    ref = linear(x)
+    head = Int8LMHead(linear.weight)
+    out = head(x).float()
+    assert out.shape == ref.shape
+    assert head.weight_int8.dtype == torch.int8
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 0.02, f"relative error {err:.4f}"
+    # where the top two logits are further apart than the error, the choice is the same
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * (out - ref).abs().max()
+    assert clear.any()
+    assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_only_a_plain_linear_head_is_swapped():
+    class WithBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(8, 16, bias=True)
+
+    model = WithBias()
+    assert not use_int8_lm_head(model)
+    assert isinstance(model.lm_head, nn.Linear)
+    assert not use_int8_lm_head(nn.Module())
+
+
+def test_engine_with_int8_head_decodes_the_same_alone_and_batched(tiny_model_path):
+    from server.app import build_engine
+    from server.config import Settings
+    from server.engine.base import GenerationRequest, SamplingParams
+
+    engine = build_engine(
+        Settings(base_model=str(tiny_model_path), quantization="none", lm_head="int8")
+    )
+    assert isinstance(engine.runner.model.lm_head, Int8LMHead)
+    asyncio.run(engine.start())
+
+    def req(prompt):
+        return GenerationRequest(
+            "g",
+            engine.tokenize(prompt),
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        )
+
+    async def collect(r):
+        return [t async for out in engine.generate(r) for t in out.token_ids]
+
+    try:
+        prompts = ["Hello world, this is", "One base", "The quick brown fox jumps"]
+        alone = [asyncio.run(collect(req(p))) for p in prompts]
+
+        async def together():
+            return await asyncio.gather(*(collect(req(p)) for p in prompts))
+
+        assert asyncio.run(together()) == alone
+        assert len(set(map(tuple, alone))) > 1  # prompts lead somewhere different
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def test_auto_keeps_the_head_of_an_unquantized_model(tiny_model_path):
+    from server.app import build_engine
+    from server.config import Settings
+
+    engine = build_engine(Settings(base_model=str(tiny_model_path), quantization="none"))
+    assert isinstance(engine.runner.model.lm_head, nn.Linear)
