@@ -113,6 +113,7 @@ def create_app(
         embedder_path=settings.embedder,
         max_doc_bytes=settings.rag_max_doc_bytes,
         approx_threshold=settings.rag_approx_threshold,
+        max_docs_per_request=settings.rag_max_docs_per_request,
     )
     # metadata reads and index checksums only (no embedder): broken collections are set
     # aside with a log line, the others serve

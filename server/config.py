@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         ge=1024,
         description="Request body limit of the /rag routes (JSON or multipart uploads).",
     )
+    rag_max_docs_per_request: int = Field(
+        10_000, ge=1, description="Documents one ingest request may carry (413 above)."
+    )
     rag_approx_threshold: int = Field(
         20_000, ge=100, description="Chunks above which a collection switches to an IVF index."
     )

@@ -113,7 +113,9 @@ class RetrievalService:
         embedder_path: Path | None = None,
         max_doc_bytes: int,
         approx_threshold: int,
+        max_docs_per_request: int = 10_000,
     ) -> None:
+        self.max_docs_per_request = max_docs_per_request
         self.embedder = LazyEmbedder(embedder_path)
         self.store = CollectionStore(
             root,

@@ -352,6 +352,15 @@ async def add_documents(name: CollectionName, request: Request, rag: RetrievalDe
         )
     if not docs:
         raise InvalidDocument("no documents given", param="documents")
+    if len(docs) > rag.max_docs_per_request:
+        raise APIError(
+            413,
+            f"{len(docs)} documents in one request, over the limit of "
+            f"{rag.max_docs_per_request} (SWAPSERVE_RAG_MAX_DOCS_PER_REQUEST): send them in "
+            "several requests",
+            param="documents",
+            code="too_many_documents",
+        )
     result = await rag.run(rag.store.add_documents, name, docs)
     info = await rag.run(_info, rag, name)
     return IngestResult(

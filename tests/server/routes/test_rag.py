@@ -17,6 +17,7 @@ from tests.tiny_model import build_lora_adapter
 MAX_DOC_BYTES = 4096
 UPLOAD_LIMIT = 256 * 1024
 
+MAX_DOCS = 5
 NOTES = {
     "zorblax.md": "# Zorblax-7\n\nThe Zorblax-7 reactor runs on frozen lemonade.",
     "quibble.md": "# Quibble\n\nQuibble birds migrate to the moon every leap year.",
@@ -48,6 +49,7 @@ def server(tiny_model_path, tmp_path_factory, embedder) -> Iterator[LiveServer]:
         max_body_bytes=64 * 1024,
         rag_max_doc_bytes=MAX_DOC_BYTES,
         rag_max_upload_bytes=UPLOAD_LIMIT,
+        rag_max_docs_per_request=MAX_DOCS,
         data_dir=data,
     )
     server.data_dir = data
@@ -253,6 +255,8 @@ REFUSED = {
     "bad jsonl": ({"files": [("files", ("d.jsonl", b'{"text": "ok"}\nnot json\n', "application/jsonl"))]}, 422, None),
     "bad form metadata": ({"files": [md("ok.md", b"Fine.")], "data": {"metadata": "[1"}}, 400, "metadata"),
     "no files": ({"files": {"metadata": (None, "{}")}}, 400, "files"),  # a form field only
+    "too many documents": ({"json": {"documents": [{"id": f"n{i}", "text": f"Note {i}."} for i in range(MAX_DOCS + 1)]}}, 413, "documents"),
+    "too many files": ({"files": [md(f"n{i}.md", b"A note.") for i in range(MAX_DOCS + 1)]}, 413, "documents"),
     "over the body limit": ({"files": [md("big.md", b"a " * UPLOAD_LIMIT)]}, 413, None),
 }  # fmt: skip
 
