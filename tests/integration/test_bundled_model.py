@@ -20,7 +20,7 @@ def test_ready_reports_a_4bit_model_well_under_fp32(bundled_server):
     assert ready["quantization"] == "nf4"
     assert ready["num_parameters"] > 200_000_000
     # NF4 linear layers + a bfloat16 embedding: well under the float32 size
-    assert ready["weights_bytes"] < 0.5 * ready["fp32_weights_bytes"]
+    assert ready["weights_bytes"] < 0.6 * ready["fp32_weights_bytes"]
 
 
 def test_completion_is_coherent_text(bundled_server):
