@@ -13,6 +13,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout_s: float, check=None) -> bool:
+    """Poll GET /ready until 200 (True) or the deadline (False); a failed load raises.
+    `check`, if given, runs before each poll and may raise (e.g. the process died)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check is not None:
+            check()
+        try:
+            r = httpx.get(f"{url}/ready", timeout=2)
+            if r.status_code == 200:
+                return True
+            if r.json().get("status") == "failed":
+                raise RuntimeError(r.text)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 class LiveServer:
     """The real app under the real uvicorn, in a thread of this process."""
 
@@ -27,20 +48,10 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout_s: float = 120) -> LiveServer:
-        import httpx
 
         self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(f"{self.url}/ready", timeout=2)
-                if r.status_code == 200:
-                    return self
-                if r.json().get("status") == "failed":
-                    raise RuntimeError(r.text)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        if wait_ready(self.url, timeout_s):
+            return self
         raise TimeoutError("server did not become ready")
 
     def stop(self) -> None:
@@ -116,8 +127,6 @@ class ServerProcess:
     def start(self, timeout_s: float = 120) -> ServerProcess:
         import subprocess
 
-        import httpx
-
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
@@ -130,19 +139,13 @@ class ServerProcess:
             )
         finally:
             log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def exited() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = httpx.get(f"{self.url}/ready", timeout=2)
-                if r.status_code == 200:
-                    return self
-                if r.json().get("status") == "failed":
-                    raise RuntimeError(r.text)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+
+        if wait_ready(self.url, timeout_s, check=exited):
+            return self
         self.kill()
         raise TimeoutError(f"server did not become ready:\n{self.log()}")
 

@@ -480,28 +480,23 @@ def eval_generation(
             return {}
         return {"check": phase.check, "after_batch": lambda done: phase.report(offset + done)}
 
-    was_training = model.training
-    model.eval()
-    try:
-        with model.disable_adapter():
-            base_answers = generate_answers(
-                model,
-                base.tokenizer,
-                chosen,
-                budget,
-                base.stop_token_ids,
-                EVAL_BATCH_SIZE,
-                **hooks(0),
-            )
-        adapter_answers = generate_answers(
+    def answers(offset: int) -> list[str]:
+        return generate_answers(
             model,
             base.tokenizer,
             chosen,
             budget,
             base.stop_token_ids,
             EVAL_BATCH_SIZE,
-            **hooks(n),
+            **hooks(offset),
         )
+
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            base_answers = answers(0)
+        adapter_answers = answers(n)
     finally:
         model.train(was_training)
     samples = [
