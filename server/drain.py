@@ -7,8 +7,10 @@ On SIGTERM (or the first Ctrl-C) `swapserve serve` does not stop at once. It dra
    traffic away. `/health` and `/metrics` keep answering; the port stays open so callers
    get an answer rather than a refused connection.
 2. Running training workers are told to stop (SIGTERM; they end `interrupted`).
-3. Requests already running carry on, for at most `shutdown_grace_s` seconds.
-4. At the end of the grace, generations still running are cut: a streamed response ends
+3. Requests already running carry on, for most of `shutdown_grace_s` seconds.
+4. Near the end of the grace (`cut_reserve_s` before it: a quarter of the grace, at most
+   3 s, so the last chunks and the close fit inside it and the process exits within the
+   grace), generations still running are cut: a streamed response ends
    with a final chunk whose `finish_reason` is `"abort"`, then `data: [DONE]`; a
    non-streamed one returns the text so far with `finish_reason: "abort"`. Never a torn
    connection.
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 # Paths that keep answering during the drain and do not count as work in flight: probes
 # (a balancer must see /ready turn 503) and metrics (an operator watches the drain).
 PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
-# After the cut, how long the cut responses get to send their last chunk.
+# The end of the grace kept for sending the cut responses' last chunk and closing.
 CUT_FLUSH_S = 3.0
 
 
@@ -110,6 +112,11 @@ class Drain:
             return self.grace_s
         return max(0.0, self.grace_s - (time.monotonic() - self.started_at))
 
+    @property
+    def cut_reserve_s(self) -> float:
+        """How long before the end of the grace running generations are cut."""
+        return min(CUT_FLUSH_S, self.grace_s / 4)
+
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run `fn` when the drain begins, beside the wait (e.g. stop training workers)."""
         self._on_start.append(fn)
@@ -144,10 +151,11 @@ class Drain:
         idle = asyncio.ensure_future(self._idle.wait())
         cut = asyncio.ensure_future(self.aborting.wait())
         try:
-            await asyncio.wait({idle, cut}, timeout=self.grace_s, return_when="FIRST_COMPLETED")
+            until_cut = self.grace_s - self.cut_reserve_s
+            await asyncio.wait({idle, cut}, timeout=until_cut, return_when="FIRST_COMPLETED")
             if not self._idle.is_set():
                 self.cut_now()
-                await asyncio.wait({idle}, timeout=CUT_FLUSH_S)
+                await asyncio.wait({idle}, timeout=max(self.grace_left_s(), 0.5))
         finally:
             idle.cancel()
             cut.cancel()
@@ -155,8 +163,7 @@ class Drain:
             logger.error("%d request(s) did not end after the cut", self.in_flight)
         if hooks:
             # the hooks were given the grace too (training workers stop at their next step)
-            left = self.grace_left_s() + CUT_FLUSH_S
-            _, pending = await asyncio.wait(hooks, timeout=max(left, 0.1))
+            _, pending = await asyncio.wait(hooks, timeout=max(self.grace_left_s(), 0.5))
             for task in pending:
                 task.cancel()
             for task in hooks:
