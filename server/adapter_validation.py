@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.engine.peft_format import lora_key_module
+from server.engine.peft_format import lora_key_module, token_key_module, trainable_token_ids
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Trained token rows per adapter and module: a few special tokens, not a new vocabulary
+MAX_TRAINED_TOKENS = 256
 CONFIG_FILE = "adapter_config.json"
 
 
@@ -41,6 +43,7 @@ class AdapterSpec:
     size_bytes: int
     use_rslora: bool
     config: dict[str, Any] = field(default_factory=dict)
+    trained_tokens: list[int] = field(default_factory=list)  # ids with trained rows
 
 
 def check_name(name: str, reserved: set[str]) -> None:
@@ -84,12 +87,91 @@ def validate_adapter_dir(
     base_names: set[str],
     max_rank: int,
     max_bytes: int,
+    base_token_modules: dict[str, tuple[int, int]] | None = None,
 ) -> AdapterSpec:
     """Validate a PEFT LoRA folder against the served base model.
 
     base_linear_shapes maps every linear module path of the base to (in_features,
-    out_features); base_names are the names the base is known by.
-    """
+    out_features); base_names are the names the base is known by; base_token_modules maps
+    the input embedding and output layer paths to (rows, dim), where an adapter may carry
+    trained token rows (PEFT's trainable_token_indices)."""
+    spec = _validate(path, base_linear_shapes, base_names, max_rank, max_bytes)
+    header = read_safetensors_header(path / WEIGHTS_FILE)
+    spec.trained_tokens = _check_token_rows(header, spec.config, base_token_modules or {})
+    return spec
+
+
+def _check_token_rows(
+    header: dict[str, Any], config: dict[str, Any], token_modules: dict[str, tuple[int, int]]
+) -> list[int]:
+    """Trained token rows: each for a module the base has, shaped (ids, dim), ids in range."""
+    found = {}
+    for key, meta in header.items():
+        module = token_key_module(key)
+        if module is not None:
+            found[module] = list(meta.get("shape", []))
+    if config.get("trainable_token_indices") and not found:
+        raise AdapterError(
+            400,
+            "adapter_config.json lists trainable_token_indices but the weights hold no "
+            "trained token rows",
+            "invalid_weights",
+        )
+    every: set[int] = set()
+    for module, shape in sorted(found.items()):
+        if module not in token_modules:
+            raise AdapterError(
+                400,
+                f"trained token rows for {module}, which is not the base model's input "
+                "embedding or output layer: the adapter belongs to another base model",
+                "base_model_mismatch",
+            )
+        rows, dim = token_modules[module]
+        try:
+            ids = trainable_token_ids(config, module)
+        except (TypeError, ValueError) as exc:
+            raise AdapterError(
+                400, f"trainable_token_indices is malformed: {exc}", "invalid_config"
+            ) from exc
+        if not ids or len(set(ids)) != len(ids):
+            raise AdapterError(
+                400,
+                f"trainable_token_indices gives no unique token ids for {module}",
+                "invalid_config",
+            )
+        if len(ids) > MAX_TRAINED_TOKENS:
+            raise AdapterError(
+                400,
+                f"{len(ids)} trained tokens for {module}, above the {MAX_TRAINED_TOKENS} this "
+                "server applies per row; retrain with fewer trainable_token_indices",
+                "unsupported_adapter",
+            )
+        bad = [i for i in ids if not 0 <= i < rows]
+        if bad:
+            raise AdapterError(
+                400,
+                f"token ids {bad[:5]} are outside the base model's vocabulary of {rows}",
+                "base_model_mismatch",
+            )
+        if shape != [len(ids), dim]:
+            raise AdapterError(
+                400,
+                f"{module}: trained token rows have shape {shape}, expected "
+                f"[{len(ids)}, {dim}] ({len(ids)} tokens of the base's width {dim})",
+                "base_model_mismatch",
+            )
+        every.update(ids)
+    return sorted(every)
+
+
+def _validate(
+    path: Path,
+    base_linear_shapes: dict[str, tuple[int, int]],
+    base_names: set[str],
+    max_rank: int,
+    max_bytes: int,
+) -> AdapterSpec:
+    """The LoRA part: files, config, rank, base model, target modules and their shapes."""
     if not path.is_dir():
         raise AdapterError(400, f"adapter path {path} is not a folder", "invalid_path", "path")
     pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
@@ -137,7 +219,9 @@ def validate_adapter_dir(
         raise AdapterError(
             400,
             f"modules_to_save={config['modules_to_save']} replaces whole base layers, which "
-            "cannot be mixed per row in a batch; retrain without modules_to_save",
+            "cannot be mixed per row in a batch; retrain without modules_to_save (to train a few "
+            "token rows, such as a chat template's end-of-turn token, PEFT's "
+            "trainable_token_indices is served)",
             "unsupported_adapter",
         )
 

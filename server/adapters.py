@@ -55,6 +55,7 @@ class AdapterRecord:
     created: int
     version: str
     use_rslora: bool = False
+    trained_tokens: list[int] = field(default_factory=list)  # ids whose rows it trained
 
 
 @dataclass
@@ -205,6 +206,7 @@ class AdapterRegistry:
         return validate_adapter_dir(
             path,
             base_linear_shapes=self.engine.linear_shapes(),
+            base_token_modules=self.engine.token_modules(),
             base_names=self.engine.base_names(),
             max_rank=self.max_lora_rank,
             max_bytes=self.limits.max_bytes,
@@ -297,6 +299,7 @@ class AdapterRegistry:
                 created=int(time.time()),
                 version=version,
                 use_rslora=spec.use_rslora,
+                trained_tokens=spec.trained_tokens,
             )
             old_record = self.records.get(name)
             old_state = self.states.get(name)

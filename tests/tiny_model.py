@@ -46,7 +46,9 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_model(path: Path, *, seed: int = 0, max_position_embeddings: int = 512) -> Path:
+def build_tiny_model(
+    path: Path, *, seed: int = 0, max_position_embeddings: int = 512, tied: bool = False
+) -> Path:
     """Write a tiny random Gemma 3 causal LM + tokenizer into ``path``.
 
     A larger ``max_position_embeddings`` allows streams long enough to outlast a test's
@@ -69,7 +71,7 @@ def build_tiny_model(path: Path, *, seed: int = 0, max_position_embeddings: int 
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
@@ -113,5 +115,7 @@ def build_lora_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
+            elif "trainable_tokens_delta" in name:  # PEFT starts these at the base's rows
+                param.add_(torch.randn_like(param))
     peft_model.save_pretrained(out, safe_serialization=True)
     return out

@@ -129,6 +129,11 @@ class Engine(Protocol):
         """(in_features, out_features) of each linear module of the base, by path."""
         ...
 
+    def token_modules(self) -> dict[str, tuple[int, int]]:
+        """(rows, dim) of the input embedding and output layer, by path (adapters may carry
+        trained rows for a few tokens of these)."""
+        ...
+
     def base_names(self) -> set[str]:
         """Names the base model is known by, to match an adapter's base_model_name_or_path."""
         ...

@@ -48,6 +48,23 @@ def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _token_modules(model: Any) -> dict[str, tuple[int, int]]:
+    """(rows, dim) of the input embedding and the output layer, by path: where an adapter
+    may carry trained token rows."""
+    found = {}
+    targets = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for name, module in model.named_modules():
+        if name and any(module is t for t in targets if t is not None):
+            weight = getattr(module, "weight", None)
+            rows = getattr(module, "out_features", None) or getattr(module, "num_embeddings", None)
+            dim = getattr(module, "in_features", None) or getattr(module, "embedding_dim", None)
+            if rows is None and weight is not None:
+                rows, dim = weight.shape
+            if isinstance(rows, int) and isinstance(dim, int):
+                found[name] = (rows, dim)
+    return found
+
+
 class HFEngine:
     """One resident base model; a scheduler thread batches every request onto it."""
 
@@ -81,6 +98,7 @@ class HFEngine:
         self._adapters: set[str] = set()  # on the compute device, in the LoRA layers
         self._host: dict[str, LoRAWeights] = {}  # off the device, kept in host memory
         self._linear_shapes = _linear_shapes(loaded.model)
+        self._token_modules = _token_modules(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
             model_id=loaded.model_id,
@@ -122,6 +140,9 @@ class HFEngine:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._linear_shapes)
+
+    def token_modules(self) -> dict[str, tuple[int, int]]:
+        return dict(self._token_modules)
 
     def base_names(self) -> set[str]:
         names = {self.loaded.model_id, self.loaded.path.name}

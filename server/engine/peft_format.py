@@ -11,6 +11,9 @@ import re
 from typing import Any
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_TOKEN_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"
+)
 
 
 def lora_key_module(key: str) -> tuple[str, str] | None:
@@ -19,6 +22,27 @@ def lora_key_module(key: str) -> tuple[str, str] | None:
     if not m:
         return None
     return m.group(1), m.group(2)
+
+
+def token_key_module(key: str) -> str | None:
+    """'base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta' ->
+    'model.embed_tokens': the rows of trained tokens (their new values, not differences)."""
+    m = _TOKEN_KEY.match(key)
+    return m.group(1) if m else None
+
+
+def trainable_token_ids(config: dict[str, Any], module: str) -> list[int]:
+    """The token ids whose rows ``module`` holds, from ``trainable_token_indices``: a list
+    is for the input embedding (the one module PEFT then saves rows for); a mapping names
+    modules by path or suffix (PEFT's rule)."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    if isinstance(spec, dict):
+        for pattern, ids in spec.items():
+            if module == pattern or module.endswith(f".{pattern}"):
+                return [int(i) for i in ids]
+    return []
 
 
 def _pattern_value(patterns: dict[str, Any], module: str) -> Any | None:

@@ -48,6 +48,9 @@ class AdapterInfo(BaseModel):
     path: str
     rank: int
     target_modules: list[str]
+    trained_tokens: list[int] = Field(
+        default_factory=list, description="token ids whose embedding rows the adapter trained"
+    )
     size_bytes: int
     location: str
     load_count: int

@@ -113,6 +113,49 @@ def test_adapters_change_behaviour_and_batch_together(server, adapters):
     assert engine.scheduler.stats.peak_batch_size >= 2
 
 
+def test_trained_token_rows_are_served_as_peft_generates(server, tiny_model_path, tmp_path):
+    """An adapter that trained the end-of-turn and eos rows (PEFT trainable_token_indices)
+    is registered, says so, and generates PEFT's greedy tokens, alone and beside others."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")
+    path = build_lora_adapter(
+        tiny_model_path,
+        tmp_path / "rows",
+        seed=7,
+        trainable_token_indices={"embed_tokens": [eot, eos], "lm_head": [eot]},
+    )
+    r = register(server, "rows", path)
+    assert r.status_code == 201, r.text
+    assert r.json()["trained_tokens"] == sorted([eot, eos])
+
+    prompt = "Hello<end_of_turn> world, this"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    assert eot in ids[0].tolist()  # the trained row is in the prompt
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), path)
+    with torch.inference_mode():
+        out = model.eval().generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert greedy(server, "rows", prompt=prompt) == expected
+
+    async def together():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        jobs = [
+            client.completions.create(model=m, prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+            for m in ("rows", "base", "rows")
+        ]  # fmt: skip
+        return await asyncio.gather(*jobs)
+
+    rows, base, again = asyncio.run(together())
+    assert rows.choices[0].text == again.choices[0].text == expected
+    assert base.choices[0].text == greedy(server, "base", prompt=prompt) != expected
+    assert httpx.delete(f"{server.url}/adapters/rows").status_code == 200
+
+
 def test_unknown_adapter_is_404_never_the_base(server):
     with pytest.raises(openai.NotFoundError) as info:
         server.openai().chat.completions.create(

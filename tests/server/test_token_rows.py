@@ -1,0 +1,174 @@
+"""Adapters with trained token rows (PEFT's `trainable_token_indices`) in a mixed batch.
+
+A base model that never learned a chat template's end-of-turn token cannot be taught to
+emit it by LoRA on the linear layers alone; training that token's embedding row does it.
+The engine applies such rows per row of the batch: the row's embedding of the token and,
+in a tied model, its logit for the token come from its own adapter. PEFT is the reference,
+row by row, on an untied and a tied model, with the trained tokens in the input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapter_validation import AdapterError, validate_adapter_dir
+from server.engine.base import BASE_ADAPTER
+from server.engine.lora import MultiLoRA, read_peft_lora
+from tests.tiny_model import build_lora_adapter, build_tiny_model
+
+ATOL = 1e-4
+END_OF_TURN, START_OF_TURN = 5, 4  # ids of the tiny tokenizer's special tokens
+
+
+def _base(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def setup(request, tmp_path_factory):
+    """A tiny model (untied or tied), three adapters, and PEFT's logits for each."""
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp(f"token-rows-{request.param}")
+    tied = request.param == "tied"
+    model_path = build_tiny_model(root / "model", tied=tied)
+    adapters = {
+        "eot": build_lora_adapter(
+            model_path, root / "eot", r=4, seed=1, trainable_token_indices=[END_OF_TURN]
+        ),
+        "two": build_lora_adapter(
+            model_path,
+            root / "two",
+            r=2,
+            seed=2,
+            target_modules=["q_proj"],
+            trainable_token_indices=[START_OF_TURN, END_OF_TURN],
+        ),
+        "plain": build_lora_adapter(model_path, root / "plain", r=4, seed=3),
+    }
+    inputs = torch.tensor([[2, START_OF_TURN, 40, 41, END_OF_TURN, 42, END_OF_TURN]])
+    reference = {}
+    with torch.inference_mode():
+        reference[BASE_ADAPTER] = _base(model_path)(inputs).logits[0]
+        for name, path in adapters.items():
+            peft_model = PeftModel.from_pretrained(_base(model_path), str(path)).eval()
+            reference[name] = peft_model(inputs).logits[0]
+    return model_path, adapters, inputs, reference, tied
+
+
+def _ours(model, lora: MultiLoRA, rows: list[str], inputs: torch.Tensor) -> torch.Tensor:
+    lora.set_rows(rows)
+    try:
+        with torch.inference_mode():
+            return model(inputs.expand(len(rows), -1)).logits
+    finally:
+        lora.clear_rows()
+
+
+def test_token_rows_match_peft_alone_and_mixed(setup):
+    model_path, adapters, inputs, reference, tied = setup
+    model = _base(model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name, path in adapters.items():
+        lora.add(read_peft_lora(name, path))
+    # the trained rows matter: without them the adapter's output would differ from PEFT's
+    eot = read_peft_lora("eot", adapters["eot"])
+    assert list(eot.tokens) == ["model.embed_tokens"]
+    assert eot.tokens["model.embed_tokens"][0].tolist() == [END_OF_TURN]
+    if tied:  # the output layer shares the rows: the end-of-turn logit moves
+        delta = (reference["eot"][:, END_OF_TURN] - reference[BASE_ADAPTER][:, END_OF_TURN]).abs()
+        assert delta.max() > 1e-2
+    for name in ("eot", "two"):
+        for row in _ours(model, lora, [name, name], inputs):
+            torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+    rows = ["two", BASE_ADAPTER, "eot", "plain", "eot", "two"]
+    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+        torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+
+
+def test_removing_a_token_adapter_restores_the_base_rows(setup):
+    model_path, adapters, inputs, reference, _ = setup
+    model = _base(model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name in ("eot", "plain"):
+        lora.add(read_peft_lora(name, adapters[name]))
+    lora.remove("eot")
+    rows = ["plain", BASE_ADAPTER]
+    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+        torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
+
+
+def _validate(path: Path, model_path: Path):
+    from server.engine.hf import _linear_shapes, _token_modules
+
+    model = _base(model_path)
+    return validate_adapter_dir(
+        path,
+        base_linear_shapes=_linear_shapes(model),
+        base_names={model_path.name},
+        max_rank=64,
+        max_bytes=10**8,
+        base_token_modules=_token_modules(model),
+    )
+
+
+def test_validation_reports_trained_tokens_and_refuses_bad_rows(setup, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_path, adapters, _, _, _ = setup
+    assert _validate(adapters["two"], model_path).trained_tokens == [START_OF_TURN, END_OF_TURN]
+    assert _validate(adapters["plain"], model_path).trained_tokens == []
+
+    def broken(name: str, config_edit=None, tensor_edit=None) -> Path:
+        out = tmp_path / name
+        shutil.copytree(adapters["eot"], out)
+        config = json.loads((out / "adapter_config.json").read_text())
+        if config_edit:
+            config_edit(config)
+        (out / "adapter_config.json").write_text(json.dumps(config))
+        tensors = load_file(str(out / "adapter_model.safetensors"))
+        if tensor_edit:
+            tensor_edit(tensors)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        return out
+
+    key = next(k for k in load_file(str(adapters["eot"] / "adapter_model.safetensors"))
+               if "trainable_tokens_delta" in k)  # fmt: skip
+    cases = {
+        "out of vocabulary": (
+            broken("oov", lambda c: c.update(trainable_token_indices=[10**6])),
+            "base_model_mismatch",
+        ),
+        "width of another model": (
+            broken("wide", tensor_edit=lambda t: t.update({key: torch.zeros(1, 32)})),
+            "base_model_mismatch",
+        ),
+        "more ids than rows": (
+            broken("count", lambda c: c.update(trainable_token_indices=[4, 5])),
+            "base_model_mismatch",
+        ),
+        "rows missing": (
+            broken("missing", tensor_edit=lambda t: t.pop(key)),
+            "invalid_weights",
+        ),
+        "rows for a module the base lacks": (
+            broken(
+                "elsewhere",
+                tensor_edit=lambda t: t.update({key.replace("embed_tokens", "nope"): t.pop(key)}),
+            ),
+            "base_model_mismatch",
+        ),
+    }
+    for what, (path, code) in cases.items():
+        with pytest.raises(AdapterError) as info:
+            _validate(path, model_path)
+        assert info.value.code == code, what
+        assert info.value.status == 400, what
