@@ -187,3 +187,24 @@ class ServerProcess:
         import openai
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+
+def greedy_alone_and_batched(engine, prompts: list[str], max_tokens: int = 10):
+    """Greedy token ids of each prompt run alone, then of all of them run together on a
+    started engine: a batch-invariant engine gives the same lists."""
+    import asyncio
+
+    from server.engine.base import GenerationRequest, SamplingParams
+
+    def req(prompt: str) -> GenerationRequest:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return GenerationRequest("g", engine.tokenize(prompt), params)
+
+    async def collect(r: GenerationRequest) -> list[int]:
+        return [t async for out in engine.generate(r) for t in out.token_ids]
+
+    async def together() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(req(p)) for p in prompts)))
+
+    alone = [asyncio.run(collect(req(p))) for p in prompts]
+    return alone, asyncio.run(together())

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 import torch
 
+from tests.support import greedy_alone_and_batched
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -16,7 +18,6 @@ pytestmark = [
 def test_nf4_on_cuda_and_batched_decoding_match_alone(tiny_model_path):
     import bitsandbytes as bnb
 
-    from server.engine.base import GenerationRequest, SamplingParams
     from server.engine.hf import HFEngine
     from trainer.base_model import load_base_model
 
@@ -26,25 +27,10 @@ def test_nf4_on_cuda_and_batched_decoding_match_alone(tiny_model_path):
     assert next(loaded.model.parameters()).is_cuda
     engine = HFEngine(loaded, max_model_len=256)
     asyncio.run(engine.start())
-
-    def req(prompt):
-        return GenerationRequest(
-            "g",
-            engine.tokenize(prompt),
-            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-        )
-
-    async def collect(r):
-        return [t async for out in engine.generate(r) for t in out.token_ids]
-
     try:
         prompts = ["Hello world, this is", "One base", "The quick brown fox"]
-        alone = [asyncio.run(collect(req(p))) for p in prompts]
-
-        async def together():
-            return await asyncio.gather(*(collect(req(p)) for p in prompts))
-
-        assert asyncio.run(together()) == alone
+        alone, together = greedy_alone_and_batched(engine, prompts, max_tokens=12)
+        assert together == alone
     finally:
         asyncio.run(engine.shutdown())
 

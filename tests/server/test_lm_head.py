@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from server.engine.lm_head import Int8LMHead, use_int8_lm_head
+from tests.support import greedy_alone_and_batched
 
 
 def test_int8_logits_stay_close_to_full_precision():
@@ -43,32 +44,16 @@ def test_only_a_plain_linear_head_is_swapped():
 def test_engine_with_int8_head_decodes_the_same_alone_and_batched(tiny_model_path):
     from server.app import build_engine
     from server.config import Settings
-    from server.engine.base import GenerationRequest, SamplingParams
 
     engine = build_engine(
         Settings(base_model=str(tiny_model_path), quantization="none", lm_head="int8")
     )
     assert isinstance(engine.runner.model.lm_head, Int8LMHead)
     asyncio.run(engine.start())
-
-    def req(prompt):
-        return GenerationRequest(
-            "g",
-            engine.tokenize(prompt),
-            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
-        )
-
-    async def collect(r):
-        return [t async for out in engine.generate(r) for t in out.token_ids]
-
     try:
         prompts = ["Hello world, this is", "One base", "The quick brown fox jumps"]
-        alone = [asyncio.run(collect(req(p))) for p in prompts]
-
-        async def together():
-            return await asyncio.gather(*(collect(req(p)) for p in prompts))
-
-        assert asyncio.run(together()) == alone
+        alone, together = greedy_alone_and_batched(engine, prompts)
+        assert together == alone
         assert len(set(map(tuple, alone))) > 1  # prompts lead somewhere different
     finally:
         asyncio.run(engine.shutdown())
