@@ -219,6 +219,7 @@ class ExperimentService:
             messages=[{"role": "user", "content": question}],  # type: ignore[list-item]
             temperature=arm.temperature,
             max_tokens=arm.max_tokens,
+            stop=arm.stop,
             seed=seed,
             rag=arm.rag,
             stream=True,

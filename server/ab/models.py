@@ -6,7 +6,7 @@ Unlike the OpenAI-mirrored models these refuse unknown fields: a typo such as `a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +38,9 @@ class ArmSpec(Strict):
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
     max_tokens: int | None = Field(None, ge=1, description="Unset = the server's default.")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=4, description="Stop sequences, as in a chat request (up to 4)."
+    )
 
 
 class ExperimentRequest(Strict):

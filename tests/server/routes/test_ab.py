@@ -96,6 +96,22 @@ def test_experiment_end_to_end_and_report(server):
     assert exp["id"] in [e["id"] for e in listed]
 
 
+def test_arms_take_stop_sequences(server):
+    arms = [{"name": "base", "model": "base"}, {"name": "cut", "model": "base", "stop": [" "]}]
+    body = {"questions": QUESTIONS, "arms": arms, "max_tokens": 6}
+    r = httpx.post(f"{server.url}/ab/experiments", json=body)
+    assert r.status_code == 202, r.text
+    done = wait(server, r.json()["id"])
+    assert done["status"] == "completed", done
+    pairs = [[a["answer"] for a in q["answers"]] for q in done["questions"]]
+    for full, cut in pairs:
+        assert " " not in cut and full.startswith(cut)
+    assert any(len(cut) < len(full) for full, cut in pairs), pairs
+    too_many = [{"name": "x", "model": "base", "stop": ["a", "b", "c", "d", "e"]}]
+    r = httpx.post(f"{server.url}/ab/experiments", json={**body, "arms": too_many})
+    assert r.status_code == 400 and "stop" in r.json()["error"]["param"]
+
+
 def test_experiment_cancel_and_restart_marks_interrupted(server, tmp_path):
     from server.ab.experiments import ExperimentService
 
