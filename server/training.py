@@ -22,6 +22,7 @@ from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
 from trainer.jobs import JobConflict, JobManager, build_config
 from trainer.records import TERMINAL
+from trainer.tokens import check_trainable_tokens
 
 if TYPE_CHECKING:
     from server.adapters import AdapterRegistry
@@ -106,7 +107,9 @@ class TrainingService:
         fields["base_model"] = str(self.base_path)
         fields.setdefault("quantization", self.quantization)
         fields.setdefault("device", self.device)
-        build_config(kind, fields)  # raises ConfigError now, not in the worker
+        cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
+        # an explicit token list is checked against this base's tokenizer (loaded once)
+        check_trainable_tokens(cfg.trainable_tokens, self.base_path)
         return fields
 
     def _is_our_base(self, requested: Any) -> bool:

@@ -47,12 +47,18 @@ def build_tokenizer(path: Path):
 
 
 def build_tiny_model(
-    path: Path, *, seed: int = 0, max_position_embeddings: int = 512, tied: bool = False
+    path: Path,
+    *,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a tiny random Gemma 3 causal LM + tokenizer into ``path``.
 
     A larger ``max_position_embeddings`` allows streams long enough to outlast a test's
-    timing window (the shutdown tests cut a stream that must still be running)."""
+    timing window (the shutdown tests cut a stream that must still be running).
+    ``tie_word_embeddings`` shares the input embedding with the output layer, as the bundled
+    Gemma 3 270M does (off by default: see the note on greedy decoding below)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -71,7 +77,7 @@ def build_tiny_model(
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)

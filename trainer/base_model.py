@@ -187,9 +187,11 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
-def _stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+def stop_token_ids(tokenizer: Any, generation_config: Any | None) -> list[int]:
+    """The ids that end a generation: the generation config's eos (an id or a list), the
+    tokenizer's eos, and the chat template's ``<end_of_turn>`` where the vocabulary has it."""
     ids: set[int] = set()
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(generation_config, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
     elif isinstance(eos, list):
@@ -295,6 +297,6 @@ def load_base_model(
         path=path,
         quantization=quantization,
         device=device,
-        stop_token_ids=_stop_token_ids(tokenizer, model),
+        stop_token_ids=stop_token_ids(tokenizer, model.generation_config),
         max_position_embeddings=max_pos,
     )

@@ -56,6 +56,12 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
         default=None,
         help="'all-linear' or a comma-separated list of module names",
     )
+    p.add_argument(
+        "--trainable-tokens",
+        default=None,
+        help="'auto', 'none', or a comma-separated list of token strings or ids "
+        "(e.g. '<end_of_turn>' or '106'). " + helps["trainable_tokens"],
+    )
     p.add_argument("--rslora", action="store_true", default=None, help=helps["use_rslora"])
     p.add_argument("--dora", action="store_true", default=None, help=helps["use_dora"])
     p.add_argument("--lr", type=float, default=None, help=helps["learning_rate"])
@@ -128,7 +134,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.target_modules:
         tm = args.target_modules
         fields["target_modules"] = tm if tm == "all-linear" else [s.strip() for s in tm.split(",")]
+    if args.trainable_tokens is not None:
+        fields["trainable_tokens"] = parse_trainable_tokens(args.trainable_tokens)
     return build_config(args.train_kind, fields)
+
+
+def parse_trainable_tokens(value: str) -> str | list[str | int]:
+    """'auto' / 'none', or a comma list where all-digit entries are ids and the rest token
+    strings (a token that is itself digits or holds a comma needs the JSON config)."""
+    value = value.strip()
+    if value in ("auto", "none"):
+        return value
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    return [int(s) if s.isdigit() else s for s in items]
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -155,6 +173,7 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ensure_chat_template(tokenizer)
     report = dry_run(args.data, tokenizer, config.max_length, args.train_kind)
+    tokens = _dry_run_tokens(config, tokenizer, path, args.data, args.train_kind)
     lengths = report["lengths"]
     print(f"data: {report['path']} (sha256 {report['sha256'][:16]}...)")
     print(f"examples: {report['counts']['examples']} ({report['counts']['format']})")
@@ -167,7 +186,35 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
         f"{report['first_loss_tokens']} carry loss; {report['legend']}"
     )
     print(report["rendered"])
+    print(tokens.describe())
     return 0
+
+
+def _dry_run_tokens(config: Any, tokenizer: Any, path: Path, data_path: Path, kind: str) -> Any:
+    """What ``config.trainable_tokens`` resolves to, as training will resolve it: over the
+    training split (after the eval hold-out), with the model's stop tokens."""
+    from transformers import GenerationConfig
+
+    from trainer.base_model import stop_token_ids
+    from trainer.common import split_eval
+    from trainer.data import Task, load_jsonl
+    from trainer.tokens import config_vocab_size, resolve_trainable_tokens
+
+    task: Task = "dpo" if kind == "dpo" else "sft"
+    data = load_jsonl(data_path, task)
+    eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
+    train_examples, _ = split_eval(data, config, eval_data)
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        generation_config = None
+    return resolve_trainable_tokens(
+        config.trainable_tokens,
+        tokenizer,
+        stop_token_ids=stop_token_ids(tokenizer, generation_config),
+        examples=train_examples,
+        model_vocab_size=config_vocab_size(path),
+    )
 
 
 def _train(args: argparse.Namespace, config: Any) -> int:
@@ -178,6 +225,12 @@ def _train(args: argparse.Namespace, config: Any) -> int:
 
     if not NAME_RE.match(args.name):
         raise ConfigError("name", f"{args.name!r}: use letters, digits, '.', '_' or '-'")
+    if not isinstance(config.trainable_tokens, str):
+        from trainer.base_model import resolve_base_model
+        from trainer.tokens import check_trainable_tokens
+
+        # a token the tokenizer lacks fails now, not after the base model has loaded
+        check_trainable_tokens(config.trainable_tokens, resolve_base_model(config.base_model))
     output_dir = args.output_dir or default_data_dir() / "trained" / args.name
     bar: tqdm | None = None
     eval_bar: tqdm | None = None

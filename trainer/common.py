@@ -27,6 +27,7 @@ from trainer.base_model import (
 from trainer.config import JobConfig
 from trainer.data import Example, LoadedData, prompt_for_generation
 from trainer.metrics import aggregate
+from trainer.tokens import TrainableTokens, model_vocab_size, resolve_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,23 @@ def fix_adapter_dtype(trainer: Any, device: str) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def lora_config(config: JobConfig) -> Any:
+def trainable_tokens_for(
+    config: JobConfig, base: LoadedBaseModel, train_examples: list[Example]
+) -> TrainableTokens:
+    """Resolve ``config.trainable_tokens`` against this base and the training examples;
+    ConfigError (before any training) for a token the tokenizer does not have."""
+    tokens = resolve_trainable_tokens(
+        config.trainable_tokens,
+        base.tokenizer,
+        stop_token_ids=base.stop_token_ids,
+        examples=train_examples,
+        model_vocab_size=model_vocab_size(base.model),
+    )
+    logger.info("%s", tokens.describe())
+    return tokens
+
+
+def lora_config(config: JobConfig, tokens: TrainableTokens | None = None) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -209,9 +226,35 @@ def lora_config(config: JobConfig) -> Any:
         target_modules=config.target_modules,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
+        # Only these rows of the input embedding are trained (and, for a tied model, the
+        # same rows of the output layer); None keeps a plain LoRA, with no key in the file.
+        trainable_token_indices=list(tokens.ids) if tokens and tokens.ids else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def fit_output_layer_to_fused_head(peft_model: Any) -> None:
+    """Let TRL's fused LM head see the trained token rows of a tied output layer.
+
+    TRL's trainers compute the loss from ``get_output_embeddings().weight`` and ``.bias``
+    instead of calling the layer. For a model with tied embeddings PEFT wraps the output
+    layer in a TrainableTokensWrapper, whose ``weight`` already holds the trained rows
+    (gradients flow through it) but which has no ``bias`` while the adapter is active, so
+    the fused head fails. The wrapped layer's own forward applies no bias either: expose
+    the original layer's missing bias as ``None``, which is what both sides compute."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = peft_model.get_output_embeddings()
+    if not isinstance(head, TrainableTokensWrapper):
+        return
+    if getattr(head.original_module, "bias", None) is not None:
+        raise ValueError(
+            "trainable tokens on a tied output layer with a bias are not supported: PEFT's "
+            "wrapper drops the bias; set trainable_tokens to 'none'"
+        )
+    # a plain attribute (no parameter), found before the wrapper's __getattr__ is asked
+    head.bias = None  # type: ignore[assignment]
 
 
 def trainer_args(config: JobConfig, device: str, scratch: Path, gc: bool) -> dict[str, Any]:
@@ -526,8 +569,14 @@ def build_card(
     eval_results: dict[str, Any] | None,
     wall_time_s: float,
     name: str,
+    tokens: TrainableTokens | None = None,
 ) -> dict[str, Any]:
     final = loss_history[-1]["loss"] if loss_history else None
+    hyperparameters = config.to_dict()
+    # What "auto" (or the list) became for this base and data: the rows the file holds.
+    resolved = tokens.to_dict() if tokens else {"ids": [], "tokens": []}
+    hyperparameters["trainable_token_ids"] = resolved["ids"]
+    hyperparameters["trainable_token_strings"] = resolved["tokens"]
     return {
         "card_version": CARD_VERSION,
         "name": name,
@@ -548,13 +597,14 @@ def build_card(
             "eval_file_sha256": eval_data.sha256 if eval_data else None,
             "lengths": asdict(length_report),
         },
-        "hyperparameters": config.to_dict(),
+        "hyperparameters": hyperparameters,
         "lora": {
             "r": config.r,
             "alpha": config.lora_alpha,
             "target_modules": config.target_modules,
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
+            "trainable_token_indices": resolved["ids"],
         },
         "mixed_batch_servable": config.mixed_batch_servable,
         "serving_note": None
@@ -620,6 +670,7 @@ def finish_run(
     started: float,
     should_stop: StopFn | None,
     name: str | None,
+    tokens: TrainableTokens | None = None,
 ) -> TrainResult:
     """The end both methods share: last cancel check, card, adapter folder, result."""
     if should_stop is not None and should_stop():
@@ -639,6 +690,7 @@ def finish_run(
         eval_results=eval_results,
         wall_time_s=wall,
         name=name or output_dir.name,
+        tokens=tokens,
     )
     write_output(peft_model, card, output_dir)
     logger.info("%s adapter written to %s in %.1f s", kind.upper(), output_dir, wall)

@@ -15,6 +15,8 @@ from typing import Any, Self
 QUANTIZATIONS = ("nf4", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MAX_RANK = 256
+TRAINABLE_TOKEN_MODES = ("auto", "none")
+MAX_TRAINABLE_TOKENS = 64
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,16 @@ class JobConfig:
         metadata={
             "help": "Weight-decomposed LoRA (DoRA). Allowed, but a DoRA adapter cannot be served "
             "in a mixed-adapter batch; its card says mixed_batch_servable: false."
+        },
+    )
+    trainable_tokens: str | list[str | int] = field(
+        default="auto",
+        metadata={
+            "help": "Embedding rows trained besides the LoRA layers (the output layer shares "
+            "them when the model ties its embeddings): 'auto' trains the model's stop tokens "
+            "that carry loss in the data (e.g. <end_of_turn> for chat data), so the adapter "
+            "learns to stop; 'none' trains no rows (a plain LoRA); or a list of at most "
+            f"{MAX_TRAINABLE_TOKENS} token strings (as the tokenizer spells them) or ids."
         },
     )
     # -- training loop
@@ -182,6 +194,7 @@ class JobConfig:
             self.target_modules = list(tm)
         else:
             raise ConfigError("target_modules", "must be 'all-linear' or a list of module names")
+        self._validate_trainable_tokens()
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, "must be true or false")
@@ -229,6 +242,38 @@ class JobConfig:
             not is_int(self.eval_max_new_tokens) or self.eval_max_new_tokens < 1
         ):
             raise ConfigError("eval_max_new_tokens", "must be an integer >= 1, or null (auto)")
+
+    def _validate_trainable_tokens(self) -> None:
+        """The shape of the value; whether each token exists needs the tokenizer
+        (``trainer.tokens.explicit_ids``)."""
+        tt = self.trainable_tokens
+        if isinstance(tt, str):
+            if tt not in TRAINABLE_TOKEN_MODES:
+                raise ConfigError(
+                    "trainable_tokens",
+                    f"{tt!r}: use 'auto', 'none' or a list of token strings or ids "
+                    "(a single token is a list of one)",
+                )
+            return
+        if not isinstance(tt, list | tuple) or not tt:
+            raise ConfigError(
+                "trainable_tokens", "must be 'auto', 'none' or a non-empty list of tokens"
+            )
+        if len(tt) > MAX_TRAINABLE_TOKENS:
+            raise ConfigError(
+                "trainable_tokens",
+                f"{len(tt)} tokens: at most {MAX_TRAINABLE_TOKENS}; train fewer rows",
+            )
+        for item in tt:
+            if isinstance(item, int) and not isinstance(item, bool):
+                if item < 0:
+                    raise ConfigError("trainable_tokens", f"token id {item} is negative")
+            elif not isinstance(item, str) or not item:
+                raise ConfigError(
+                    "trainable_tokens",
+                    f"{item!r}: each entry must be a token string or an integer id",
+                )
+        self.trainable_tokens = list(tt)
 
     # -- (de)serialisation: the HTTP request and the job record use the same shape
 

@@ -24,6 +24,7 @@ from trainer.common import (
     check_output_dir,
     eval_generation,
     finish_run,
+    fit_output_layer_to_fused_head,
     fix_adapter_dtype,
     load_base,
     lora_config,
@@ -32,6 +33,7 @@ from trainer.common import (
     quiet_trainer,
     scratch_dir,
     split_eval,
+    trainable_tokens_for,
     trainer_args,
     use_gradient_checkpointing,
 )
@@ -98,6 +100,7 @@ def run_dpo(
     length_report = check_lengths(data, tokenizer, config.max_length)
     if eval_data is not None:
         check_lengths(eval_data, tokenizer, config.max_length)
+    tokens = trainable_tokens_for(config, base, train_examples)
 
     train_ds = Dataset.from_list([_as_trl_row(e) for e in train_examples])
     eval_ds = Dataset.from_list([_as_trl_row(e) for e in eval_examples]) if eval_examples else None
@@ -119,11 +122,12 @@ def run_dpo(
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
-            peft_config=lora_config(config),
+            peft_config=lora_config(config, tokens),
             callbacks=[callback],
         )
         quiet_trainer(trainer)
         fix_adapter_dtype(trainer, base.device)
+        fit_output_layer_to_fused_head(trainer.model)
         logger.info("DPO: %d train / %d eval pairs", len(train_ds), len(eval_examples))
         trainer.train()
         if callback.cancelled:
@@ -168,4 +172,5 @@ def run_dpo(
             started=started,
             should_stop=should_stop,
             name=name,
+            tokens=tokens,
         )

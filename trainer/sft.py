@@ -26,6 +26,7 @@ from trainer.common import (
     check_output_dir,
     eval_generation,
     finish_run,
+    fit_output_layer_to_fused_head,
     fix_adapter_dtype,
     load_base,
     lora_config,
@@ -34,6 +35,7 @@ from trainer.common import (
     quiet_trainer,
     scratch_dir,
     split_eval,
+    trainable_tokens_for,
     trainer_args,
     use_gradient_checkpointing,
 )
@@ -86,6 +88,7 @@ def run_sft(
     length_report = check_lengths(data, tokenizer, config.max_length)
     if eval_data is not None:
         check_lengths(eval_data, tokenizer, config.max_length)
+    tokens = trainable_tokens_for(config, base, train_examples)
 
     def to_dataset(examples):
         rows = []
@@ -108,11 +111,12 @@ def run_sft(
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
-            peft_config=lora_config(config),
+            peft_config=lora_config(config, tokens),
             callbacks=[callback],
         )
         quiet_trainer(trainer)
         fix_adapter_dtype(trainer, base.device)
+        fit_output_layer_to_fused_head(trainer.model)
         logger.info(
             "SFT: %d train / %d eval examples, %d steps",
             len(train_ds),
@@ -160,4 +164,5 @@ def run_sft(
             started=started,
             should_stop=should_stop,
             name=name,
+            tokens=tokens,
         )

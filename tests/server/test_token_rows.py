@@ -36,7 +36,7 @@ def setup(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp(f"token-rows-{request.param}")
     tied = request.param == "tied"
-    model_path = build_tiny_model(root / "model", tied=tied)
+    model_path = build_tiny_model(root / "model", tie_word_embeddings=tied)
     adapters = {
         "eot": build_lora_adapter(
             model_path, root / "eot", r=4, seed=1, trainable_token_indices=[END_OF_TURN]

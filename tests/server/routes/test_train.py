@@ -310,6 +310,19 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
     assert "valid fields" in assert_error(
         submit(server, name="x", data=good, config={"rank": 4}), 400, "config.rank"
     )
+    # trainable token rows: the shape of the value, then each token against the tokenizer
+    for value, needle in (
+        ("all", "'auto', 'none'"),
+        (["<no_such_token>"], "not a token of this tokenizer"),
+        ([10**6], "out of range"),
+    ):
+        msg = assert_error(
+            submit(server, name="x", data=good, config={**CONFIG, "trainable_tokens": value}),
+            400,
+            "config.trainable_tokens",
+            "invalid_config",
+        )
+        assert needle in msg
     r = httpx.post(
         f"{server.url}/train/sft",
         data={"name": "x", "config": "{r: 4"},
