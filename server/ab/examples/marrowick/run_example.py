@@ -82,18 +82,21 @@ def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[
     raise SystemExit(f"the server was not ready after 10 minutes; see {log_path}")
 
 
-def run_experiment(url: str, questions: Path, max_tokens: int, top_k: int) -> dict[str, Any]:
+def run_experiment(
+    url: str, questions: Path, max_tokens: int, top_k: int, stop: list[str]
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     rag = {"collection": COLLECTION, "top_k": top_k}
+    gen = {"stop": stop} if stop else {}
     body = {
         "name": "marrowick: RAG vs RAFT adapter",
         "questions": [json.loads(line) for line in questions.read_text().splitlines() if line],
         "arms": [
-            {"name": "base", "model": "base"},
-            {"name": "base+rag", "model": "base", "rag": rag},
-            {"name": "adapter", "model": ADAPTER},
-            {"name": "adapter+rag", "model": ADAPTER, "rag": rag},
+            {"name": "base", "model": "base", **gen},
+            {"name": "base+rag", "model": "base", "rag": rag, **gen},
+            {"name": "adapter", "model": ADAPTER, **gen},
+            {"name": "adapter+rag", "model": ADAPTER, "rag": rag, **gen},
         ],
         "max_tokens": max_tokens,
     }
@@ -150,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, help="data dir, RAFT data, adapter (default: a temp dir)"
     )
     p.add_argument("--results", type=Path, default=HERE / "results", help="table, charts, report")
-    p.add_argument("--steps", type=int, default=6, help="SFT steps (default 6)")
+    p.add_argument("--steps", type=int, default=40, help="SFT steps (default 40)")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument(
         "--distractors",
         type=int,
@@ -160,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         help="RAFT distractors; the +rag arms retrieve this many + 1 passages (default 1)",
     )
     p.add_argument("--max-tokens", type=int, default=16, help="answer budget per arm")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="stop sequence for every arm (repeatable; default: a newline, since answers are "
+        "one line and the base model never learnt to end a turn); --stop '' for none",
+    )
     p.add_argument("--closed-book", type=float, default=0.5, help="see `swapserve rag raft`")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -214,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"POST /adapters: {r.status_code} {r.text}")
         log(f"registered {ADAPTER}; running the four arms on {url}")
         t = time.monotonic()
-        exp = run_experiment(url, HERE / "questions.jsonl", args.max_tokens, args.distractors + 1)
+        stop = [s for s in (args.stop if args.stop is not None else ["\n"]) if s]
+        exp = run_experiment(
+            url, HERE / "questions.jsonl", args.max_tokens, args.distractors + 1, stop
+        )
         timings["experiment"] = time.monotonic() - t
     finally:
         proc.terminate()
