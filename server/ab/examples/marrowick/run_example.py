@@ -16,7 +16,7 @@ Gemma 3 270M (NF4) and nothing else:
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python server/ab/examples/marrowick/run_example.py
 
 Every step is the command a user would run; the script only strings them together. On 2
-shared CPU cores it took 25 minutes, 15 of them training (--steps sets how many).
+shared CPU cores it took 38 minutes, 32 of them training (--steps sets how many).
 """
 
 from __future__ import annotations
