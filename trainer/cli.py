@@ -77,6 +77,9 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--seed", type=int, default=None, help=helps["seed"])
     if method == "dpo":
         p.add_argument("--beta", type=float, default=None, help=helps["beta"])
+        p.add_argument(
+            "--sft-weight", type=float, default=None, help=helps["sft_weight"], dest="sft_weight"
+        )
     p.add_argument(
         "--config",
         type=Path,
@@ -118,6 +121,7 @@ _FLAG_TO_FIELD = {
     "eval_file": "eval_file",
     "seed": "seed",
     "beta": "beta",
+    "sft_weight": "sft_weight",
 }
 
 

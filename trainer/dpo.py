@@ -55,11 +55,20 @@ class DPOJobConfig(JobConfig):
         default=0.1,
         metadata={"help": "DPO temperature (> 0): higher keeps the adapter closer to the base."},
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight (>= 0) of an SFT loss on the chosen answers added to the DPO loss "
+            "(RPO): the adapter also learns to write them, not only to prefer them. 0 = off."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not is_number(self.beta) or self.beta <= 0:
             raise ConfigError("beta", f"{self.beta!r}: must be a number > 0, e.g. 0.1")
+        if not is_number(self.sft_weight) or not 0 <= self.sft_weight <= 100:
+            raise ConfigError("sft_weight", f"{self.sft_weight!r}: must be a number in [0, 100]")
 
 
 def _as_trl_row(example: Example) -> dict:
@@ -112,6 +121,9 @@ def run_dpo(
         args = DPOConfig(
             **trainer_args(config, base.device, Path(scratch), gc),
             beta=config.beta,
+            # DPO's sigmoid loss, plus TRL's NLL on the chosen answers when asked (RPO)
+            loss_type=["sigmoid", "sft"] if config.sft_weight > 0 else ["sigmoid"],
+            loss_weights=[1.0, config.sft_weight] if config.sft_weight > 0 else None,
             # Dropout makes the policy and reference log-probs of one batch disagree.
             disable_dropout=True,
         )
