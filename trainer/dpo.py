@@ -58,7 +58,7 @@ class DPOJobConfig(JobConfig):
     sft_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight (>= 0) of an SFT loss on the chosen answers added to the DPO loss "
+            "help": "Weight (0-100) of an SFT loss on the chosen answers added to the DPO loss "
             "(RPO): the adapter also learns to write them, not only to prefer them. 0 = off."
         },
     )
