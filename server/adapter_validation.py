@@ -80,27 +80,6 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def validate_adapter_dir(
-    path: Path,
-    *,
-    base_linear_shapes: dict[str, tuple[int, int]],
-    base_names: set[str],
-    max_rank: int,
-    max_bytes: int,
-    base_token_modules: dict[str, tuple[int, int]] | None = None,
-) -> AdapterSpec:
-    """Validate a PEFT LoRA folder against the served base model.
-
-    base_linear_shapes maps every linear module path of the base to (in_features,
-    out_features); base_names are the names the base is known by; base_token_modules maps
-    the input embedding and output layer paths to (rows, dim), where an adapter may carry
-    trained token rows (PEFT's trainable_token_indices)."""
-    spec = _validate(path, base_linear_shapes, base_names, max_rank, max_bytes)
-    header = read_safetensors_header(path / WEIGHTS_FILE)
-    spec.trained_tokens = _check_token_rows(header, spec.config, base_token_modules or {})
-    return spec
-
-
 def _check_token_rows(
     header: dict[str, Any], config: dict[str, Any], token_modules: dict[str, tuple[int, int]]
 ) -> list[int]:
@@ -164,14 +143,21 @@ def _check_token_rows(
     return sorted(every)
 
 
-def _validate(
+def validate_adapter_dir(
     path: Path,
+    *,
     base_linear_shapes: dict[str, tuple[int, int]],
     base_names: set[str],
     max_rank: int,
     max_bytes: int,
+    base_token_modules: dict[str, tuple[int, int]] | None = None,
 ) -> AdapterSpec:
-    """The LoRA part: files, config, rank, base model, target modules and their shapes."""
+    """Validate a PEFT LoRA folder against the served base model.
+
+    base_linear_shapes maps every linear module path of the base to (in_features,
+    out_features); base_names are the names the base is known by; base_token_modules maps
+    the input embedding and output layer paths to (rows, dim), where an adapter may carry
+    trained token rows (PEFT's trainable_token_indices)."""
     if not path.is_dir():
         raise AdapterError(400, f"adapter path {path} is not a folder", "invalid_path", "path")
     pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
@@ -316,4 +302,5 @@ def _validate(
         size_bytes=size,
         use_rslora=bool(config.get("use_rslora")),
         config=config,
+        trained_tokens=_check_token_rows(header, config, base_token_modules or {}),
     )
