@@ -208,3 +208,35 @@ def greedy_alone_and_batched(engine, prompts: list[str], max_tokens: int = 10):
 
     alone = [asyncio.run(collect(req(p))) for p in prompts]
     return alone, asyncio.run(together())
+
+
+def load_causal_lm(path):
+    """A plain transformers model from a folder, in eval mode (a fresh copy per call)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def multi_lora_logits(model, lora, rows: list[str], inputs):
+    """Logits of ``inputs`` repeated once per row, row i under adapter rows[i] (MultiLoRA)."""
+    import torch
+
+    lora.set_rows(rows)
+    try:
+        with torch.inference_mode():
+            return model(inputs.expand(len(rows), -1)).logits
+    finally:
+        lora.clear_rows()
+
+
+def model_with_adapters(model_path, adapters: dict):
+    """A fresh model with the engine's LoRA layers holding every adapter (name -> folder)."""
+    import torch
+
+    from server.engine.lora import MultiLoRA, read_peft_lora
+
+    model = load_causal_lm(model_path)
+    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    for name, path in adapters.items():
+        lora.add(read_peft_lora(name, path))
+    return model, lora

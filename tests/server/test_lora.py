@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from server.engine.base import BASE_ADAPTER
-from server.engine.lora import MultiLoRA, read_peft_lora
+from server.engine.lora import read_peft_lora
+from tests.support import load_causal_lm, model_with_adapters, multi_lora_logits
 from tests.tiny_model import build_lora_adapter
 
 ATOL = 1e-4
@@ -43,12 +44,6 @@ def adapters(tiny_model_path: Path, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _base(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
 @pytest.fixture(scope="module")
 def inputs() -> torch.Tensor:
     return torch.randint(5, 60, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -61,29 +56,17 @@ def reference(tiny_model_path, adapters, inputs) -> dict[str, torch.Tensor]:
 
     out = {}
     with torch.inference_mode():
-        out[BASE_ADAPTER] = _base(tiny_model_path)(inputs).logits[0]
+        out[BASE_ADAPTER] = load_causal_lm(tiny_model_path)(inputs).logits[0]
         for name, path in adapters.items():
-            model = PeftModel.from_pretrained(_base(tiny_model_path), str(path)).eval()
+            model = PeftModel.from_pretrained(load_causal_lm(tiny_model_path), str(path)).eval()
             out[name] = model(inputs).logits[0]
     return out
 
 
-def _ours(model, lora: MultiLoRA, rows: list[str], inputs: torch.Tensor) -> torch.Tensor:
-    lora.set_rows(rows)
-    try:
-        with torch.inference_mode():
-            return model(inputs.expand(len(rows), -1)).logits
-    finally:
-        lora.clear_rows()
-
-
 def test_each_adapter_alone_matches_peft(tiny_model_path, adapters, reference, inputs):
-    model = _base(tiny_model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
-    for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
+    model, lora = model_with_adapters(tiny_model_path, adapters)
     for name in adapters:
-        logits = _ours(model, lora, [name, name], inputs)
+        logits = multi_lora_logits(model, lora, [name, name], inputs)
         for row in logits:
             torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
         # the adapter changes the output: the comparison above is not base vs base
@@ -91,30 +74,24 @@ def test_each_adapter_alone_matches_peft(tiny_model_path, adapters, reference, i
 
 
 def test_mixed_rows_match_peft_row_by_row(tiny_model_path, adapters, reference, inputs):
-    model = _base(tiny_model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
-    for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
+    model, lora = model_with_adapters(tiny_model_path, adapters)
     rows = ["attn-rslora", BASE_ADAPTER, "all", "patterns", "all"]
-    logits = _ours(model, lora, rows, inputs)
+    logits = multi_lora_logits(model, lora, rows, inputs)
     for row, name in zip(logits, rows, strict=True):
         torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
 
 
 def test_removing_adapters_repacks_the_rest(tiny_model_path, adapters, reference, inputs):
-    model = _base(tiny_model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
-    for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
+    model, lora = model_with_adapters(tiny_model_path, adapters)
     assert lora.remove("all") is not None
     rows = ["patterns", "attn-rslora", BASE_ADAPTER]
-    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+    for row, name in zip(multi_lora_logits(model, lora, rows, inputs), rows, strict=True):
         torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
     with pytest.raises(KeyError, match="all"):
         lora.set_rows(["all"])
     lora.remove("patterns")
     lora.remove("attn-rslora")
-    logits = _ours(model, lora, [BASE_ADAPTER], inputs)
+    logits = multi_lora_logits(model, lora, [BASE_ADAPTER], inputs)
     torch.testing.assert_close(logits[0], reference[BASE_ADAPTER], atol=ATOL, rtol=0)
 
 

@@ -16,17 +16,12 @@ import torch
 
 from server.adapter_validation import AdapterError, validate_adapter_dir
 from server.engine.base import BASE_ADAPTER
-from server.engine.lora import MultiLoRA, read_peft_lora
+from server.engine.lora import read_peft_lora
+from tests.support import load_causal_lm, model_with_adapters, multi_lora_logits
 from tests.tiny_model import build_lora_adapter, build_tiny_model
 
 ATOL = 1e-4
 END_OF_TURN, START_OF_TURN = 5, 4  # ids of the tiny tokenizer's special tokens
-
-
-def _base(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -54,28 +49,16 @@ def setup(request, tmp_path_factory):
     inputs = torch.tensor([[2, START_OF_TURN, 40, 41, END_OF_TURN, 42, END_OF_TURN]])
     reference = {}
     with torch.inference_mode():
-        reference[BASE_ADAPTER] = _base(model_path)(inputs).logits[0]
+        reference[BASE_ADAPTER] = load_causal_lm(model_path)(inputs).logits[0]
         for name, path in adapters.items():
-            peft_model = PeftModel.from_pretrained(_base(model_path), str(path)).eval()
+            peft_model = PeftModel.from_pretrained(load_causal_lm(model_path), str(path)).eval()
             reference[name] = peft_model(inputs).logits[0]
     return model_path, adapters, inputs, reference, tied
 
 
-def _ours(model, lora: MultiLoRA, rows: list[str], inputs: torch.Tensor) -> torch.Tensor:
-    lora.set_rows(rows)
-    try:
-        with torch.inference_mode():
-            return model(inputs.expand(len(rows), -1)).logits
-    finally:
-        lora.clear_rows()
-
-
 def test_token_rows_match_peft_alone_and_mixed(setup):
     model_path, adapters, inputs, reference, tied = setup
-    model = _base(model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
-    for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
+    model, lora = model_with_adapters(model_path, adapters)
     # the trained rows matter: without them the adapter's output would differ from PEFT's
     eot = read_peft_lora("eot", adapters["eot"])
     assert list(eot.tokens) == ["model.embed_tokens"]
@@ -84,29 +67,26 @@ def test_token_rows_match_peft_alone_and_mixed(setup):
         delta = (reference["eot"][:, END_OF_TURN] - reference[BASE_ADAPTER][:, END_OF_TURN]).abs()
         assert delta.max() > 1e-2
     for name in ("eot", "two"):
-        for row in _ours(model, lora, [name, name], inputs):
+        for row in multi_lora_logits(model, lora, [name, name], inputs):
             torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
     rows = ["two", BASE_ADAPTER, "eot", "plain", "eot", "two"]
-    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+    for row, name in zip(multi_lora_logits(model, lora, rows, inputs), rows, strict=True):
         torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
 
 
 def test_removing_a_token_adapter_restores_the_base_rows(setup):
     model_path, adapters, inputs, reference, _ = setup
-    model = _base(model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
-    for name in ("eot", "plain"):
-        lora.add(read_peft_lora(name, adapters[name]))
+    model, lora = model_with_adapters(model_path, {n: adapters[n] for n in ("eot", "plain")})
     lora.remove("eot")
     rows = ["plain", BASE_ADAPTER]
-    for row, name in zip(_ours(model, lora, rows, inputs), rows, strict=True):
+    for row, name in zip(multi_lora_logits(model, lora, rows, inputs), rows, strict=True):
         torch.testing.assert_close(row, reference[name], atol=ATOL, rtol=0)
 
 
 def _validate(path: Path, model_path: Path):
     from server.engine.hf import _linear_shapes, _token_modules
 
-    model = _base(model_path)
+    model = load_causal_lm(model_path)
     return validate_adapter_dir(
         path,
         base_linear_shapes=_linear_shapes(model),
