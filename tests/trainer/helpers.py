@@ -56,3 +56,20 @@ def assert_lora_trained(output_dir: Path) -> None:
 def loss_went_down(history: list[dict]) -> bool:
     losses = [h["loss"] for h in history]
     return sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+
+def quick_config(config_cls, model_dir, **overrides):
+    """A job config for a few fast CPU steps on a tiny model, no eval; fields overridable."""
+    fields = dict(
+        base_model=str(model_dir),
+        quantization="none",
+        device="cpu",
+        r=4,
+        learning_rate=1e-2,
+        max_steps=4,
+        batch_size=4,
+        max_length=128,
+        eval_fraction=0.0,
+    )
+    fields.update(overrides)
+    return config_cls(**fields)

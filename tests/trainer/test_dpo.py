@@ -6,6 +6,7 @@ from tests.trainer.helpers import (
     assert_base_unchanged,
     assert_lora_trained,
     loss_went_down,
+    quick_config,
     snapshot_base,
 )
 from trainer.base_model import load_base_model
@@ -57,11 +58,7 @@ def test_dpo_config_and_data_checks(tiny_model_dir, sft_data, tmp_path):
 def test_dpo_with_an_sft_term_adds_the_chosen_answers_nll(tiny_model_dir, dpo_data, tmp_path):
     """sft_weight > 0 (RPO): the loss is DPO's log 2 plus the NLL of the chosen answers at
     the first step, and it goes down; the card records the weight."""
-    config = DPOJobConfig(
-        base_model=str(tiny_model_dir), quantization="none", device="cpu", r=8,
-        learning_rate=1e-2, max_steps=6, batch_size=4, max_length=128, eval_fraction=0.0,
-        sft_weight=1.0,
-    )  # fmt: skip
+    config = quick_config(DPOJobConfig, tiny_model_dir, r=8, max_steps=6, sft_weight=1.0)
     result = run_dpo(config, dpo_data, tmp_path / "rpo")
     first = result.loss_history[0]["loss"]
     assert first > 0.6931 + 1.0, result.loss_history  # log 2 + a random model's NLL

@@ -11,6 +11,7 @@ from tests.trainer.helpers import (
     QA,
     assert_base_unchanged,
     assert_lora_trained,
+    quick_config,
     snapshot_base,
     write_jsonl,
 )
@@ -135,22 +136,6 @@ def test_cli_flag_and_dry_run(tiny_model_dir, sft_data, capsys):
 # --------------------------------------------------------------------------- training
 
 
-def quick(config_cls, model_dir, **overrides):
-    fields = dict(
-        base_model=str(model_dir),
-        quantization="none",
-        device="cpu",
-        r=4,
-        learning_rate=1e-2,
-        max_steps=4,
-        batch_size=4,
-        max_length=128,
-        eval_fraction=0.0,
-    )
-    fields.update(overrides)
-    return config_cls(**fields)
-
-
 def saved(out):
     return load_file(str(out / "adapter_model.safetensors")), json.loads(
         (out / "adapter_config.json").read_text()
@@ -164,7 +149,7 @@ def test_sft_trains_only_the_token_rows_on_an_untied_model(tiny_model_dir, sft_d
     row_before = base.model.get_input_embeddings().weight[eot].detach().clone()
     out = tmp_path / "adapter"
 
-    result = run_sft(quick(SFTJobConfig, tiny_model_dir), sft_data, out, base=base)
+    result = run_sft(quick_config(SFTJobConfig, tiny_model_dir), sft_data, out, base=base)
 
     assert_base_unchanged(snapshot)  # the embedding and the output layer included
     assert_lora_trained(out)
@@ -189,7 +174,7 @@ def test_sft_trains_only_the_token_rows_on_an_untied_model(tiny_model_dir, sft_d
 
 def test_none_gives_a_plain_lora(tiny_model_dir, sft_data, tmp_path):
     out = tmp_path / "plain"
-    config = quick(SFTJobConfig, tiny_model_dir, trainable_tokens="none", max_steps=2)
+    config = quick_config(SFTJobConfig, tiny_model_dir, trainable_tokens="none", max_steps=2)
     run_sft(config, sft_data, out)
     tensors, adapter_config = saved(out)
     assert adapter_config["trainable_token_indices"] is None
@@ -214,7 +199,7 @@ def test_tied_qlora_sft_trains_rows_the_output_layer_shares(
     row_before = base.model.get_input_embeddings().weight[eot].detach().float().clone()
     out = tmp_path / "tied"
 
-    config = quick(SFTJobConfig, tiny_tied_model_dir, quantization="nf4")
+    config = quick_config(SFTJobConfig, tiny_tied_model_dir, quantization="nf4")
     result = run_sft(config, sft_data, out, base=base)
 
     assert_base_unchanged(snapshot)
@@ -244,7 +229,9 @@ def test_disabled_adapter_is_the_base_on_a_tied_model(tiny_tied_model_dir, sft_d
     ids, _ = batch_of(base.tokenizer, sft_data)
     with torch.no_grad():
         before = base.model(input_ids=ids).logits.clone()
-    result = run_sft(quick(SFTJobConfig, tiny_tied_model_dir), sft_data, tmp_path / "a", base=base)
+    result = run_sft(
+        quick_config(SFTJobConfig, tiny_tied_model_dir), sft_data, tmp_path / "a", base=base
+    )
     model = result.model.eval()
     with torch.no_grad(), model.disable_adapter():
         disabled = model(input_ids=ids).logits
@@ -261,7 +248,7 @@ def test_tied_qlora_dpo_trains_the_token_rows(tiny_tied_model_dir, dpo_data, tmp
     row_before = base.model.get_input_embeddings().weight[eot].detach().float().clone()
     out = tmp_path / "dpo"
 
-    config = quick(DPOJobConfig, tiny_tied_model_dir, quantization="nf4")
+    config = quick_config(DPOJobConfig, tiny_tied_model_dir, quantization="nf4")
     result = run_dpo(config, dpo_data, out, base=base)
 
     assert_base_unchanged(snapshot)
