@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -529,6 +528,14 @@ def prompt_for_generation(example: Example, tokenizer: Any) -> tuple[str, bool]:
     return str(example.prompt), False
 
 
+def tokenize_example(example: Example, tokenizer: Any) -> tuple[Tokenized, ...]:
+    """The sequences training sees for one example, masked as in training: an SFT example,
+    or both answers of a preference pair (DPO's loss runs over chosen and rejected)."""
+    if example.format == "preference":
+        return tokenize_preference(example, tokenizer)
+    return (tokenize_sft(example, tokenizer),)
+
+
 # --------------------------------------------------------------------------- lengths
 
 
@@ -540,11 +547,7 @@ def check_lengths(data: LoadedData, tokenizer: Any, max_length: int) -> LengthRe
     truncated: list[int] = []
     for example in data.examples:
         try:
-            seqs: Iterable[Tokenized]
-            if example.format == "preference":
-                seqs = tokenize_preference(example, tokenizer)
-            else:
-                seqs = (tokenize_sft(example, tokenizer),)
+            seqs = tokenize_example(example, tokenizer)
         except ValueError as exc:
             problems.append(Problem(example.line, "", str(exc)))
             continue

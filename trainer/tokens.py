@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError
-from trainer.data import Example, Tokenized, tokenize_preference, tokenize_sft
+from trainer.data import Example, Tokenized, tokenize_example
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,9 @@ def loss_token_ids(sequences: Iterable[Tokenized]) -> set[int]:
 
 
 def training_sequences(examples: Iterable[Example], tokenizer: Any) -> Iterable[Tokenized]:
-    """The sequences the optimiser sees, masked as in training: SFT examples, or both answers
-    of a preference pair (DPO's loss runs over chosen and rejected)."""
+    """The sequences the optimiser sees, masked as in training."""
     for example in examples:
-        if example.format == "preference":
-            yield from tokenize_preference(example, tokenizer)
-        else:
-            yield tokenize_sft(example, tokenizer)
+        yield from tokenize_example(example, tokenizer)
 
 
 def resolve_trainable_tokens(
