@@ -18,6 +18,7 @@ from server.auth import require_scope as scope
 from server.config import Settings
 from server.drain import Drain, DrainMiddleware
 from server.engine.base import Engine
+from server.engine.factory import build_engine
 from server.errors import (
     BodyLimitMiddleware,
     RequestIdMiddleware,
@@ -38,36 +39,6 @@ from server.training import TrainingService
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], Engine]
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The engine named by the settings, on the one shared base-model loader."""
-    if settings.engine == "vllm":
-        raise ValueError("the vllm engine is not available in this build; use engine=hf")
-    from server.engine.hf import HFEngine
-    from trainer.base_model import load_base_model, native_bf16
-
-    loaded = load_base_model(
-        settings.base_model,
-        quantization=settings.quantization,
-        device=settings.device,
-        cache_dir=settings.cache_dir,
-    )
-    int8_lm_head = settings.lm_head == "int8" or (
-        settings.lm_head == "auto"
-        and settings.quantization == "nf4"
-        and loaded.device == "cpu"
-        and not native_bf16("cpu")
-    )
-    return HFEngine(
-        loaded,
-        int8_lm_head=int8_lm_head,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        max_queue=settings.max_queue,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        request_timeout_s=settings.request_timeout_s,
-    )
 
 
 def create_app(

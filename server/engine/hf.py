@@ -16,7 +16,7 @@ from server.engine.base import (
 from server.engine.lm_head import use_int8_lm_head
 from server.engine.lora import LoRAWeights, read_peft_lora
 from server.engine.runner import ModelRunner
-from server.scheduler import Scheduler, new_sequences
+from server.engine.scheduler import Scheduler, new_sequences
 from trainer.base_model import LoadedBaseModel
 
 logger = logging.getLogger(__name__)

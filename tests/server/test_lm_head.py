@@ -42,8 +42,8 @@ def test_only_a_plain_linear_head_is_swapped():
 
 
 def test_engine_with_int8_head_decodes_the_same_alone_and_batched(tiny_model_path):
-    from server.app import build_engine
     from server.config import Settings
+    from server.engine.factory import build_engine
 
     engine = build_engine(
         Settings(base_model=str(tiny_model_path), quantization="none", lm_head="int8")
@@ -60,8 +60,8 @@ def test_engine_with_int8_head_decodes_the_same_alone_and_batched(tiny_model_pat
 
 
 def test_auto_keeps_the_head_of_an_unquantized_model(tiny_model_path):
-    from server.app import build_engine
     from server.config import Settings
+    from server.engine.factory import build_engine
 
     engine = build_engine(Settings(base_model=str(tiny_model_path), quantization="none"))
     assert isinstance(engine.runner.model.lm_head, nn.Linear)
