@@ -104,6 +104,9 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     user: str | None = None
     logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+    # Fields below this line are refused unless their value is one this server honours
+    # (server/request_fields.py says which): declared, so /openapi.json shows them.
     # vLLM's extension, for benchmarks: decode exactly max_tokens, ignoring end-of-sequence
     ignore_eos: bool = False
 
@@ -130,6 +133,27 @@ class SamplingFields(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
     rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from server import request_fields
 from server.adapter_validation import AdapterError
 from server.engine.base import Engine, EngineError, GenerationOutput, GenerationRequest
 from server.engine.base import SamplingParams as EngineSampling
@@ -119,8 +120,16 @@ class OpenAIServing:
     def _check_common(self, req: SamplingFields) -> str | None:
         if req.unknown_fields:
             logger.info("ignoring unknown request fields: %s", ", ".join(req.unknown_fields))
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        rules = (
+            request_fields.CHAT
+            if isinstance(req, ChatCompletionRequest)
+            else (request_fields.COMPLETIONS)
+        )
+        refused = request_fields.refused_field(
+            req.model_dump(include={r.name for r in rules}), rules
+        )
+        if refused is not None:
+            raise APIError(400, refused.reason, param=refused.name, code="unsupported_field")
         if req.n > self.max_n:
             raise APIError(400, f"n must be at most {self.max_n}", param="n")
         if req.stream_options is not None and not req.stream:
@@ -191,12 +200,6 @@ class OpenAIServing:
         self, req: CompletionRequest, prompt_override: str | None = None
     ) -> Prepared:
         adapter = self._check_common(req)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of not in (None, 1):
-            raise APIError(400, "best_of is not supported", param="best_of")
         prompts = completion_prompts(req.prompt)
         if prompt_override is not None:
             prompts = [prompt_override]
@@ -540,6 +543,13 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
             text = message.text()
         except ValueError as exc:
             raise APIError(400, str(exc), param=f"messages.{i}.content") from exc
+        if (message.model_extra or {}).get("tool_calls"):
+            raise APIError(
+                400,
+                "assistant messages with tool_calls are not supported by this server yet",
+                param=f"messages.{i}.tool_calls",
+                code="unsupported_field",
+            )
         role = {"developer": "system", "tool": "user"}.get(message.role, message.role)
         out.append({"role": role, "content": text})
     return out

@@ -1,0 +1,143 @@
+"""Every OpenAI request field is honoured or refused by name: never silently ignored.
+
+Sent through the real `openai` SDK where it has the argument, so the field arrives the
+way a client sends it.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from server.request_fields import ACCEPTED_HINTS, CHAT, COMPLETIONS
+from tests.server.routes.test_openai import assert_error, post
+
+MESSAGES = [{"role": "user", "content": "Hello world"}]
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
+
+# chat field -> a value a client would send that this server does not honour yet
+CHAT_REFUSED = {
+    "logit_bias": {"42": 5.0},
+    "logprobs": True,
+    "top_logprobs": 3,
+    "response_format": {"type": "json_object"},
+    "tools": [TOOL],
+    "tool_choice": "required",
+    "functions": [TOOL["function"]],
+    "function_call": "auto",
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "web_search_options": {},
+    "moderation": {"policy": {"input": {"mode": "block"}}},
+    "store": True,
+    "service_tier": "flex",
+}
+
+COMPLETION_REFUSED = {
+    "logit_bias": {"42": 5.0},
+    "logprobs": 2,
+    "echo": True,
+    "suffix": "end",
+    "best_of": 3,
+}
+
+
+def test_the_table_covers_the_cases():
+    assert {r.name for r in CHAT} == set(CHAT_REFUSED)
+    assert {r.name for r in COMPLETIONS} == set(COMPLETION_REFUSED)
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_REFUSED))
+def test_chat_field_refused_by_name(tiny_server, name):
+    client = tiny_server.openai()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="base", messages=MESSAGES, max_tokens=2, extra_body={name: CHAT_REFUSED[name]}
+        )
+    assert err.value.body["param"] == name
+    assert err.value.body["code"] == "unsupported_field"
+    assert name in err.value.body["message"]
+
+
+@pytest.mark.parametrize("name", sorted(COMPLETION_REFUSED))
+def test_completion_field_refused_by_name(tiny_server, name):
+    r = post(
+        tiny_server,
+        "/v1/completions",
+        {"model": "base", "prompt": "x", "max_tokens": 2, name: COMPLETION_REFUSED[name]},
+    )
+    assert_error(r, 400, name, code="unsupported_field")
+
+
+def test_sdk_parse_is_refused_not_answered_with_free_text(tiny_server):
+    """`chat.completions.parse` sends a json_schema response_format: a 400, not prose."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+
+    client = tiny_server.openai()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.parse(
+            model="base", messages=MESSAGES, max_tokens=4, response_format=Answer
+        )
+    assert err.value.body["param"] == "response_format"
+
+
+def test_refused_stream_answers_400_before_any_chunk(tiny_server):
+    client = tiny_server.openai()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="base",
+            messages=MESSAGES,
+            max_tokens=2,
+            stream=True,
+            tools=[TOOL],
+            tool_choice="required",
+        )
+
+
+def test_assistant_tool_calls_in_history_are_refused(tiny_server):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    r = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {
+            "model": "base",
+            "max_tokens": 2,
+            "messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        },
+    )
+    assert_error(r, 400, "messages.1.tool_calls", code="unsupported_field")
+
+
+def test_honoured_values_and_hints_are_accepted(tiny_server):
+    """The values that change nothing (text format, tool_choice none, the default tier)
+    and the labelling/caching hints answer 200."""
+    client = tiny_server.openai()
+    r = client.chat.completions.create(
+        model="base",
+        messages=MESSAGES,
+        max_tokens=2,
+        response_format={"type": "text"},
+        tool_choice="none",
+        modalities=["text"],
+        service_tier="auto",
+        store=False,
+        logprobs=False,
+        metadata={"team": "search"},
+        user="u-1",
+        parallel_tool_calls=False,
+        prompt_cache_key="k",
+        safety_identifier="s",
+    )
+    assert r.choices[0].message.content is not None
+    assert set(ACCEPTED_HINTS) >= {"user", "metadata", "prompt_cache_key"}
+    r2 = client.completions.create(model="base", prompt="x", max_tokens=2, best_of=1, echo=False)
+    assert r2.choices[0].text is not None
