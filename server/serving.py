@@ -102,12 +102,15 @@ class OpenAIServing:
         request_timeout_s: float,
         lease: AdapterLease = _no_adapters,
         abort: AbortFlag | None = None,
+        context_tokens: Callable[[str | None], int] = lambda adapter: 0,
     ):
         self.engine = engine
         # set at the end of the shutdown grace (server/drain.py): running generations end
         # with finish_reason "abort"
         self.abort = abort
         self.lease = lease
+        # positions of the context an adapter takes before every prompt (virtual tokens)
+        self.context_tokens = context_tokens
         self.resolve_model = resolve_model
         self.metrics = metrics
         self.max_model_len = max_model_len
@@ -138,13 +141,18 @@ class OpenAIServing:
             )
         return self.resolve_model(req.model)
 
-    def _sampling(self, req: SamplingFields, prompt_tokens: int, param: str) -> EngineSampling:
-        room = self.max_model_len - prompt_tokens
+    def _sampling(
+        self, req: SamplingFields, prompt_tokens: int, param: str, adapter: str | None = None
+    ) -> EngineSampling:
+        reserved = self.context_tokens(adapter) if adapter else 0
+        room = self.max_model_len - prompt_tokens - reserved
+        # the adapter's virtual tokens count as prompt: the model sees them as such
+        also = f" (and the adapter adds {reserved} virtual tokens)" if reserved else ""
         if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your prompt has {prompt_tokens} tokens. Please shorten it.",
+                f"your prompt has {prompt_tokens} tokens{also}. Please shorten it.",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -155,8 +163,9 @@ class OpenAIServing:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, you requested {prompt_tokens + req.max_tokens} tokens "
-                    f"({prompt_tokens} in the prompt, {req.max_tokens} for the completion). "
+                    f"However, you requested {prompt_tokens + reserved + req.max_tokens} tokens "
+                    f"({prompt_tokens} in the prompt{also}, {req.max_tokens} for the "
+                    "completion). "
                     "Please reduce the prompt or max_tokens.",
                     param="max_tokens",
                     code="context_length_exceeded",
@@ -193,7 +202,7 @@ class OpenAIServing:
             model=req.model,
             adapter=adapter,
             prompts=[ids],
-            sampling=self._sampling(req, len(ids), "messages"),
+            sampling=self._sampling(req, len(ids), "messages", adapter),
         )
 
     def prepare_completion(
@@ -221,7 +230,7 @@ class OpenAIServing:
                     )
             token_lists.append(ids)
         longest = max(len(t) for t in token_lists)
-        sampling = self._sampling(req, longest, "prompt")
+        sampling = self._sampling(req, longest, "prompt", adapter)
         if len(token_lists) * req.n > self.max_n:
             raise APIError(400, f"prompts x n must be at most {self.max_n}", param="prompt")
         return Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)

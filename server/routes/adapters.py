@@ -35,7 +35,10 @@ RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 
 class RegisterAdapter(BaseModel):
     name: str = Field(description="The `model` id clients will use for this adapter.")
-    path: str = Field(description="A PEFT LoRA folder on the server's file system.")
+    path: str = Field(
+        description="A PEFT adapter folder on the server's file system (LoRA, IA3, prompt "
+        "tuning, P-tuning, prefix tuning, LN tuning or trainable tokens)."
+    )
     replace: bool = Field(False, description="Replace an adapter of the same name.")
 
 
@@ -46,10 +49,27 @@ class AdapterInfo(BaseModel):
     name: str
     parent: str
     path: str
-    rank: int
+    kind: str = Field(
+        "lora",
+        description="the adapter's method: lora, ia3, prompt_tuning, p_tuning, prefix_tuning, "
+        "ln_tuning or trainable_tokens (PEFT's peft_type, lower-cased)",
+    )
+    peft_type: str = "LORA"
+    parameters: int = Field(0, description="trained numbers the adapter applies")
+    rank: int | None = Field(None, description="LoRA's largest rank; null for other kinds")
+    virtual_tokens: int = Field(
+        0,
+        description="context positions every request gives up to the adapter's virtual "
+        "tokens or KV prefix (prompt tuning, P-tuning, prefix tuning)",
+    )
     target_modules: list[str]
     trained_tokens: list[int] = Field(
         default_factory=list, description="token ids whose embedding rows the adapter trained"
+    )
+    base_check: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="what its base_model_name_or_path says: status matches, "
+        "same_architecture, unverified (a name this server cannot judge) or none",
     )
     size_bytes: int
     location: str
@@ -154,6 +174,14 @@ async def delete_adapter(name: str, registry: RegistryDep) -> Deleted:
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
 async def vllm_load(body: LoadLoRA, registry: RegistryDep) -> str:
+    if not Path(body.lora_path).expanduser().exists():
+        # vLLM answers a path that does not exist with 404 (its tooling reads it so)
+        raise AdapterError(
+            404,
+            f"Loading lora {body.lora_name} failed: No adapter found for {body.lora_path}",
+            "adapter_not_found",
+            "lora_path",
+        )
     await registry.register_path(body.lora_name, Path(body.lora_path), replace=body.load_inplace)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
