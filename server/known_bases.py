@@ -93,9 +93,12 @@ _COPY_SUFFIXES = re.compile(
 
 def normalize(name: str) -> str:
     """'unsloth/gemma-3-270m-it-unsloth-bnb-4bit' -> 'gemma-3-270m-it'; a folder path -> its
-    last component."""
+    last component; a Hugging Face cache path ('.../models--google--gemma-3-270m/snapshots/
+    <commit>') -> the model's name."""
     text = str(name).strip().rstrip("/\\")
-    last = PureWindowsPath(text).name if "\\" in text else PurePosixPath(text).name
+    path = PureWindowsPath(text) if "\\" in text else PurePosixPath(text)
+    cached = [p for p in path.parts if p.startswith("models--")]
+    last = cached[-1].rsplit("--", 1)[-1] if cached else path.name
     short = last.lower()
     previous = None
     while previous != short:

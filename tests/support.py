@@ -256,3 +256,19 @@ def read_adapter(name: str, path, dtype=None):
     kind = kind_for(config["peft_type"])
     assert kind is not None, config["peft_type"]
     return kind.read(name, Path(path), dtype or torch.float32)
+
+
+def peft_greedy(model_path, adapter, prompt_ids: list[int], n: int) -> list[int]:
+    """PEFT's greedy continuation (``adapter`` None: the base): its forward over the whole
+    sequence at every step, no cache, as the reference for served tokens."""
+    import torch
+    from peft import PeftModel
+
+    model = load_causal_lm(model_path)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]

@@ -119,7 +119,7 @@ def build_lora_adapter(
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 param.normal_(0.0, 0.5)
             elif "trainable_tokens_delta" in name:  # PEFT starts these at the base's rows
                 param.add_(torch.randn_like(param))

@@ -16,6 +16,7 @@ from server.engine.base import (
 )
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
+from server.engine.kinds.lora import base_weight
 from server.engine.lm_head import use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
@@ -190,6 +191,7 @@ class HFEngine:
             vocab_size=int(self._info.vocab_size or 0),
             max_model_len=self.max_model_len,
             names=frozenset(self.base_names()),
+            weight=lambda module: base_weight(self.loaded.model, module),
         )
 
     def has_adapter(self, name: str) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +54,9 @@ class BaseModelShape:
     vocab_size: int = 0
     max_model_len: int = 0
     names: frozenset[str] = frozenset()  # names the base is known by
+    # the base's own float weight of a module (None: not at hand), for an adapter file that
+    # restates a whole base layer; the one look at base tensors validation takes
+    weight: Callable[[str], Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

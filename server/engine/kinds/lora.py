@@ -153,8 +153,9 @@ def _rank(config: dict[str, Any]) -> tuple[int, float]:
 def _check_restated(
     file: AdapterFile, base: BaseModelShape, keys: dict[str, str], reasons: dict[str, str]
 ) -> dict[str, str]:
-    """Whole base layers in the file: the input embedding or output layer at the base's
-    shape may restate the base (checked at load); anything else is named in the refusal."""
+    """Whole base layers in the file (PEFT's save_embedding_layers): the input embedding or
+    output layer, equal to the base's own, is applied by being it; anything else is named
+    in the refusal."""
     restated = {}
     for key, module in keys.items():
         shape = file.shape(key)
@@ -169,9 +170,40 @@ def _check_restated(
                 f"a whole {module} of shape {shape} where the base's is {list(expected)} "
                 "(a resized vocabulary: the adapter added tokens the base does not have)"
             )
+        elif base.weight is None:
+            restated[key] = module  # compared with the base's at load
         else:
-            restated[key] = module
+            own = base.weight(module)
+            if own is None:
+                reasons[key] = (
+                    f"a whole {module}, which this server cannot compare with its base's (the "
+                    "output layer is held in int8): only a copy equal to the base is applied"
+                )
+            elif not same_weight(_tensor(file, key), own):
+                reasons[key] = (
+                    f"a whole {module} that differs from the base's (a trained embedding or "
+                    "output layer, as modules_to_save writes it), which cannot be mixed per "
+                    "row; train LoRA on it, or trainable_token_indices for a few token rows"
+                )
+            else:
+                restated[key] = module  # the base's own value: applied by being it
     return restated
+
+
+def _tensor(file: AdapterFile, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file.path / WEIGHTS_FILE), "pt") as f:
+        return f.get_tensor(key)
+
+
+def same_weight(tensor: torch.Tensor, base: torch.Tensor) -> bool:
+    """Equal to the base's weight, compared in the coarser of the two dtypes (a float32 copy
+    of a bfloat16 base is the base)."""
+    if tuple(tensor.shape) != tuple(base.shape):
+        return False
+    low = base.dtype if base.element_size() <= tensor.element_size() else tensor.dtype
+    return torch.equal(tensor.to(low).cpu(), base.detach().to(low).cpu())
 
 
 class LoRAKind:
@@ -490,12 +522,8 @@ class LoRARows:
     def _check_restated(self, weights: LoRAWeights) -> None:
         differ = []
         for module, tensor in weights.restated.items():
-            base = _base_weight(self.model, module)
-            if base is None or base.shape != tensor.shape:
-                differ.append(module)
-                continue
-            low = base.dtype if base.element_size() <= tensor.element_size() else tensor.dtype
-            if not torch.equal(tensor.to(low).cpu(), base.detach().to(low).cpu()):
+            base = base_weight(self.model, module)
+            if base is None or not same_weight(tensor, base):
                 differ.append(module)
         if differ:
             raise AdapterError(
@@ -575,7 +603,7 @@ class LoRARows:
             self.current = _Plan(single=None, single_name=None, mask=mask.to(self.device))
 
 
-def _base_weight(model: nn.Module, module: str) -> torch.Tensor | None:
+def base_weight(model: nn.Module, module: str) -> torch.Tensor | None:
     """The float weight of a base module, looking through our wrappers; an int8 output
     layer of a tied model shares the input embedding's weight."""
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.server.test_adapter_kinds import _configs
-from tests.support import load_causal_lm, start_live_server
+from tests.support import peft_greedy, start_live_server
 from tests.tiny_model import build_lora_adapter, build_peft_adapter
 
 PROMPT = "Hello world, this is"
@@ -68,20 +68,6 @@ def complete(client, model, max_tokens=10, prompt=PROMPT):
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
         extra_body={"ignore_eos": True},
     )  # fmt: skip
-
-
-def peft_greedy(model_path, adapter: Path | None, prompt_ids: list[int], n: int) -> list[int]:
-    """PEFT's greedy continuation: its forward over the whole sequence at every step."""
-    from peft import PeftModel
-
-    model = load_causal_lm(model_path)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    ids = list(prompt_ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
 
 
 EXPECTED_KIND = {
