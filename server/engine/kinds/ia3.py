@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,8 @@ class IA3Kind:
     def read(self, name: str, path: Path, dtype: torch.dtype) -> IA3Weights:
         from safetensors.torch import load_file
 
-        inputs, outputs = {}, {}
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for key, tensor in load_file(str(path / WEIGHTS_FILE)).items():
             module = ia3_key_module(key)
             if module is None:
@@ -116,7 +118,7 @@ class IA3Weights:
 class IA3Linear(nn.Module):
     """A linear layer whose input and/or output each row's IA3 vector rescales."""
 
-    def __init__(self, base: nn.Module, owner: IA3Rows):
+    def __init__(self, base: Any, owner: IA3Rows):
         super().__init__()
         self.base = base
         self.in_features = int(base.in_features)
@@ -166,7 +168,7 @@ class IA3Rows:
     def _pack(self) -> None:
         slots = len(self.adapters) + 1
         for module, layer in self.layers.items():
-            tables = {}
+            tables: dict[str, torch.Tensor | None] = {}
             for side, width in (("inputs", layer.in_features), ("outputs", layer.out_features)):
                 if not any(module in getattr(w, side) for w in self.adapters.values()):
                     tables[side] = None

@@ -422,7 +422,7 @@ class _Plan:
 class LoRALinear(nn.Module):
     """A base linear layer plus the packed LoRA blocks of every resident adapter."""
 
-    def __init__(self, base: nn.Module, owner: LoRARows):
+    def __init__(self, base: Any, owner: LoRARows):
         super().__init__()
         self.base = base
         self.in_features = int(base.in_features)
@@ -454,7 +454,7 @@ class LoRALinear(nn.Module):
 class LoRAEmbedding(LoRALinear):
     """An embedding plus packed LoRA blocks: A^T (vocab, R) is looked up by token id."""
 
-    def __init__(self, base: nn.Module, owner: LoRARows):
+    def __init__(self, base: Any, owner: LoRARows):
         nn.Module.__init__(self)
         self.base = base
         weight = base.weight
@@ -596,9 +596,9 @@ class LoRARows:
         else:
             total = sum(rank for _, rank in self.offsets.values())
             mask = torch.zeros(len(rows), 1, total, dtype=self.dtype)
-            for row, name in enumerate(rows):
-                if name is not None:
-                    off, rank = self.offsets[name]
+            for row, row_name in enumerate(rows):
+                if row_name is not None:
+                    off, rank = self.offsets[row_name]
                     mask[row, 0, off : off + rank] = 1
             self.current = _Plan(single=None, single_name=None, mask=mask.to(self.device))
 

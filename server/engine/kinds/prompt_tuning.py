@@ -161,7 +161,7 @@ class VirtualTokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
         owner = self._owner[0]
-        if owner.row_count is None or owner.table is None:
+        if owner.row_count is None or owner.row_offset is None or owner.table is None:
             return out
         start = owner.input_start
         seq = input_ids.shape[1]

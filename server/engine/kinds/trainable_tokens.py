@@ -317,7 +317,7 @@ class TokenRows:
             layer.rows = torch.cat(rows).to(self.device, self.dtype)
 
 
-def _is_or_wraps(module: nn.Module, target: nn.Module) -> bool:
+def _is_or_wraps(module: Any, target: nn.Module) -> bool:
     while module is not None:
         if module is target:
             return True
