@@ -56,6 +56,8 @@ def _configs():
             task_type=lm, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24
         ),
         "ln": LNTuningConfig(task_type=lm),
+        # PEFT lets LN tuning copy any layer: here a linear one that LoRA and IA3 also wrap
+        "ln-linear": LNTuningConfig(task_type=lm, target_modules=["q_proj", "down_proj", "norm"]),
         "tokens": TrainableTokensConfig(token_indices=[40, 41, 5]),
     }
 

@@ -79,6 +79,7 @@ EXPECTED_KIND = {
     "prefix": "prefix_tuning",
     "prefix-proj": "prefix_tuning",
     "ln": "ln_tuning",
+    "ln-linear": "ln_tuning",
     "tokens": "trainable_tokens",
     "lora": "lora",
 }
