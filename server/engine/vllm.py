@@ -108,16 +108,18 @@ class _Lora:
 
 
 def _token_rows(path: Path) -> list[str]:
-    """Trained token rows (PEFT's trainable_token_indices) in an adapter folder."""
+    """The modules an adapter folder carries trained token rows for (PEFT's
+    trainable_token_indices), e.g. ['model.embed_tokens']."""
     from server.adapter_validation import WEIGHTS_FILE, read_safetensors_header
     from server.engine.peft_format import token_key_module
 
-    found = {token_key_module(k) for k in read_safetensors_header(path / WEIGHTS_FILE)}
-    found.discard(None)
-    config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("trainable_token_indices"):
-        found.add("trainable_token_indices")
-    return sorted(m for m in found if m)
+    header = read_safetensors_header(path / WEIGHTS_FILE)
+    found = sorted({m for m in map(token_key_module, header) if m})
+    if not found and json.loads((path / "adapter_config.json").read_text()).get(
+        "trainable_token_indices"
+    ):
+        found = ["trainable_token_indices"]
+    return found
 
 
 def _write_zero_adapter(path: Path, module: str, in_f: int, out_f: int) -> Path:
@@ -319,9 +321,7 @@ class VLLMEngine:
         adapter there instead, which gives the base model's output exactly."""
         from vllm.lora.request import LoRARequest
 
-        module = next(
-            m for m in sorted(self._linear_shapes) if m.endswith(("o_proj", "down_proj"))
-        )
+        module = next(m for m in sorted(self._linear_shapes) if m.endswith(("o_proj", "down_proj")))
         in_f, out_f = self._linear_shapes[module]
         path = _write_zero_adapter(Path(self._tmp.name) / "zero", module, in_f, out_f)
         self._zero = LoRARequest(_ZERO_ADAPTER, next(self._ids), str(path))
@@ -377,9 +377,10 @@ class VLLMEngine:
         rows = await asyncio.to_thread(_token_rows, path)
         if rows:
             raise UnsupportedAdapterError(
-                "the adapter carries trained token rows (trainable_token_indices: "
-                f"{', '.join(rows)}), which the vllm engine cannot apply; the hf engine "
-                "serves them. Retrain with trainable_tokens 'none' to serve it on vllm."
+                f"the adapter carries trained token rows ({', '.join(rows)}: PEFT's "
+                "trainable_token_indices), which the vllm engine cannot apply per request; "
+                "the hf engine serves them. Retrain with trainable_tokens 'none' to serve it "
+                "on vllm."
             )
         lora = _Lora(next(self._ids), path)
         request = LoRARequest(name, lora.int_id, str(path))

@@ -260,6 +260,45 @@ def test_trained_token_rows_are_served_or_refused_saying_why(server, adapter_dir
         assert "rows" not in {m.id for m in srv.openai().models.list().data}
 
 
+def test_a_training_job_registers_its_adapter_live(server):
+    """The trainer (transformers + PEFT, in the server's environment) trains; its adapter
+    is registered and served by name, on either engine."""
+    from tests.trainer.helpers import QA, house
+
+    engine, srv = server
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": house(a)}]}
+        for q, a in QA
+    ]
+    config = {"r": 4, "learning_rate": 1e-2, "max_steps": 2, "batch_size": 4}
+    config |= {"max_length": 128, "eval_fraction": 0.0, "device": "cpu"}
+    if engine == "vllm":  # trained token rows cannot be served there: refused before training
+        r = httpx.post(
+            f"{srv.url}/train/sft",
+            json={"name": "t", "data": rows, "config": {**config, "trainable_tokens": "auto"}},
+            timeout=60,
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "config.trainable_tokens"
+    r = httpx.post(
+        f"{srv.url}/train/sft", json={"name": "trained", "data": rows, "config": config}, timeout=60
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        record = httpx.get(f"{srv.url}/train/jobs/{job_id}", timeout=30).json()
+        if record["state"] != "succeeded" and record["state"] in ("failed", "cancelled"):
+            pytest.fail(f"training failed: {record}")
+        if record["state"] == "succeeded" and record.get("notified"):
+            break
+        time.sleep(0.5)
+    assert record["registered"], record
+    answer = srv.openai().chat.completions.create(
+        model="trained", messages=[{"role": "user", "content": QA[0][0]}], max_tokens=4
+    )
+    assert answer.usage.completion_tokens >= 1
+
+
 def test_disconnect_frees_the_slot(server):
     _, srv = server
     payload = {
