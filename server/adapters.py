@@ -36,7 +36,7 @@ from server.adapter_validation import (
     check_name,
     validate_adapter_dir,
 )
-from server.engine.base import BASE_ADAPTER, Engine
+from server.engine.base import BASE_ADAPTER, Engine, EngineError
 from server.metrics import ServerMetrics
 from trainer.atomic import write_json_atomic
 
@@ -281,6 +281,11 @@ class AdapterRegistry:
                 await self.engine.load_adapter(state.engine_name, final)
             except Exception as exc:
                 shutil.rmtree(final, ignore_errors=True)
+                if isinstance(exc, EngineError) and 400 <= exc.status < 500:
+                    # the engine says why it cannot serve this adapter (e.g. vllm: token rows)
+                    raise AdapterError(
+                        exc.status, str(exc), exc.code or "unsupported_adapter"
+                    ) from exc
                 raise AdapterError(
                     400, f"the engine could not load the adapter: {exc}", "invalid_weights"
                 ) from exc

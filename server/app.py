@@ -195,7 +195,9 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     app.state.adapters = registry
     app.state.extra_models = adapter_cards
     try:
-        app.state.training = await _start_training(registry, settings)
+        app.state.training = await _start_training(
+            registry, settings, serves_token_rows=engine.info.adapter_token_rows
+        )
     except Exception as exc:
         # Serving must not die with the trainer: the /train routes answer 503 with this.
         logger.exception("starting the training job manager failed; /train is unavailable")
@@ -234,7 +236,9 @@ async def _stop_background_work(app: FastAPI) -> None:
         await asyncio.to_thread(training.close, timeout_s=grace)
 
 
-async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:
+async def _start_training(
+    registry: AdapterRegistry, settings: Settings, *, serves_token_rows: bool = True
+) -> TrainingService:
     """Jobs under data_dir/train, adapters to data_dir/trained, on this server's base."""
     from trainer.base_model import resolve_base_model
 
@@ -251,6 +255,7 @@ async def _start_training(registry: AdapterRegistry, settings: Settings) -> Trai
         device=settings.device,
         served_model_name=settings.served_model_name,
         max_running=settings.max_training_jobs,
+        serves_token_rows=serves_token_rows,
     )
     # In a thread: recover() hands finished-but-unregistered jobs to on_success, which
     # waits on this loop.

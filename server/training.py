@@ -60,8 +60,11 @@ class TrainingService:
         served_model_name: str,
         max_running: int = 1,
         register_timeout_s: float = 600.0,
+        serves_token_rows: bool = True,
     ):
         self.registry = registry
+        # False on an engine that cannot apply trained token rows (vllm): jobs train none
+        self.serves_token_rows = serves_token_rows
         self.loop = loop
         self.base_spec = base_spec
         self.base_path = base_path
@@ -107,6 +110,15 @@ class TrainingService:
         fields["base_model"] = str(self.base_path)
         fields.setdefault("quantization", self.quantization)
         fields.setdefault("device", self.device)
+        if not self.serves_token_rows:
+            tokens = fields.setdefault("trainable_tokens", "none")
+            if tokens != "none":
+                raise ConfigError(
+                    "trainable_tokens",
+                    "this server's engine (vllm) cannot serve trained token rows, so an "
+                    "adapter trained with them could not be registered here: use 'none' "
+                    "(the default on this engine), or train on a server with SWAPSERVE_ENGINE=hf",
+                )
         cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
         # an explicit token list is checked against this base's tokenizer (loaded once)
         check_trainable_tokens(cfg.trainable_tokens, self.base_path)

@@ -52,13 +52,15 @@ def build_tiny_model(
     seed: int = 0,
     max_position_embeddings: int = 512,
     tie_word_embeddings: bool = False,
+    head_dim: int = 16,
 ) -> Path:
     """Write a tiny random Gemma 3 causal LM + tokenizer into ``path``.
 
     A larger ``max_position_embeddings`` allows streams long enough to outlast a test's
     timing window (the shutdown tests cut a stream that must still be running).
     ``tie_word_embeddings`` shares the input embedding with the output layer, as the bundled
-    Gemma 3 270M does (off by default: see the note on greedy decoding below)."""
+    Gemma 3 270M does (off by default: see the note on greedy decoding below).
+    ``head_dim`` 32 suits vLLM's CPU attention, which takes head sizes from 32 up."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -71,7 +73,7 @@ def build_tiny_model(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=max_position_embeddings,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
