@@ -25,7 +25,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import ServerMetrics
-from server.protocol import ChatCompletionRequest, ModelCard
+from server.protocol import ModelCard
 from server.retrieval import RetrievalService
 from server.routes import ab as ab_routes
 from server.routes import adapters as adapter_routes
@@ -33,7 +33,7 @@ from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
 from server.routes import rag as rag_routes
 from server.routes import train as train_routes
-from server.serving import OpenAIServing, Prepared
+from server.serving import OpenAIServing, ServingContext
 from server.training import TrainingService
 
 logger = logging.getLogger(__name__)
@@ -134,8 +134,6 @@ def create_app(
 
 def _install_ab(app: FastAPI, settings: Settings) -> None:
     """A/B services; they need no engine until an experiment or split request comes."""
-    from server.routes.openai import prepare_chat_request
-
     state = app.state
     check = make_arm_check(state)
 
@@ -144,14 +142,10 @@ def _install_ab(app: FastAPI, settings: Settings) -> None:
             raise RuntimeError("the base model is not loaded")
         return state.serving
 
-    async def prepare(req: ChatCompletionRequest) -> Prepared:
-        return await prepare_chat_request(state, req, serving())
-
     root = settings.data_dir / "ab"
     state.ab_experiments = ExperimentService(
         root / "experiments",
         serving=serving,
-        prepare=prepare,
         check_arm=check,
         base_model=settings.served_model_name,
     )
@@ -207,15 +201,19 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
         logger.exception("starting the training job manager failed; /train is unavailable")
         app.state.training_error = f"{type(exc).__name__}: {exc}"
     app.state.serving = OpenAIServing(
-        engine,
-        resolve_model=resolve,
-        lease=registry.use,
-        metrics=app.state.metrics,
-        max_model_len=engine.info.max_model_len,
-        default_max_tokens=settings.default_max_tokens,
-        max_n=settings.max_n,
-        request_timeout_s=settings.request_timeout_s,
-        abort=app.state.drain.aborting,
+        ServingContext(
+            engine,
+            resolve_model=resolve,
+            lease=registry.use,
+            metrics=app.state.metrics,
+            max_model_len=engine.info.max_model_len,
+            default_max_tokens=settings.default_max_tokens,
+            max_n=settings.max_n,
+            request_timeout_s=settings.request_timeout_s,
+            abort=app.state.drain.aborting,
+            retrieval=app.state.rag,
+            splits=app.state.ab_splits,
+        )
     )
     app.state.engine = engine
     logger.info(

@@ -3,9 +3,10 @@
 The main loop is `ExperimentService._run`: questions go `concurrency` at a time, and the
 arms of one question are sent together (asyncio.gather), so the scheduler batches them
 into the same forward passes (rows of different adapters batch together). Each arm's
-request is a ChatCompletionRequest run through the chat route's own preparation
-(`prepare`), so an arm's `rag` settings get exactly the retrieval a client would get;
-it is streamed, which is how time to first token is measured.
+request is a ChatCompletionRequest run through the serving layer's chat preparation
+(server/serving/chat.py, the same as the chat route's), so an arm's `rag` settings get
+exactly the retrieval a client would get; it is streamed, which is how time to first token
+is measured.
 
 Records are JSON files under <data_dir>/ab/experiments; an experiment that was running
 when the server stopped is marked "interrupted" at the next start.
@@ -16,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from server.ab.models import ArmSpec, ExperimentRequest, ExperimentStatus
 from server.adapter_validation import AdapterError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
-from server.serving import OpenAIServing, Prepared
+from server.serving import OpenAIServing
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-PrepareChat = Callable[[ChatCompletionRequest], Awaitable[Prepared]]
 ArmCheck = Callable[[str, dict[str, Any] | None], None]
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
@@ -56,13 +56,11 @@ class ExperimentService:
         root: Path,
         *,
         serving: Callable[[], OpenAIServing],
-        prepare: PrepareChat,
         check_arm: ArmCheck,
         base_model: str,
     ):
         self.root = root
         self.serving = serving
-        self.prepare = prepare
         self.check_arm = check_arm
         self.base_model = base_model
         self.records: dict[str, dict[str, Any]] = {}
@@ -87,11 +85,8 @@ class ExperimentService:
         logger.info("ab: %d experiments on disk", len(self.records))
 
     def _save(self, rec: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{rec['id']}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, path)  # readers never see half a record
+        # readers never see half a record
+        write_json_atomic(self.root / f"{rec['id']}.json", rec, indent=None)
 
     # --- the API ------------------------------------------------------------------------
 
@@ -239,8 +234,9 @@ class ExperimentService:
         start = time.monotonic()
         parts: list[str] = []
         try:
-            prep = await self.prepare(req)
-            async for event in self.serving().stream(prep, chat=True, include_usage=True):
+            chat = self.serving().chat
+            prep = await chat.prepare(req)
+            async for event in chat.stream(prep, include_usage=True):
                 if not event.startswith("data: {"):
                     continue
                 obj = json.loads(event[len("data: ") :])
