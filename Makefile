@@ -27,8 +27,13 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
+# [tool.swapserve] no-deps in pyproject.toml: packages whose requirements must not be
+# installed (pyproject.toml says why); pip has no per-package --no-deps in a dependency list.
+NO_DEPS = $(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["swapserve"]["no-deps"]))'
+
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $$($(NO_DEPS))
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

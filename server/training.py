@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.base_model import BUNDLED_MODEL_NAME
+from trainer.base_model import bundled_model
 from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
 from trainer.jobs import JobConflict, JobManager, build_config
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from server.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_SPECS = ("", "bundled", BUNDLED_MODEL_NAME)
 
 
 class BaseModelMismatch(ConfigError):
@@ -99,7 +97,8 @@ class TrainingService:
         fields = dict(config or {})
         requested = fields.get("base_model")
         if requested is not None and not self._is_our_base(requested):
-            ours = repr(self.base_spec) if self.base_spec else f"the bundled {BUNDLED_MODEL_NAME}"
+            default = bundled_model(None)
+            ours = repr(self.base_spec) if self.base_spec else f"the bundled {default.name}"  # type: ignore[union-attr]
             raise BaseModelMismatch(
                 "base_model",
                 f"{requested!r} is not this server's base model; it serves {ours} "
@@ -129,8 +128,9 @@ class TrainingService:
             return False
         if requested == self.served_model_name:
             return True
-        if requested in BUNDLED_SPECS:
-            return self.base_spec in (None, *BUNDLED_SPECS)
+        named = bundled_model(requested)
+        if named is not None:  # a bundled model's short name, or "bundled" for the default
+            return named is bundled_model(self.base_spec)
         try:
             return Path(requested).expanduser().resolve() == self.base_path.resolve()
         except OSError:
