@@ -27,13 +27,13 @@ from server.ab.metrics import METRICS, latency_summary, mean_ci, paired_bootstra
 from server.ab.models import ArmSpec, ExperimentRequest, ExperimentStatus
 from server.adapter_validation import AdapterError
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, RAGOptions
 from server.serving import OpenAIServing
 from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-ArmCheck = Callable[[str, dict[str, Any] | None], None]
+ArmCheck = Callable[[str, Any], None]  # (model, rag: a dict or RAGOptions)
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
 
@@ -45,7 +45,7 @@ def default_arms(req: ExperimentRequest, base_model: str) -> list[ArmSpec]:
         arms.append(ArmSpec(name=label, model=model))
         if req.collection:
             arms.append(
-                ArmSpec(name=f"{label}+rag", model=model, rag={"collection": req.collection})
+                ArmSpec(name=f"{label}+rag", model=model, rag=RAGOptions(collection=req.collection))
             )
     return arms
 
@@ -333,7 +333,9 @@ def _hit_rate(rec: dict[str, Any], arm: str, column: int) -> float | None:
 def make_arm_check(state: Any) -> ArmCheck:
     """The 404s for an arm naming a model or a collection this server does not have."""
 
-    def check(model: str, rag: dict[str, Any] | None) -> None:
+    def check(model: str, rag: Any) -> None:
+        if rag is not None and not isinstance(rag, dict):  # an arm's RAGOptions
+            rag = rag.model_dump()
         serving = getattr(state, "serving", None)
         if serving is None:
             raise APIError(503, "the base model is still loading", code="model_loading")
