@@ -38,6 +38,7 @@ from server.adapter_validation import (
 )
 from server.engine.base import BASE_ADAPTER, Engine
 from server.metrics import ServerMetrics
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -362,12 +363,7 @@ class AdapterRegistry:
 
     def _persist(self) -> None:
         data = {"adapters": {n: asdict(r) for n, r in sorted(self.records.items())}}
-        tmp = self.index_path.with_suffix(".json.tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
+        write_json_atomic(self.index_path, data)
 
     def _event(self, name: str, event: str) -> None:
         if self.metrics is not None:

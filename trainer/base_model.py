@@ -232,6 +232,19 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _keep_cpu_packing_to_supported_shapes(model: Any) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its fast CPU
+    kernel at the first inference-mode forward, and asserts that the layer's output size
+    is a multiple of 32 (and its input size even): a layer of any other shape would fail
+    every no-grad forward. Those layers keep the plain 4-bit path; the others repack."""
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        out_f, in_f = getattr(module, "out_features", 0), getattr(module, "in_features", 0)
+        if out_f % 32 or in_f % 2:
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base_model(
     spec: str | Path | None = None,
     *,
@@ -272,6 +285,8 @@ def load_base_model(
         raise BaseModelError(f"could not load base model from {path}: {exc}") from exc
     if quantization == "none":
         model.to(device)
+    if quantization == "nf4" and device == "cpu":
+        _keep_cpu_packing_to_supported_shapes(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ensure_chat_template(tokenizer)

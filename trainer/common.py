@@ -3,7 +3,6 @@ eval (loss + generated answers, base vs adapter), and the atomic adapter + card 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import write_json_atomic
 from trainer.base_model import (
     LoadedBaseModel,
     load_base_model,
@@ -646,7 +646,8 @@ def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
         missing = [f for f in ADAPTER_FILES if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {', '.join(missing)}")
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str))
+        # the folder is renamed into place whole below; the card is written durably first
+        write_json_atomic(tmp / CARD_NAME, card, indent=2)
         check_output_dir(output_dir)
         os.replace(tmp, output_dir)
     except BaseException:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from server.adapter_validation import AdapterError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.serving import OpenAIServing, Prepared
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,8 @@ class ExperimentService:
         logger.info("ab: %d experiments on disk", len(self.records))
 
     def _save(self, rec: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{rec['id']}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, path)  # readers never see half a record
+        # readers never see half a record
+        write_json_atomic(self.root / f"{rec['id']}.json", rec, indent=None)
 
     # --- the API ------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -30,6 +29,7 @@ from server.ab.models import FeedbackRequest, Split, SplitArm, SplitRequest
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, RAGOptions, new_id
 from server.serving import chat_messages
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,8 @@ class SplitService:
         logger.info("ab: %d splits, %d logged responses", len(self.splits), len(self.responses))
 
     def _save_index(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._index.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"splits": [s.model_dump() for s in self.splits.values()]}))
-        os.replace(tmp, self._index)  # a crash leaves the old index or the new one
+        # a crash leaves the old index or the new one
+        write_json_atomic(self._index, {"splits": [s.model_dump() for s in self.splits.values()]})
 
     def _dir(self, split: str) -> Path:
         return self.root / "splits" / split

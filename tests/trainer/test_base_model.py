@@ -28,6 +28,21 @@ def test_loads_tiny_model(tiny_model_path, quantization):
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
 
 
+def test_nf4_inference_forward_works_for_every_layer_shape(tiny_model_path):
+    """The tiny model has layers whose output size is not a multiple of 32; on a CPU with
+    AVX512-BF16 bitsandbytes would repack those for its fast kernel and fail. Greedy
+    no-grad forwards, twice (the second sees the repacked weights), must run and agree."""
+    import torch
+
+    loaded = load_base_model(tiny_model_path, quantization="nf4", device="cpu")
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.inference_mode():
+        first = loaded.model(input_ids=ids).logits
+        second = loaded.model(input_ids=ids).logits
+    assert torch.isfinite(first).all()
+    assert torch.equal(first.argmax(-1), second.argmax(-1))
+
+
 def test_nf4_is_smaller_than_unquantized(tiny_model_path):
     full = load_base_model(tiny_model_path, quantization="none", device="cpu")
     nf4 = load_base_model(tiny_model_path, quantization="nf4", device="cpu")
