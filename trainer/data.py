@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["chat", "prompt_completion", "sharegpt", "alpaca", "preference"]
 Task = Literal["sft", "dpo"]
-LossTurns = Literal["all", "last"]
+# which assistant turns carry loss: "all" or "last" (checked by the job config)
+LossTurns = str
 LOSS_TURNS = ("all", "last")
 
 ROLES = ("system", "user", "assistant", "tool")
