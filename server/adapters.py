@@ -36,8 +36,9 @@ from server.adapter_validation import (
     check_name,
     validate_adapter_dir,
 )
-from server.engine.base import BASE_ADAPTER, Engine
+from server.engine.base import BASE_ADAPTER, Engine, EngineError
 from server.metrics import ServerMetrics
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,11 @@ class AdapterRegistry:
                 await self.engine.load_adapter(state.engine_name, final)
             except Exception as exc:
                 shutil.rmtree(final, ignore_errors=True)
+                if isinstance(exc, EngineError) and 400 <= exc.status < 500:
+                    # the engine says why it cannot serve this adapter (e.g. vllm: token rows)
+                    raise AdapterError(
+                        exc.status, str(exc), exc.code or "unsupported_adapter"
+                    ) from exc
                 raise AdapterError(
                     400, f"the engine could not load the adapter: {exc}", "invalid_weights"
                 ) from exc
@@ -366,12 +372,7 @@ class AdapterRegistry:
 
     def _persist(self) -> None:
         data = {"adapters": {n: asdict(r) for n, r in sorted(self.records.items())}}
-        tmp = self.index_path.with_suffix(".json.tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
+        write_json_atomic(self.index_path, data)
 
     def _event(self, name: str, event: str) -> None:
         if self.metrics is not None:

@@ -25,7 +25,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import MetricsHistory, ServerMetrics, requests_total
-from server.protocol import ChatCompletionRequest, ModelCard
+from server.protocol import ModelCard
 from server.retrieval import RetrievalService
 from server.routes import ab as ab_routes
 from server.routes import adapters as adapter_routes
@@ -34,7 +34,7 @@ from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
 from server.routes import rag as rag_routes
 from server.routes import train as train_routes
-from server.serving import OpenAIServing, Prepared
+from server.serving import OpenAIServing, ServingContext
 from server.training import TrainingService
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,6 @@ async def _sample_metrics(app: FastAPI) -> None:
 
 def _install_ab(app: FastAPI, settings: Settings) -> None:
     """A/B services; they need no engine until an experiment or split request comes."""
-    from server.routes.openai import prepare_chat_request
-
     state = app.state
     check = make_arm_check(state)
 
@@ -166,14 +164,10 @@ def _install_ab(app: FastAPI, settings: Settings) -> None:
             raise RuntimeError("the base model is not loaded")
         return state.serving
 
-    async def prepare(req: ChatCompletionRequest) -> Prepared:
-        return await prepare_chat_request(state, req, serving())
-
     root = settings.data_dir / "ab"
     state.ab_experiments = ExperimentService(
         root / "experiments",
         serving=serving,
-        prepare=prepare,
         check_arm=check,
         base_model=settings.served_model_name,
     )
@@ -223,21 +217,27 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     app.state.adapters = registry
     app.state.extra_models = adapter_cards
     try:
-        app.state.training = await _start_training(registry, settings)
+        app.state.training = await _start_training(
+            registry, settings, serves_token_rows=engine.info.adapter_token_rows
+        )
     except Exception as exc:
         # Serving must not die with the trainer: the /train routes answer 503 with this.
         logger.exception("starting the training job manager failed; /train is unavailable")
         app.state.training_error = f"{type(exc).__name__}: {exc}"
     app.state.serving = OpenAIServing(
-        engine,
-        resolve_model=resolve,
-        lease=registry.use,
-        metrics=app.state.metrics,
-        max_model_len=engine.info.max_model_len,
-        default_max_tokens=settings.default_max_tokens,
-        max_n=settings.max_n,
-        request_timeout_s=settings.request_timeout_s,
-        abort=app.state.drain.aborting,
+        ServingContext(
+            engine,
+            resolve_model=resolve,
+            lease=registry.use,
+            metrics=app.state.metrics,
+            max_model_len=engine.info.max_model_len,
+            default_max_tokens=settings.default_max_tokens,
+            max_n=settings.max_n,
+            request_timeout_s=settings.request_timeout_s,
+            abort=app.state.drain.aborting,
+            retrieval=app.state.rag,
+            splits=app.state.ab_splits,
+        )
     )
     app.state.engine = engine
     logger.info(
@@ -258,7 +258,9 @@ async def _stop_background_work(app: FastAPI) -> None:
         await asyncio.to_thread(training.close, timeout_s=grace)
 
 
-async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:
+async def _start_training(
+    registry: AdapterRegistry, settings: Settings, *, serves_token_rows: bool = True
+) -> TrainingService:
     """Jobs under data_dir/train, adapters to data_dir/trained, on this server's base."""
     from trainer.base_model import resolve_base_model
 
@@ -275,6 +277,7 @@ async def _start_training(registry: AdapterRegistry, settings: Settings) -> Trai
         device=settings.device,
         served_model_name=settings.served_model_name,
         max_running=settings.max_training_jobs,
+        serves_token_rows=serves_token_rows,
     )
     # In a thread: recover() hands finished-but-unregistered jobs to on_success, which
     # waits on this loop.

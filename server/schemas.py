@@ -411,7 +411,12 @@ class ArmSpec(Strict):
         None, description="Passed as the chat request's `rag` field, e.g. {collection}."
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy.")
-    max_tokens: int | None = Field(None, ge=1, description="Unset = the server's default.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Unset: the experiment's max_tokens, else the longest reference in tokens "
+        "+ 8 (at most 256 and the server's default).",
+    )
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, max_length=4, description="Stop sequences, as in a chat request (up to 4)."
     )
@@ -426,7 +431,12 @@ class ExperimentRequest(Strict):
     )
     adapter: str | None = Field(None, description="For the default arms.")
     collection: str | None = Field(None, description="For the default arms.")
-    max_tokens: int | None = Field(None, ge=1, description="Default for arms that set none.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Default for arms that set none; unset: the longest reference in tokens + 8 "
+        "(at most 256 and the server's default).",
+    )
     concurrency: int = Field(
         4, ge=1, le=64, description="Questions in flight; every arm of a question runs at once."
     )

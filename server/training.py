@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.base_model import BUNDLED_MODEL_NAME
+from trainer.base_model import bundled_model
 from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
 from trainer.jobs import JobConflict, JobManager, JobStateError, build_config
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from server.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_SPECS = ("", "bundled", BUNDLED_MODEL_NAME)
 
 
 class BaseModelMismatch(ConfigError):
@@ -61,8 +59,11 @@ class TrainingService:
         served_model_name: str,
         max_running: int = 1,
         register_timeout_s: float = 600.0,
+        serves_token_rows: bool = True,
     ):
         self.registry = registry
+        # False on an engine that cannot apply trained token rows (vllm): jobs train none
+        self.serves_token_rows = serves_token_rows
         self.loop = loop
         self.base_spec = base_spec
         self.base_path = base_path
@@ -98,7 +99,8 @@ class TrainingService:
         fields = dict(config or {})
         requested = fields.get("base_model")
         if requested is not None and not self._is_our_base(requested):
-            ours = repr(self.base_spec) if self.base_spec else f"the bundled {BUNDLED_MODEL_NAME}"
+            default = bundled_model(None)
+            ours = repr(self.base_spec) if self.base_spec else f"the bundled {default.name}"  # type: ignore[union-attr]
             raise BaseModelMismatch(
                 "base_model",
                 f"{requested!r} is not this server's base model; it serves {ours} "
@@ -109,6 +111,15 @@ class TrainingService:
         fields["base_model"] = str(self.base_path)
         fields.setdefault("quantization", self.quantization)
         fields.setdefault("device", self.device)
+        if not self.serves_token_rows:
+            tokens = fields.setdefault("trainable_tokens", "none")
+            if tokens != "none":
+                raise ConfigError(
+                    "trainable_tokens",
+                    "this server's engine (vllm) cannot serve trained token rows, so an "
+                    "adapter trained with them could not be registered here: use 'none' "
+                    "(the default on this engine), or train on a server with SWAPSERVE_ENGINE=hf",
+                )
         cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
         # an explicit token list is checked against this base's tokenizer (loaded once)
         check_trainable_tokens(cfg.trainable_tokens, self.base_path)
@@ -119,8 +130,9 @@ class TrainingService:
             return False
         if requested == self.served_model_name:
             return True
-        if requested in BUNDLED_SPECS:
-            return self.base_spec in (None, *BUNDLED_SPECS)
+        named = bundled_model(requested)
+        if named is not None:  # a bundled model's short name, or "bundled" for the default
+            return named is bundled_model(self.base_spec)
         try:
             return Path(requested).expanduser().resolve() == self.base_path.resolve()
         except OSError:

@@ -342,6 +342,14 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
         "base_model_mismatch",
     )
     assert str(tiny_model_path) in msg
+    # a bundled model by its short name is another base too (and converts nothing)
+    for bundled in ("gemma3-270m", "smollm2-135m-instruct", "bundled"):
+        assert_error(
+            submit(server, name="x", data=good, config={**CONFIG, "base_model": bundled}),
+            400,
+            "config.base_model",
+            "base_model_mismatch",
+        )
 
     # a name already registered as an adapter: 409 unless replace is asked
     adapter = build_lora_adapter(tiny_model_path, tmp_path / "taken", seed=3)
