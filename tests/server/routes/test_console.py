@@ -155,18 +155,18 @@ def test_console_is_served_offline_without_a_key(server):
     assert httpx.get(f"{server.url}/auth/session").status_code == 401
 
 
-def test_chat_streams_side_by_side_with_citations(admin):
-    page = admin
+def ask(page, models: list[str], question: str) -> list:
+    """Send one prompt to `models` side by side, with the notes collection; return the
+    answer columns once every one has finished."""
     go(page, "#playground", "#pg-prompt")
-    models = ["base"] if BUNDLED else ["base", "demo"]
     for box in page.query_selector_all("#pg-models input"):
         if (box.get_attribute("value") in models) != box.is_checked():
             box.click()
     page.fill("#pg-collection", "notes")
     page.fill("#pg-topk", "1" if not BUNDLED else "2")  # the tiny model's context is 512
-    page.fill("#pg-max-tokens", "16" if not BUNDLED else "24")
-    page.fill("#pg-prompt", "What does the Zorblax-7 reactor run on?")
-    # count how many times the first answer's text changes: a stream updates it chunk by chunk
+    page.fill("#pg-max-tokens", "16" if not BUNDLED else "32")
+    page.fill("#pg-prompt", question)
+    # count how many times the answers' text changes: a stream updates it chunk by chunk
     page.evaluate(
         """() => {
         window.updates = 0;
@@ -189,6 +189,13 @@ def test_chat_streams_side_by_side_with_citations(admin):
     assert not any(errors), errors
     columns = page.query_selector_all("#pg-answers .answer")
     assert [c.get_attribute("data-model") for c in columns] == models
+    return columns
+
+
+def test_chat_streams_side_by_side_with_citations(admin):
+    page = admin
+    models = ["base"] if BUNDLED else ["base", "demo"]
+    columns = ask(page, models, "What does the Zorblax-7 reactor run on?")
     for col in columns:
         assert col.query_selector(".turn.assistant").inner_text().strip()
         assert "zorblax.md" in col.query_selector(".citations").inner_text()
@@ -266,6 +273,9 @@ def test_training_progress_updates_without_a_reload(admin, server, tmp_path):
         b.get_attribute("value") for b in page.query_selector_all("#pg-models input:checked")
     ]
     assert checked == ["console-sft"]
+    # the new adapter beside the base, on the same question: the playground's screenshot
+    ask(page, ["base", "console-sft"], "When does the Marrowick ferry leave?")
+    shot(page, "playground")
 
 
 def test_search_shows_hits(admin):
