@@ -68,6 +68,7 @@ def build_tiny_model(
     seed: int = 0,
     max_position_embeddings: int = 512,
     tie_word_embeddings: bool = False,
+    head_dim: int = 16,
     arch: str = "gemma",
 ) -> Path:
     """Write a tiny random Gemma 3 (``arch="gemma"``) or Llama (``"llama"``) causal LM +
@@ -76,7 +77,8 @@ def build_tiny_model(
     A larger ``max_position_embeddings`` allows streams long enough to outlast a test's
     timing window (the shutdown tests cut a stream that must still be running).
     ``tie_word_embeddings`` shares the input embedding with the output layer, as the bundled
-    Gemma 3 270M does (off by default: see the note on greedy decoding below)."""
+    Gemma 3 270M does (off by default: see the note on greedy decoding below).
+    ``head_dim`` 32 suits vLLM's CPU attention, which takes head sizes from 32 up."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
@@ -90,6 +92,7 @@ def build_tiny_model(
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
+        head_dim=head_dim,
         max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -104,7 +107,6 @@ def build_tiny_model(
     else:
         config = Gemma3TextConfig(
             num_key_value_heads=1,
-            head_dim=16,
             sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
             **common,

@@ -68,7 +68,7 @@ class Routed(Generic[Req]):
 
 
 class SplitService:
-    def __init__(self, root: Path, *, check_arm: Callable[[str, dict[str, Any] | None], None]):
+    def __init__(self, root: Path, *, check_arm: Callable[[str, Any], None]):
         self.root = root
         self.check_arm = check_arm  # raises the 404 for an unknown model or collection
         self.splits: dict[str, Split] = {}
@@ -155,7 +155,12 @@ class SplitService:
         for rec in self.responses.values():
             if rec["split"] == name and rec["arm"] in counts:
                 counts[rec["arm"]] += 1
-        return split.model_copy(update={"counts": counts})
+        feedback = {a.name: 0 for a in split.arms}
+        for entry in self.feedback:
+            rated = self.responses.get(entry["response_id"])
+            if entry["split"] == name and rated is not None and rated["arm"] in feedback:
+                feedback[rated["arm"]] += 1
+        return split.model_copy(update={"counts": counts, "feedback": feedback})
 
     def route(self, body: Req) -> Routed[Req]:
         """Chat or completions: the arm for this request's user, and the hook that tags and

@@ -287,8 +287,8 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
     assert "line 1" in msg
     r = httpx.post(f"{server.url}/train/sft", files={"name": (None, "x")})
     assert_error(r, 400, "file")
-    # empty dataset
-    assert "empty" in assert_error(submit(server, name="x", data=[]), 400, "data")
+    # empty dataset: the documented schema says at least one record
+    assert "at least 1" in assert_error(submit(server, name="x", data=[]), 400, "data")
     # roles out of order: the assistant speaks first
     swapped = {"messages": [SFT_ROWS[0]["messages"][1], SFT_ROWS[0]["messages"][0]]}
     msg = assert_error(submit(server, name="x", data=[SFT_ROWS[1], swapped]), 400, "data")
