@@ -36,10 +36,6 @@ class FieldRule:
     reason: str
 
 
-def _text_format(value: Any) -> bool:
-    return value is None or (isinstance(value, dict) and value.get("type") == "text")
-
-
 def _text_modalities(value: Any) -> bool:
     return value is None or value == ["text"]
 
@@ -54,20 +50,10 @@ def _default_tier(value: Any) -> bool:
 
 _NOT_YET = "is not supported by this server yet"
 
-# Shared by chat and completions.
-COMMON: tuple[FieldRule, ...] = (
-    FieldRule("logit_bias", _empty, f"logit_bias {_NOT_YET}"),
-    FieldRule("logprobs", _false, f"logprobs {_NOT_YET}"),
-)
+# Honoured, so in neither table: logit_bias, logprobs, top_logprobs, response_format
+# (text, json_object, json_schema), completions' echo.
 
 CHAT: tuple[FieldRule, ...] = (
-    *COMMON,
-    FieldRule("top_logprobs", _absent, f"top_logprobs {_NOT_YET}"),
-    FieldRule(
-        "response_format",
-        _text_format,
-        "response_format other than {'type': 'text'} (JSON mode, JSON schema) " + _NOT_YET,
-    ),
     FieldRule("tools", _empty, f"tools (function calling) {_NOT_YET}"),
     FieldRule("tool_choice", _tool_choice_none, f"tool_choice other than 'none' {_NOT_YET}"),
     FieldRule("functions", _empty, f"functions (deprecated function calling) {_NOT_YET}"),
@@ -98,9 +84,12 @@ CHAT: tuple[FieldRule, ...] = (
 )
 
 COMPLETIONS: tuple[FieldRule, ...] = (
-    *COMMON,
-    FieldRule("echo", _false, f"echo {_NOT_YET}"),
-    FieldRule("suffix", _absent, f"suffix {_NOT_YET}"),
+    FieldRule(
+        "suffix",
+        _absent,
+        "suffix (text after the insertion point) is not supported: the served models have "
+        "no fill-in-the-middle format",
+    ),
     FieldRule("best_of", lambda v: v in (None, 1), f"best_of other than 1 {_NOT_YET}"),
 )
 

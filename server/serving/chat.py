@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from server.engine.base import GenerationOutput
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -18,7 +19,8 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving.base import ABORT, Prepared, ServingBase, passages_hint
+from server.serving.base import ABORT, ChoiceState, Prepared, ServingBase, passages_hint
+from server.serving.logprobs import chat_logprobs, check_count
 
 
 class ServingChat(ServingBase):
@@ -61,24 +63,37 @@ class ServingChat(ServingBase):
         except Exception as exc:  # a template that rejects the conversation
             raise APIError(400, f"cannot format these messages: {exc}", param="messages") from exc
         ids = self.engine.tokenize(prompt)
-        return Prepared(
-            model=req.model,
-            adapter=adapter,
-            prompts=[ids],
-            sampling=self._sampling(req, len(ids), "messages"),
-        )
+        sampling = self._sampling(req, len(ids), "messages")
+        sampling.structured_outputs = self._response_format(req.response_format)
+        sampling.logprobs = self._logprobs(req)
+        return Prepared(model=req.model, adapter=adapter, prompts=[ids], sampling=sampling)
+
+    def _logprobs(self, req: ChatCompletionRequest) -> int | None:
+        """Chat: `logprobs` true, with `top_logprobs` (0-20) alternatives per token."""
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, "logprobs must be true or false on chat", param="logprobs")
+        if req.top_logprobs is not None:
+            check_count(req.top_logprobs, "top_logprobs")
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        if not req.logprobs:
+            return None
+        return req.top_logprobs or 0
 
     async def create(self, prep: Prepared) -> ChatCompletion:
-        texts, finish, usage = await self.collect(prep)
-        if prep.on_complete is not None and ABORT not in finish.values():
-            prep.on_complete(texts.get(0, ""))
+        states, usage = await self.collect(prep)
+        if prep.on_complete is not None and all(c.finish != ABORT for c in states.values()):
+            prep.on_complete(states[0].text)
         choices = [
             ChatChoice(
                 index=i,
-                message=ResponseMessage(content=texts.get(i, "")),
-                finish_reason=finish.get(i, "length"),  # type: ignore[arg-type]
+                message=ResponseMessage(content=state.text),
+                finish_reason=state.finish or "length",  # type: ignore[arg-type]
+                logprobs=chat_logprobs(state.logprobs)
+                if prep.sampling.logprobs is not None
+                else None,
             )
-            for i in range(prep.n_choices)
+            for i, state in states.items()
         ]
         return ChatCompletion(
             id=prep.response_id or new_id(self.id_prefix),
@@ -109,21 +124,23 @@ class ServingChat(ServingBase):
                 data["citations"] = [c.model_dump() for c in prep.citations]
             yield data
 
-    def _text_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, text: str, finish: str | None
-    ) -> dict[str, Any]:
+    def _delta_chunks(
+        self, prep: Prepared, rid: str, created: int, out: GenerationOutput, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
+        if not out.text and not out.logprobs:
+            return
         choice = ChatChunkChoice(
-            index=index,
-            delta=DeltaMessage(content=text),
-            finish_reason=finish,  # type: ignore[arg-type]
+            index=out.index,
+            delta=DeltaMessage(content=out.text),
+            logprobs=chat_logprobs(out.logprobs) if out.logprobs else None,
         )
-        return self._chunk(prep, rid, created, choice)
+        yield self._chunk(prep, rid, created, choice)
 
-    def _end_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, finish: str
-    ) -> dict[str, Any]:
+    def _end_chunks(
+        self, prep: Prepared, rid: str, created: int, index: int, finish: str, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
         choice = ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=finish)  # type: ignore[arg-type]
-        return self._chunk(prep, rid, created, choice)
+        yield self._chunk(prep, rid, created, choice)
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
