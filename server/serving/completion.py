@@ -10,7 +10,7 @@ from server.engine.base import GenerationOutput
 from server.errors import APIError
 from server.protocol import Completion, CompletionChoice, CompletionRequest, new_id, now
 from server.serving.base import ChoiceState, Prepared, ServingBase, passages_hint
-from server.serving.logprobs import check_count, completion_logprobs, token_text
+from server.serving.logprobs import check_count, completion_logprobs
 
 
 class ServingCompletion(ServingBase):
