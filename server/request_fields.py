@@ -40,10 +40,6 @@ def _text_modalities(value: Any) -> bool:
     return value is None or value == ["text"]
 
 
-def _tool_choice_none(value: Any) -> bool:
-    return value is None or value == "none"
-
-
 def _default_tier(value: Any) -> bool:
     return value in (None, "auto", "default")
 
@@ -51,13 +47,16 @@ def _default_tier(value: Any) -> bool:
 _NOT_YET = "is not supported by this server yet"
 
 # Honoured, so in neither table: logit_bias, logprobs, top_logprobs, response_format
-# (text, json_object, json_schema), completions' echo.
+# (text, json_object, json_schema), tools, tool_choice, parallel_tool_calls, completions'
+# echo.
 
 CHAT: tuple[FieldRule, ...] = (
-    FieldRule("tools", _empty, f"tools (function calling) {_NOT_YET}"),
-    FieldRule("tool_choice", _tool_choice_none, f"tool_choice other than 'none' {_NOT_YET}"),
-    FieldRule("functions", _empty, f"functions (deprecated function calling) {_NOT_YET}"),
-    FieldRule("function_call", _absent, f"function_call (deprecated) {_NOT_YET}"),
+    FieldRule("functions", _empty, "functions (deprecated by OpenAI) is not supported: send tools"),
+    FieldRule(
+        "function_call",
+        _absent,
+        "function_call (deprecated by OpenAI) is not supported: send tool_choice",
+    ),
     FieldRule("audio", _absent, "audio output is not supported: this server generates text"),
     FieldRule(
         "modalities",
@@ -95,8 +94,7 @@ COMPLETIONS: tuple[FieldRule, ...] = (
 
 # Accepted with no effect on the output, by design (the README's table says why):
 # `user`, `safety_identifier` and `metadata` label a request (logged with its id);
-# `prompt_cache_key`, `prompt_cache_options` and `prompt_cache_retention` are caching hints;
-# `parallel_tool_calls` only matters together with `tools`.
+# `prompt_cache_key`, `prompt_cache_options` and `prompt_cache_retention` are caching hints.
 ACCEPTED_HINTS = (
     "user",
     "safety_identifier",
@@ -104,7 +102,6 @@ ACCEPTED_HINTS = (
     "prompt_cache_key",
     "prompt_cache_options",
     "prompt_cache_retention",
-    "parallel_tool_calls",
 )
 
 

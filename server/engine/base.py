@@ -169,8 +169,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for OpenAI-style messages, with the model's chat template."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text for OpenAI-style messages (and tools), with the chat template."""
         ...
 
     def tokenize(self, text: str) -> list[int]: ...
