@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The error shape and the `rag` extension are declared with the bodies clients/ shares.
+from server.schemas import ErrorDetail, ErrorResponse, RAGOptions  # noqa: F401
+
 MAX_STOP = 4
 
 
@@ -49,30 +52,6 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content parts of type {part.type!r} are not supported")
             parts.append(part.text)
         return "".join(parts)
-
-
-class RAGOptions(BaseModel):
-    """The `rag` extension of chat and completions requests: retrieve, then answer.
-
-    `model` picks the behaviour (base or adapter), `rag` picks the knowledge; any
-    combination works. Unknown keys are refused (400), so a typo such as `topk` is not
-    silently ignored.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    collection: str = Field(min_length=1, description="The collection to search.")
-    top_k: int = Field(4, ge=1, le=100, description="Passages put into the prompt.")
-    min_score: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Drop passages below this cosine similarity."
-    )
-    filter: dict[str, Any] | None = Field(
-        None, description='Metadata pre-filter: {"field": value} or {"field": {"$in": [...]}}.'
-    )
-    mode: Literal["user", "system"] = Field(
-        "user",
-        description="Chat only: put the passages in the last user message (default) or in "
-        "the system message.",
-    )
 
 
 class Citation(BaseModel):
@@ -324,14 +303,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail

@@ -156,6 +156,8 @@ class EngineInfo:
     num_parameters: int
     # rows of the input embedding: prompt token ids must be below it (None: unknown)
     vocab_size: int | None = None
+    # whether adapters' trained token rows (PEFT's trainable_token_indices) are applied
+    adapter_token_rows: bool = True
 
 
 @runtime_checkable

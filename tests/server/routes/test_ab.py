@@ -124,6 +124,9 @@ def test_experiment_cancel_and_restart_marks_interrupted(server, tmp_path):
         },
     )
     exp_id = r.json()["id"]
+    # no max_tokens anywhere: both arms answer within the references' budget
+    assert r.json()["budget"]["arms"] == ["b", "t"]
+    assert [a["max_tokens"] for a in r.json()["arms"]] == [r.json()["budget"]["max_tokens"]] * 2
     r = httpx.delete(f"{server.url}/ab/experiments/{exp_id}")
     assert r.status_code == 200
     assert wait(server, exp_id)["status"] == "cancelled"
