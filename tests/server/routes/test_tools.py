@@ -12,16 +12,19 @@ import pytest
 
 from tests.server.routes.test_openai import assert_error, post
 from tests.support import start_live_server
+from tests.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_model_path, tmp_path_factory):
-    """The tools' JSON in the prompt takes ~400 tokens of the tiny tokenizer: a longer
-    context than the shared tiny server's 256."""
+def tiny_server(tmp_path_factory):
+    """The tools' JSON in the prompt takes ~450 tokens of the tiny tokenizer (byte-level,
+    few merges), a forced call ~70 more: a tiny model with a 2048-token context (the shared
+    tiny model stops at 512 positions)."""
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny-long"), max_position_embeddings=2048)
     server = start_live_server(
-        base_model=str(tiny_model_path),
+        base_model=str(path),
         quantization="none",
-        max_model_len=512,
+        max_model_len=2048,
         default_max_tokens=16,
         data_dir=tmp_path_factory.mktemp("tools-data"),
     )
@@ -81,7 +84,7 @@ def test_forced_tool_calls_streamed_and_not(tiny_server, tool_choice, allowed):
         messages=MESSAGES,
         tools=[WEATHER, TIME],
         tool_choice=tool_choice,
-        max_tokens=56,
+        max_tokens=128,  # a call is 64-74 tokens of the tiny, nearly byte-level tokenizer
         temperature=0,
         parallel_tool_calls=False,
     )
