@@ -59,10 +59,47 @@ def _functions(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+
+
+def close_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that lists
+    `properties` and says nothing about extra keys (as OpenAI's strict function calling
+    asks). Every output of the result still validates against the original schema; without
+    it a forced call lets a small model add invented keys until max_tokens."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(v) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = close_objects(out["additionalProperties"])
+    elif (
+        "properties" in out
+        and "additionalProperties" not in out
+        and "patternProperties" not in out
+        and "unevaluatedProperties" not in out
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
 def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+        "properties": {
+            "name": {"const": fn["name"]},
+            "arguments": close_objects(fn["parameters"]),
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }

@@ -186,3 +186,47 @@ def test_unknown_function_through_the_sdk(tiny_server):
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )
     assert err.value.body["param"] == "tool_choice"
+
+
+def test_forced_calls_close_open_objects():
+    """An object schema silent on extra keys gets none in a forced call (its outputs still
+    validate against the original); explicit additionalProperties and enum values are kept."""
+    from server.serving.tools import close_objects
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "tags": {"type": "array", "items": {"properties": {"k": {"type": "string"}}}},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "kind": {"enum": [{"properties": 1}]},
+        },
+        "$defs": {"d": {"properties": {"x": {}}}},
+        "anyOf": [{"properties": {"a": {}}}],
+    }
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["where"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["extra"]["additionalProperties"] == {"type": "integer"}
+    assert closed["properties"]["kind"] == {"enum": [{"properties": 1}]}
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is not changed
+
+
+def test_forced_call_on_open_parameters_ends(tiny_server):
+    """Parameters without additionalProperties (what LangChain and most clients send): the
+    random tiny model still ends with a call instead of inventing keys until max_tokens."""
+    open_weather = json.loads(json.dumps(WEATHER))
+    del open_weather["function"]["parameters"]["additionalProperties"]
+    r = tiny_server.openai().chat.completions.create(
+        model="base",
+        messages=MESSAGES,
+        tools=[open_weather],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=128,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    _valid(r.choices[0].message.tool_calls, {"get_weather"})
