@@ -57,6 +57,8 @@ class Sequence:
     first_token_at: float | None = None
     # the prompt's own token logprobs (sampling.prompt_logprobs), sent with the first output
     prompt_logprobs: list[RawLogprobs] | None = None
+    # context positions the adapter takes before the prompt (virtual tokens, KV prefix)
+    reserved: int = 0
 
     @property
     def adapter_row(self) -> str:
@@ -239,11 +241,13 @@ class Scheduler:
             if not free or not self._waiting:
                 return
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        group = PrefillGroup(
-            prompts=[s.request.prompt_token_ids for s in seqs],
-            adapters=[s.adapter_row for s in seqs],
-            prompt_logprobs=[s.request.sampling.prompt_logprobs for s in seqs],
+        group = self.runner.new_group(
+            [s.request.prompt_token_ids for s in seqs],
+            [s.adapter_row for s in seqs],
+            [s.request.sampling.prompt_logprobs for s in seqs],
         )
+        for seq in seqs:
+            seq.reserved = self.runner.adapters.context_tokens(seq.adapter_row)
         self._prefill = (group, seqs)
 
     def _step_prefill(self) -> None:
@@ -257,7 +261,9 @@ class Scheduler:
         for i, seq in enumerate(seqs):
             if group.prompt_logprobs[i] is not None:
                 first: RawLogprobs = (seq.request.prompt_token_ids[0], None, [])
-                seq.prompt_logprobs = [first, *group.prompt_lps[i]]
+                # a row's input starts with its adapter's virtual-token placeholders
+                virtual = len(group.prompts[i]) - len(seq.request.prompt_token_ids)
+                seq.prompt_logprobs = [first, *group.prompt_lps[i][virtual:]]
         self.stats.prompt_tokens += sum(group.lengths)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
         if self._batch is None:
@@ -321,7 +327,7 @@ class Scheduler:
                 end, finish = hit, "stop"
         if finish is None and (
             len(seq.generated) >= params.max_tokens
-            or seq.prompt_tokens + len(seq.generated) >= self.max_model_len
+            or seq.prompt_tokens + seq.reserved + len(seq.generated) >= self.max_model_len
         ):
             finish = "length"
         if finish is None:

@@ -73,7 +73,7 @@ class ServingChat(ServingBase):
         except Exception as exc:  # a template that rejects the conversation
             raise APIError(400, f"cannot format these messages: {exc}", param="messages") from exc
         ids = self.engine.tokenize(prompt)
-        sampling = self._sampling(req, len(ids), "messages")
+        sampling = self._sampling(req, len(ids), "messages", adapter)
         sampling.structured_outputs = self._response_format(req.response_format)
         if plan is not None and plan.grammar is not None:
             if sampling.structured_outputs is not None:
