@@ -164,9 +164,8 @@ class ModelRunner:
             if k is not None:
                 prompt = group.prompts[row]
                 # column c predicts prompt token start + c + 1
-                cols = range(0, min(end, len(prompt) - 1) - start)
                 out = group.prompt_lps.setdefault(row, [])
-                for c in cols:
+                for c in range(0, min(end, len(prompt) - 1) - start):
                     out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
         group.done = end
 
