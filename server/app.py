@@ -240,6 +240,7 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
             engine,
             resolve_model=resolve,
             lease=registry.use,
+            context_tokens=registry.context_tokens,
             metrics=app.state.metrics,
             max_model_len=engine.info.max_model_len,
             default_max_tokens=settings.default_max_tokens,

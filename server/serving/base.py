@@ -130,6 +130,8 @@ class ServingContext:
     abort: AbortFlag | None = None
     retrieval: RetrievalService | None = None
     splits: SplitRouter | None = None
+    # positions of the context an adapter takes before every prompt (virtual tokens)
+    context_tokens: Callable[[str | None], int] = lambda adapter: 0
 
 
 class ServingBase:
@@ -193,14 +195,19 @@ class ServingBase:
             )
         return self.resolve_model(req.model)
 
-    def _sampling(self, req: SamplingFields, prompt_tokens: int, param: str) -> EngineSampling:
+    def _sampling(
+        self, req: SamplingFields, prompt_tokens: int, param: str, adapter: str | None = None
+    ) -> EngineSampling:
         max_model_len = self.ctx.max_model_len
-        room = max_model_len - prompt_tokens
+        reserved = self.ctx.context_tokens(adapter) if adapter else 0
+        room = max_model_len - prompt_tokens - reserved
+        # the adapter's virtual tokens count as prompt: the model sees them as such
+        also = f" (and the adapter adds {reserved} virtual tokens)" if reserved else ""
         if room < 1:
             raise APIError(
                 400,
                 f"This model's maximum context length is {max_model_len} tokens. However, "
-                f"your prompt has {prompt_tokens} tokens. Please shorten it.",
+                f"your prompt has {prompt_tokens} tokens{also}. Please shorten it.",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -211,8 +218,9 @@ class ServingBase:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {max_model_len} tokens. "
-                    f"However, you requested {prompt_tokens + req.max_tokens} tokens "
-                    f"({prompt_tokens} in the prompt, {req.max_tokens} for the completion). "
+                    f"However, you requested {prompt_tokens + reserved + req.max_tokens} tokens "
+                    f"({prompt_tokens} in the prompt{also}, {req.max_tokens} for the "
+                    "completion). "
                     "Please reduce the prompt or max_tokens.",
                     param="max_tokens",
                     code="context_length_exceeded",

@@ -65,7 +65,7 @@ class ServingChat(ServingBase):
             model=req.model,
             adapter=adapter,
             prompts=[ids],
-            sampling=self._sampling(req, len(ids), "messages"),
+            sampling=self._sampling(req, len(ids), "messages", adapter),
         )
 
     async def create(self, prep: Prepared) -> ChatCompletion:

@@ -64,7 +64,7 @@ class ServingCompletion(ServingBase):
                     )
             token_lists.append(ids)
         longest = max(len(t) for t in token_lists)
-        sampling = self._sampling(req, longest, "prompt")
+        sampling = self._sampling(req, longest, "prompt", adapter)
         if len(token_lists) * req.n > self.ctx.max_n:
             raise APIError(400, f"prompts x n must be at most {self.ctx.max_n}", param="prompt")
         return Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)
