@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -152,14 +152,26 @@ class CompletionRequest(SamplingFields):
     rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class EmbeddingRequest(OpenAIModel):
     """OpenAI's embeddings request. Token arrays are ids of the embedding model's own
     tokenizer (as vLLM takes them), not of OpenAI's tiktoken."""
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: (
+        _Text
+        | Annotated[list[_Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | _TokenIds
+        | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    ) = Field(
         description="A string, a list of strings, or token ids (one list, or a list of "
-        "lists) of the embedding model's own tokenizer."
+        "lists) of the embedding model's own tokenizer; none empty, at most "
+        f"{MAX_EMBEDDING_INPUTS} inputs. Each must fit the embedding model's input length."
     )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes."
@@ -171,22 +183,40 @@ class EmbeddingRequest(OpenAIModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _one_input_type(cls, value: Any) -> Any:
-        # one message naming `input`, rather than one per branch of the union
-        def ids(v: Any) -> bool:
-            return isinstance(v, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in v
-            )
+    def _check_input(cls, value: Any) -> Any:
+        # One message that names what is wrong, where the union's own errors would list a
+        # failure per branch ("input.str: ... (and 4 more problems)").
+        def token(t: Any) -> bool:  # JSON's integers, 7.0 included (as JSON Schema has it)
+            if isinstance(t, float):
+                return t.is_integer()
+            return isinstance(t, int) and not isinstance(t, bool)
 
-        if isinstance(value, str) or (
-            isinstance(value, list)
-            and (all(isinstance(v, str) for v in value) or ids(value) or all(map(ids, value)))
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and all(map(token, v))
+
+        if isinstance(value, str):
+            items: list[Any] = [value]
+        elif isinstance(value, list) and (
+            all(isinstance(v, str) for v in value) or all(map(ids, value))
         ):
-            return value
-        raise ValueError(
-            "must be a string, a list of strings, a list of token ids, or a list of lists of "
-            "token ids"
-        )
+            items = value
+        elif ids(value):
+            items = [value]
+        else:
+            raise ValueError(
+                "must be a string, a list of strings, a list of token ids, or a list of lists "
+                "of token ids"
+            )
+        if not items:
+            raise ValueError("must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"has {len(items)} items; at most {MAX_EMBEDDING_INPUTS}")
+        for i, item in enumerate(items):
+            if len(item) == 0:
+                raise ValueError(f"input[{i}] is empty; every input needs text or tokens")
+            if not isinstance(item, str) and min(item) < 0:
+                raise ValueError(f"input[{i}] holds a negative token id")
+        return value
 
 
 # --- responses ------------------------------------------------------------------------------
