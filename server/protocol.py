@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 # The error shape and the `rag` extension are declared with the bodies clients/ shares.
 from server.schemas import ErrorDetail, ErrorResponse, RAGOptions  # noqa: F401
@@ -110,7 +110,7 @@ class SamplingFields(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
@@ -142,8 +142,22 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
+# What the completion route accepts (server/serving/completion.py refuses an empty prompt and
+# negative token ids): documented, so a client generated from /openapi.json sends neither.
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        _TOKENS,
+        {"type": "array", "items": _TOKENS, "minItems": 1},
+    ],
+    "title": "Prompt",
+}
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
     echo: bool = False
     # vLLM's extension: structured outputs on completions too (chat's shape)
     response_format: dict[str, Any] | None = None
