@@ -159,7 +159,7 @@ PROMPT_SCHEMA: dict[str, Any] = {
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
     # completions' logprobs: how many alternatives per token, as OpenAI's 0-5 widened to 20
-    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     # vLLM's extension: structured outputs on completions too (chat's shape)
     response_format: dict[str, Any] | None = None
