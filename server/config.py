@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     # --- the base model -------------------------------------------------------------
     base_model: str | None = Field(
         None,
-        description="A local Hugging Face model folder; unset = the bundled Gemma 3 270M.",
+        description="A bundled model's short name (smollm2-135m-instruct, gemma3-270m) or a "
+        "local Hugging Face model folder; unset = smollm2-135m-instruct.",
     )
     served_model_name: str = Field("base", description="The `model` id clients use for the base.")
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit bitsandbytes.")
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
         description="hf = transformers + bitsandbytes (CPU or one GPU); vllm = vLLM's async "
         "engine (several GPUs and nodes; needs the vLLM environment: `make serve ENGINE=vllm`).",
     )
-    cache_dir: Path | None = Field(None, description="Where the converted bundled model lives.")
+    cache_dir: Path | None = Field(None, description="Where the converted bundled models live.")
     data_dir: Path = Field(default_factory=_default_data_dir)
 
     # --- HTTP ---------------------------------------------------------------------------

@@ -107,11 +107,17 @@ class _Lora:
     path: Path
 
 
+def _peft_type(path: Path) -> str:
+    """PEFT's peft_type of an adapter folder, upper-cased ('LORA' when unnamed)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    return str(config.get("peft_type") or "LORA").upper()
+
+
 def _token_rows(path: Path) -> list[str]:
     """The modules an adapter folder carries trained token rows for (PEFT's
     trainable_token_indices), e.g. ['model.embed_tokens']."""
     from server.adapter_validation import WEIGHTS_FILE, read_safetensors_header
-    from server.engine.peft_format import token_key_module
+    from server.engine.kinds.trainable_tokens import token_key_module
 
     header = read_safetensors_header(path / WEIGHTS_FILE)
     found = sorted({m for m in map(token_key_module, header) if m})
@@ -374,6 +380,12 @@ class VLLMEngine:
 
         if name in self._loras:
             return
+        kind = await asyncio.to_thread(_peft_type, path)
+        if kind != "LORA":
+            raise UnsupportedAdapterError(
+                f"the adapter is a {kind} adapter; the vllm engine serves LoRA adapters only "
+                "(vLLM's multi-LoRA kernels). The hf engine serves every PEFT kind."
+            )
         rows = await asyncio.to_thread(_token_rows, path)
         if rows:
             raise UnsupportedAdapterError(
