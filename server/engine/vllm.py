@@ -66,12 +66,47 @@ def vllm_lora_rank(max_lora_rank: int) -> int:
     )
 
 
+class UnsupportedFieldError(EngineError):
+    """A request field the vllm engine does not translate yet: a 400 naming it."""
+
+    status = 400
+    code = "unsupported_field"
+
+
 def to_vllm_sampling(params: SamplingParams, stop_token_ids: list[int]) -> Any:
     """Our sampling parameters as vLLM's, streamed as deltas."""
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    # never a silent drop: what this translation does not carry yet is refused by name
+    if params.logprobs is not None:
+        raise UnsupportedFieldError(
+            "logprobs are not available on the vllm engine yet (the hf engine has them)",
+            param="logprobs",
+        )
+    if params.prompt_logprobs is not None:
+        raise UnsupportedFieldError(
+            "prompt logprobs (echo) are not available on the vllm engine yet", param="echo"
+        )
+    structured = None
+    spec = params.structured_outputs
+    if spec is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if spec.json_schema is not None:
+            structured = StructuredOutputsParams(json=spec.json_schema)
+        elif spec.grammar is not None:
+            # our grammars are llguidance's Lark dialect; not yet wired to vLLM's backends
+            raise UnsupportedFieldError(
+                "tool calling (a grammar-constrained output) is not available on the vllm "
+                "engine yet (the hf engine has it)",
+                param="tools",
+            )
+        else:
+            structured = StructuredOutputsParams(json_object=spec.json_object)
     return VSamplingParams(
+        structured_outputs=structured,
+        logit_bias=dict(params.logit_bias) or None,
         n=params.n,
         max_tokens=params.max_tokens,
         temperature=params.temperature,
@@ -351,9 +386,11 @@ class VLLMEngine:
 
     # --- prompts ----------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def tokenize(self, text: str) -> list[int]:
