@@ -37,7 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtests.format_tasks import TASKS, generate_answers, judge, read_eval, write_task  # noqa: E402
+from loadtests.format_tasks import (  # noqa: E402
+    TASKS,
+    generate_answers,
+    judge,
+    read_eval,
+    write_task,
+)
 
 GOAL = 0.8
 ANSWER_MARGIN_TOKENS = 8
@@ -81,32 +87,33 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-defaults-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    base = model = None
     for name in tasks:
+        # one task at a time, each figure printed as soon as it is known (an hour or more
+        # on a busy 2-core machine)
         train_path, eval_path = write_task(
             TASKS[name], work, n_train=args.train, n_eval=args.eval, seed=args.seed
         )
-        print(f"[{name}] training: swapserve train sft --data {train_path} --name {name}",
+        print(f"[{name}] swapserve train sft --data {train_path} --name {name}", flush=True)
+        t = train(name, train_path, work / f"{name}-adapter", work / f"{name}-train.log")
+        results[name] = {"train": t}
+        print(f"[{name}] trained: {t['steps']} steps in {t['wall_s']:.0f} s; {t['settings']}",
               flush=True)  # fmt: skip
-        results[name] = {"train": train(name, train_path, work / f"{name}-adapter",
-                                        work / f"{name}-train.log")}  # fmt: skip
-        print(f"[{name}] trained in {results[name]['train']['wall_s']} s, "
-              f"{results[name]['train']['steps']} steps", flush=True)  # fmt: skip
 
-    from peft import PeftModel
+        from peft import PeftModel
 
-    from trainer.base_model import load_base_model
+        from trainer.base_model import load_base_model
 
-    base = load_base_model(None, quantization="nf4")
-    tok = base.tokenizer
-    model = None
-    for name in tasks:
+        if base is None:
+            base = load_base_model(None, quantization="nf4")
+        tok = base.tokenizer
         path = str(work / f"{name}-adapter")
         if model is None:
             model = PeftModel.from_pretrained(base.model, path, adapter_name=name)
         else:
             model.load_adapter(path, adapter_name=name)
         model.set_adapter(name)
-        held = read_eval(work / f"{name}_eval.jsonl")
+        held = read_eval(eval_path)
         prompts = [h["prompt"] for h in held]
         refs = [h["reference"] for h in held]
         budget = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
@@ -115,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         with model.disable_adapter():
             base_answers = generate_answers(model, tok, prompts, base.stop_token_ids, budget)
         adapter_answers = generate_answers(model, tok, prompts, base.stop_token_ids, budget)
-        results[name]["eval_s"] = round(time.monotonic() - started, 1)
-        results[name]["max_new_tokens"] = budget
-        results[name]["base"] = judge(TASKS[name], base_answers, refs).to_dict()
-        results[name]["adapter"] = judge(TASKS[name], adapter_answers, refs).to_dict()
+        r = results[name]
+        r["eval_s"] = round(time.monotonic() - started, 1)
+        r["max_new_tokens"] = budget
+        r["base"] = judge(TASKS[name], base_answers, refs).to_dict()
+        r["adapter"] = judge(TASKS[name], adapter_answers, refs).to_dict()
+        b, a = r["base"], r["adapter"]
+        print(f"[{name}] follows {b['follows']}/{b['n']} -> {a['follows']}/{a['n']}, clean stops "
+              f"{b['clean_stops']}/{b['n']} -> {a['clean_stops']}/{a['n']}", flush=True)  # fmt: skip
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
 
     failed = []
     print()

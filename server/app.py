@@ -20,6 +20,7 @@ from server.drain import Drain, DrainMiddleware
 from server.engine.base import Engine
 from server.engine.factory import build_engine
 from server.errors import (
+    APIError,
     BodyLimitMiddleware,
     RequestIdMiddleware,
     install_error_handlers,
@@ -197,9 +198,19 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     )
     await asyncio.to_thread(registry.recover)
 
+    embedding_model = app.state.rag.embedder.model_id
+
     def resolve(model: str) -> str | None:
         if model == served:
             return None
+        if model == embedding_model and model not in registry.records:
+            raise APIError(
+                400,
+                f"model {model!r} is an embedding model: it answers /v1/embeddings and "
+                "cannot generate text",
+                param="model",
+                code="model_cannot_generate",
+            )
         key = current_key()
         if key is not None and not key.allows_model(model):
             # the same 404 as an unknown model: a key cannot learn what others serve
@@ -229,6 +240,7 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
             engine,
             resolve_model=resolve,
             lease=registry.use,
+            context_tokens=registry.context_tokens,
             metrics=app.state.metrics,
             max_model_len=engine.info.max_model_len,
             default_max_tokens=settings.default_max_tokens,

@@ -88,7 +88,11 @@ class RegisterAdapter(BaseModel):
     """JSON body of POST /adapters: a PEFT adapter folder the server can read."""
 
     name: SafeName = Field(description="The `model` id clients will use for this adapter.")
-    path: str = Field(min_length=1, description="A PEFT adapter folder on the server.")
+    path: str = Field(
+        min_length=1,
+        description="A PEFT adapter folder on the server (LoRA, IA3, prompt tuning, "
+        "P-tuning, prefix tuning, LN tuning or trainable tokens).",
+    )
     replace: bool = Field(False, description="Replace an adapter of the same name.")
 
 
@@ -106,12 +110,29 @@ class AdapterInfo(Open):
     name: str
     parent: str = Field(description="The base model's id.")
     path: str = Field(description="Where the server stores the adapter's files.")
-    rank: int
+    kind: str = Field(
+        "lora",
+        description="the adapter's method: lora, ia3, prompt_tuning, p_tuning, prefix_tuning, "
+        "ln_tuning or trainable_tokens (PEFT's peft_type, lower-cased)",
+    )
+    peft_type: str = "LORA"
+    parameters: int = Field(0, description="trained numbers the adapter applies")
+    rank: int | None = Field(None, description="LoRA's largest rank; null for other kinds")
+    virtual_tokens: int = Field(
+        0,
+        description="context positions every request gives up to the adapter's virtual "
+        "tokens or KV prefix (prompt tuning, P-tuning, prefix tuning)",
+    )
     target_modules: list[str]
     trained_tokens: list[int] = Field(
         default_factory=list, description="token ids whose embedding rows the adapter trained"
     )
     size_bytes: int
+    base_check: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="what its base_model_name_or_path says: status matches, "
+        "same_architecture, unverified (a name this server cannot judge) or none",
+    )
     location: str = Field(description="Where it lives now: device, host or disk.")
     load_count: int
     requests: int

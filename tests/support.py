@@ -222,26 +222,58 @@ def load_causal_lm(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def multi_lora_logits(model, lora, rows: list[str], inputs):
-    """Logits of ``inputs`` repeated once per row, row i under adapter rows[i] (MultiLoRA)."""
+def multi_lora_logits(model, adapters, rows: list[str], inputs):
+    """Logits of ``inputs`` repeated once per row, row i under adapter rows[i] (MultiAdapter)."""
     import torch
 
-    lora.set_rows(rows)
+    adapters.set_rows(rows, 0)
     try:
         with torch.inference_mode():
             return model(inputs.expand(len(rows), -1)).logits
     finally:
-        lora.clear_rows()
+        adapters.clear_rows()
 
 
 def model_with_adapters(model_path, adapters: dict):
-    """A fresh model with the engine's LoRA layers holding every adapter (name -> folder)."""
+    """A fresh model with the engine's adapter layers holding every adapter (name -> folder),
+    each read by the kind its adapter_config.json names."""
     import torch
 
-    from server.engine.lora import MultiLoRA, read_peft_lora
+    from server.engine.multi_adapter import MultiAdapter
 
     model = load_causal_lm(model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    multi = MultiAdapter(model, torch.device("cpu"), torch.float32)
     for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
-    return model, lora
+        multi.add(read_adapter(name, path))
+    return model, multi
+
+
+def read_adapter(name: str, path, dtype=None):
+    """An adapter folder's weights, read by its kind (server/engine/kinds)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from server.engine.kinds import kind_for
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    kind = kind_for(config["peft_type"])
+    assert kind is not None, config["peft_type"]
+    return kind.read(name, Path(path), dtype or torch.float32)
+
+
+def peft_greedy(model_path, adapter, prompt_ids: list[int], n: int) -> list[int]:
+    """PEFT's greedy continuation (``adapter`` None: the base): its forward over the whole
+    sequence at every step, no cache, as the reference for served tokens."""
+    import torch
+    from peft import PeftModel
+
+    model = load_causal_lm(model_path)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]

@@ -149,9 +149,28 @@ def build_lora_adapter(
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 param.normal_(0.0, 0.5)
             elif "trainable_tokens_delta" in name:  # PEFT starts these at the base's rows
                 param.add_(torch.randn_like(param))
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_peft_adapter(base_path: Path, out: Path, config, *, seed: int = 1, scale: float = 0.5):
+    """An adapter of any PEFT method (``config``: a PEFT config object), its trainable
+    parameters moved away from their initial values so that it visibly changes outputs,
+    saved the way PEFT saves it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * scale)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out

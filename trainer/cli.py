@@ -225,10 +225,10 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
 
 def _chosen_settings(args: argparse.Namespace, config: Any) -> Any:
     """What trainer.defaults makes of this config and data: the same call training makes."""
-    from trainer.data import load_jsonl
+    from trainer.data import Task, load_jsonl
     from trainer.defaults import resolve_for_data
 
-    task = "dpo" if args.train_kind == "dpo" else "sft"
+    task: Task = "dpo" if args.train_kind == "dpo" else "sft"
     data = load_jsonl(args.data, task)
     eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
     return resolve_for_data(config, args.train_kind, data, eval_data)[1]

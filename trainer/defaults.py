@@ -235,7 +235,8 @@ def resolve_defaults(
     else:
         epochs = epochs_for(n_train)
         steps = math.ceil(epochs * steps_per_epoch)
-        why = f"{epochs:g} epochs of {steps_per_epoch} steps ({per_step} examples a step)"
+        unit = "step" if steps_per_epoch == 1 else "steps"
+        why = f"{epochs:g} epochs of {steps_per_epoch} {unit} ({per_step} examples a step)"
         if steps < MIN_STEPS:
             steps = MIN_STEPS
             why += f", raised to {MIN_STEPS} steps: small data needs more passes"

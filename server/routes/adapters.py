@@ -112,6 +112,14 @@ async def delete_adapter(name: str, registry: RegistryDep) -> AdapterDeleted:
     responses=error_responses(400, 404, 409, 413, 503),
 )
 async def vllm_load(body: LoadLoRA, registry: RegistryDep) -> str:
+    if not Path(body.lora_path).expanduser().exists():
+        # vLLM answers a path that does not exist with 404 (its tooling reads it so)
+        raise AdapterError(
+            404,
+            f"Loading lora {body.lora_name} failed: No adapter found for {body.lora_path}",
+            "adapter_not_found",
+            "lora_path",
+        )
     await registry.register_path(body.lora_name, Path(body.lora_path), replace=body.load_inplace)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/models.
 
 Thin: request preparation (A/B split routing, the `rag` extension's retrieval, validation,
 prompts) and the response shapes live in the serving layer (server/serving/). Both
@@ -22,6 +23,8 @@ from server.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -77,15 +80,24 @@ async def completions(body: CompletionRequest, request: Request, serving: Servin
     return await _unless_disconnected(request, completion.create(prep))
 
 
+@router.post("/embeddings", response_model=EmbeddingList, responses=ERRORS)
+async def embeddings(body: EmbeddingRequest, request: Request, serving: ServingDep):
+    return await _unless_disconnected(request, serving.embedding.create(body))
+
+
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request, engine: EngineDep, settings: SettingsDep) -> ModelList:
+async def list_models(
+    request: Request, engine: EngineDep, settings: SettingsDep, serving: ServingDep
+) -> ModelList:
+    created = request.app.state.started_at
     cards = [
         ModelCard(
             id=settings.served_model_name,
-            created=request.app.state.started_at,
+            created=created,
             root=engine.info.model_id,
             max_model_len=engine.info.max_model_len,
-        )
+        ),
+        *serving.embedding.model_cards(created),
     ]
     for card in getattr(request.app.state, "extra_models", lambda: [])():
         cards.append(card)

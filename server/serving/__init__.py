@@ -7,6 +7,7 @@ One module per endpoint family over one shared base, as vLLM's `serving_chat` /
                    (validation, the engine run, usage, metrics, the SSE skeleton)
     chat.py        ServingChat: messages -> chat template -> chat.completion(.chunk)
     completion.py  ServingCompletion: prompts -> text_completion
+    embeddings.py  ServingEmbedding: inputs -> the RAG embedder's vectors, OpenAI's shape
 
 Routes (server/routes/openai.py) and the A/B experiment runner (server/ab/experiments.py)
 call `prepare`, then `create` or `stream`, on the one `OpenAIServing` the app holds.
@@ -28,6 +29,7 @@ from server.serving.base import (
 )
 from server.serving.chat import ServingChat, chat_messages
 from server.serving.completion import ServingCompletion, completion_prompts
+from server.serving.embeddings import ServingEmbedding
 
 
 class OpenAIServing:
@@ -37,6 +39,7 @@ class OpenAIServing:
         self.ctx = ctx
         self.chat = ServingChat(ctx)
         self.completion = ServingCompletion(ctx)
+        self.embedding = ServingEmbedding(ctx)
 
     def resolve_model(self, model: str) -> str | None:
         """The adapter a model id names (None = the base); 404 for an unknown model."""
@@ -55,6 +58,7 @@ __all__ = [
     "ServingBase",
     "ServingChat",
     "ServingCompletion",
+    "ServingEmbedding",
     "ServingContext",
     "SplitRouter",
     "chat_messages",

@@ -174,7 +174,14 @@ def steer(case, data: st.DataObject, server: LiveServer) -> None:
     if not isinstance(body, dict):
         return
     if "model" in body and data.draw(often):
-        body["model"] = data.draw(st.sampled_from(["base", ADAPTER, f"ab:{SPLIT}"]))
+        if case.path == "/v1/embeddings":
+            body["model"] = server.app.state.rag.embedder.model_id  # the one model that embeds
+        else:
+            body["model"] = data.draw(st.sampled_from(["base", ADAPTER, f"ab:{SPLIT}"]))
+    # the embedder's size is the one `dimensions` it takes (the schema cannot know it)
+    if case.path == "/v1/embeddings" and isinstance(body.get("dimensions"), int):
+        if case.meta is not None and case.meta.generation.mode.is_positive:
+            body["dimensions"] = FakeEmbedder().dim
     rag = body.get("rag")
     if isinstance(rag, dict) and data.draw(often):
         rag["collection"] = COLLECTION

@@ -1,7 +1,7 @@
 """The engine's own LoRA layers give, row by row, what PEFT gives for the same adapter.
 
 PEFT is the reference: an adapter loaded by PeftModel and made active must produce the
-same logits as the same adapter applied by server/engine/lora.py, alone or in a batch
+same logits as the same adapter applied by server/engine/kinds/lora.py, alone or in a batch
 whose other rows use other adapters or none. Every check runs on both architectures of the
 bundled models: Gemma 3 and Llama (SmolLM2).
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from server.engine.base import BASE_ADAPTER
-from server.engine.lora import read_peft_lora
+from server.engine.kinds.lora import read_peft_lora
 from tests.support import (
     greedy_alone_and_batched,
     load_causal_lm,

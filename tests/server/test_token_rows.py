@@ -17,7 +17,7 @@ import torch
 
 from server.adapter_validation import AdapterError, validate_adapter_dir
 from server.engine.base import BASE_ADAPTER
-from server.engine.lora import read_peft_lora
+from server.engine.kinds.lora import read_peft_lora
 from tests.support import load_causal_lm, model_with_adapters, multi_lora_logits
 from tests.tiny_model import build_lora_adapter, build_tiny_model
 
@@ -88,17 +88,19 @@ def test_removing_a_token_adapter_restores_the_base_rows(setup):
 
 
 def _validate(path: Path, model_path: Path):
-    from server.engine.hf import _linear_shapes, _token_modules
+    from server.engine.hf import _float_params, _linear_shapes, _token_modules
+    from server.engine.kinds.base import BaseModelShape
 
     model = load_causal_lm(model_path)
-    return validate_adapter_dir(
-        path,
-        base_linear_shapes=_linear_shapes(model),
-        base_names={model_path.name},
-        max_rank=64,
-        max_bytes=10**8,
-        base_token_modules=_token_modules(model),
+    base = BaseModelShape(
+        linear=_linear_shapes(model),
+        token_modules=_token_modules(model),
+        params=_float_params(model),
+        hidden_size=64,
+        num_layers=2,
+        names=frozenset({model_path.name}),
     )
+    return validate_adapter_dir(path, base=base, max_rank=64, max_bytes=10**8)
 
 
 def test_validation_reports_trained_tokens_and_refuses_bad_rows(setup, tmp_path):

@@ -39,6 +39,9 @@ PROMPTS = [
 # vLLM's CPU attention takes head sizes from 32 up; the hf engine takes any
 HEAD_DIM = 32
 VLLM_START_S = 900  # three processes import vLLM on a busy 2-core machine
+# a vLLM server start (several processes, each importing vLLM) counts against the first
+# test that needs it, and the tensor-parallel test starts a second one
+pytestmark = pytest.mark.timeout(2 * VLLM_START_S)
 
 
 def vllm_python() -> str | None:
