@@ -112,7 +112,7 @@ class SamplingFields(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -158,6 +158,8 @@ PROMPT_SCHEMA: dict[str, Any] = {
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
+    # completions' logprobs: how many alternatives per token, as OpenAI's 0-5 widened to 20
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     # vLLM's extension: structured outputs on completions too (chat's shape)
     response_format: dict[str, Any] | None = None
