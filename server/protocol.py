@@ -76,7 +76,20 @@ class SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    # at most MAX_STOP sequences (checked below): documented, so generated clients know
+    stop: Annotated[
+        str | list[str] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+                    {"type": "null"},
+                ],
+                "title": "Stop",
+            }
+        ),
+    ] = None
     max_tokens: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

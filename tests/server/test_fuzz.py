@@ -138,18 +138,7 @@ def openai_error_shape(ctx, response, case) -> bool | None:
 # max_tokens within the context window) and fields not implemented yet (400
 # `unsupported_field`, the table in server/request_fields.py). Those refusals name their
 # field; any other 400 to a schema-valid request still fails.
-# `logprobs`: completions take 0-20, chat a boolean, but both share one declared field today
-# (server/protocol.py SamplingFields); declaring each endpoint's own bound is the fix.
-SERVER_LIMITS = {
-    "n",
-    "max_tokens",
-    "max_completion_tokens",
-    "messages",
-    "prompt",
-    "best_of",
-    "logprobs",
-    "top_logprobs",
-}
+SERVER_LIMITS = {"n", "max_tokens", "max_completion_tokens", "messages", "prompt", "best_of"}
 
 
 def accepted_or_server_limit(ctx, response, case) -> bool | None:
