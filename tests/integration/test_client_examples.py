@@ -29,6 +29,7 @@ def run_example(script: str, *args: str, cwd) -> str:
     return out.stdout
 
 
+@pytest.mark.timeout(1800)  # two training steps and six answers on a busy 2-core CPU
 def test_train_ingest_experiment(bundled_server, tmp_path):
     out = run_example(
         "train_ingest_experiment.py",
