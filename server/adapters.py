@@ -38,7 +38,7 @@ from server.adapter_validation import (
     check_name,
     validate_adapter_dir,
 )
-from server.engine.base import BASE_ADAPTER, Engine
+from server.engine.base import BASE_ADAPTER, Engine, EngineError
 from server.metrics import ServerMetrics
 from trainer.atomic import write_json_atomic
 
@@ -256,6 +256,10 @@ class AdapterRegistry:
     async def register_path(self, name: str, source: Path, *, replace: bool = False) -> dict:
         self._check_new_name(name, replace)
         source = source.expanduser()
+        if not source.exists():
+            raise AdapterError(
+                404, f"no file or folder at {source} on this server", "path_not_found", "path"
+            )
         if not source.is_dir():
             raise AdapterError(
                 400, f"adapter path {source} is not a folder on this server", "invalid_path", "path"
@@ -296,6 +300,11 @@ class AdapterRegistry:
                 raise  # the engine said why (e.g. a kind it does not serve)
             except Exception as exc:
                 shutil.rmtree(final, ignore_errors=True)
+                if isinstance(exc, EngineError) and 400 <= exc.status < 500:
+                    # the engine says why it cannot serve this adapter (e.g. vllm: token rows)
+                    raise AdapterError(
+                        exc.status, str(exc), exc.code or "unsupported_adapter"
+                    ) from exc
                 raise AdapterError(
                     400, f"the engine could not load the adapter: {exc}", "invalid_weights"
                 ) from exc
@@ -535,6 +544,12 @@ def _copy_adapter_files(source: Path, dest: Path, limits: UploadLimits) -> None:
 def _extract_archive(archive: Path, filename: str, dest: Path, limits: UploadLimits) -> None:
     """Unpack a .tar.gz/.tgz/.tar or .zip of an adapter folder, refusing anything unsafe."""
     lower = filename.lower()
+    if not lower.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+        # a name that says nothing (a browser blob, a generated client): read the bytes
+        if zipfile.is_zipfile(archive):
+            lower = ".zip"
+        elif tarfile.is_tarfile(archive):
+            lower = ".tar"
     members: list[tuple[str, int, Any]] = []
     if lower.endswith((".tar.gz", ".tgz", ".tar")):
         try:

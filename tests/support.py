@@ -189,24 +189,29 @@ class ServerProcess:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
 
-def greedy_alone_and_batched(engine, prompts: list[str], max_tokens: int = 10):
+def greedy_alone_and_batched(
+    engine, prompts: list[str], max_tokens: int = 10, adapters: list[str | None] | None = None
+):
     """Greedy token ids of each prompt run alone, then of all of them run together on a
-    started engine: a batch-invariant engine gives the same lists."""
+    started engine: a batch-invariant engine gives the same lists. ``adapters`` gives each
+    prompt its adapter (None: the base), so the batch is a mixed-adapter one."""
     import asyncio
 
     from server.engine.base import GenerationRequest, SamplingParams
 
-    def req(prompt: str) -> GenerationRequest:
+    rows = adapters or [None] * len(prompts)
+
+    def req(i: int) -> GenerationRequest:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        return GenerationRequest("g", engine.tokenize(prompt), params)
+        return GenerationRequest(f"g{i}", engine.tokenize(prompts[i]), params, adapter=rows[i])
 
     async def collect(r: GenerationRequest) -> list[int]:
         return [t async for out in engine.generate(r) for t in out.token_ids]
 
     async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(collect(req(p)) for p in prompts)))
+        return list(await asyncio.gather(*(collect(req(i)) for i in range(len(prompts)))))
 
-    alone = [asyncio.run(collect(req(p))) for p in prompts]
+    alone = [asyncio.run(collect(req(i))) for i in range(len(prompts))]
     return alone, asyncio.run(together())
 
 
