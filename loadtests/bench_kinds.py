@@ -1,18 +1,23 @@
 """What serving other adapter kinds beside LoRA costs a decode step, as ratios in one run.
 
-    python loadtests/bench_kinds.py [--rows 8] [--steps 16] [--rounds 1] [--quantization nf4]
+    python loadtests/bench_kinds.py [--rows 8] [--steps 16] [--quantization nf4] [--base gemma3-270m]
 
-On the bundled model, in this process (no server): the runner prefills ``--rows`` rows and
-times ``--steps`` decode steps for each batch composition, alternating them so that a busy
-machine slows all alike:
+On the bundled Gemma 3 270M, in this process (no server), with the server's int8 output layer:
+the runner prefills ``--rows`` rows for each batch composition, then times their decode
+steps in turns (a step of each, then the next), so that a busy machine slows all alike:
 
 a) every row on the base                                  (the reference)
 b) every row on its own LoRA adapter (rank 16, all linear layers)
 c) rows over one adapter of every kind: LoRA (two), IA3, prompt tuning, prefix tuning,
    LN tuning, trainable tokens, base (P-tuning is prompt tuning at inference)
 d) one kind at a time, every row on it (which kind costs what)
+e) b) again with the LoRA blocks in the base's compute dtype (bfloat16 for NF4) instead of
+   float32, timed in turns with a) (why the engine computes adapter blocks in float32 on
+   a CPU: server/engine/multi_adapter.py, adapter_dtype)
 
-Printed: ms per decode step and the ratio to a).
+Printed: CPU ms per decode step (this process's CPU time, all its threads: on a machine
+shared with other work, wall-clock time measures the neighbours as much as the step) and
+the ratio to a).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch  # noqa: E402
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
 from server.engine.base import BASE_ADAPTER  # noqa: E402
 from server.engine.kinds import kind_for  # noqa: E402
+from server.engine.lm_head import use_int8_lm_head  # noqa: E402
+from server.engine.multi_adapter import compute_dtype  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from trainer.base_model import load_base_model, resolve_base_model  # noqa: E402
 
@@ -87,33 +94,44 @@ def build_adapters(base: Path, root: Path) -> dict[str, Path]:
     return made
 
 
-def step_ms(runner: ModelRunner, rows: list[str], steps: int) -> float:
-    group = runner.new_group([PROMPT] * len(rows), rows)
-    while not group.finished:
-        runner.prefill_chunk(group, 512)
-    batch, logits = runner.finish_prefill(group)
-    times = []
+def interleaved_ms(
+    runner: ModelRunner, compositions: dict[str, list[str]], steps: int
+) -> dict[str, float]:
+    """Prefill every composition, then time their decode steps in turns (one step of each,
+    then the next), so that a machine whose load drifts slows all of them alike."""
+    state = {}
+    for name, rows in compositions.items():
+        group = runner.new_group([PROMPT] * len(rows), rows)
+        while not group.finished:
+            runner.prefill_chunk(group, 512)
+        state[name] = runner.finish_prefill(group)
+    times: dict[str, list[float]] = {name: [] for name in compositions}
     for _ in range(steps):
-        tokens = logits.argmax(-1).tolist()
-        start = time.perf_counter()
-        logits = runner.decode(batch, tokens, rows)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for name, rows in compositions.items():
+            batch, logits = state[name]
+            tokens = logits.argmax(-1).tolist()
+            start = time.process_time()
+            logits = runner.decode(batch, tokens, rows)
+            times[name].append(time.process_time() - start)
+            state[name] = (batch, logits)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--base", default="gemma3-270m", help="a bundled model or a folder")
     args = parser.parse_args()
 
-    base = resolve_base_model(None)
+    base = resolve_base_model(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         print("writing adapters ...", flush=True)
         paths = build_adapters(base, Path(tmp))
         loaded = load_base_model(base, quantization=args.quantization, device="cpu")
+        # as the server does on a CPU without native bfloat16 (SWAPSERVE_LM_HEAD=auto)
+        int8_head = args.quantization == "nf4" and use_int8_lm_head(loaded.model)
         runner = ModelRunner(loaded.model, pad_token_id=int(loaded.tokenizer.pad_token_id))
         for name, path in paths.items():
             peft_type = json.loads((path / "adapter_config.json").read_text())["peft_type"]
@@ -130,17 +148,34 @@ def main() -> None:
         }
         for kind in ("ia3", "prompt_tuning", "prefix_tuning", "ln_tuning", "trainable_tokens"):
             compositions[f"d) all rows {kind}"] = [kind] * n
-        results: dict[str, list[float]] = {k: [] for k in compositions}
         with torch.inference_mode():
-            step_ms(runner, compositions["a) base"], 3)  # warm-up
-            for r in range(args.rounds):
-                for name, rows in compositions.items():
-                    results[name].append(step_ms(runner, rows, args.steps))
-                print(f"round {r + 1}/{args.rounds} done", flush=True)
-    reference = statistics.median(results["a) base"])
-    print(f"\n{n} rows, {args.quantization}, median ms per decode step (ratio to a)")
-    for name, values in results.items():
-        ms = statistics.median(values)
+            interleaved_ms(runner, {"warm-up": [BASE_ADAPTER] * n}, 2)
+            results = interleaved_ms(runner, compositions, args.steps)
+            compute = compute_dtype(loaded.model)
+            if compute != runner.adapters.dtype:
+                lora = runner.adapters.rows["lora"]
+                lora.dtype = compute  # type: ignore[attr-defined]
+                for i in range(8):
+                    runner.adapters.remove(f"lora{i}")
+                    kind = kind_for("LORA")
+                    assert kind is not None
+                    runner.adapters.add(kind.read(f"lora{i}", paths[f"lora{i}"], compute))
+                again = interleaved_ms(
+                    runner,
+                    {
+                        "base": compositions["a) base"],
+                        "lora": compositions["b) LoRA, one adapter per row"],
+                    },
+                    args.steps,
+                )
+                # scaled to a)'s time of the first run, so the column reads as the others
+                results[f"e) b) with {str(compute).removeprefix('torch.')} blocks"] = (
+                    again["lora"] / again["base"] * results["a) base"]
+                )
+    reference = results["a) base"]
+    head = ", int8 output layer" if int8_head else ""
+    print(f"\n{n} rows, {args.quantization}{head}, median CPU ms per decode step (ratio to a)")
+    for name, ms in results.items():
         print(f"{name:36s} {ms:8.1f} ms   {ms / reference:5.2f}x")
 
 

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from server.engine.base import BASE_ADAPTER
 from server.engine.kv import KVBatch
-from server.engine.multi_adapter import MultiAdapter, compute_dtype
+from server.engine.multi_adapter import MultiAdapter, adapter_dtype
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ModelRunner:
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
         self.pad_token_id = pad_token_id
-        self.adapters = MultiAdapter(model, self.device, compute_dtype(model))
+        self.adapters = MultiAdapter(model, self.device, adapter_dtype(model, self.device))
 
     @property
     def device(self) -> torch.device:
