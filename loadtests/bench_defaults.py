@@ -49,13 +49,17 @@ GOAL = 0.8
 ANSWER_MARGIN_TOKENS = 8
 
 
-def train(task: str, data: Path, out_dir: Path, log: Path) -> dict:
-    """`swapserve train sft --data ... --name ...`, no tuning flag, in its own process."""
-    cmd = [sys.executable, "-m", "server.cli", "train", "sft", "--data", str(data),
-           "--name", task, "--output-dir", str(out_dir)]  # fmt: skip
+def train(task: str, data: Path, data_dir: Path, log: Path) -> dict:
+    """`swapserve train sft --data ... --name ...` and no other flag, in its own process; the
+    adapter goes where the CLI puts it, under $SWAPSERVE_DATA_DIR/trained/<name>."""
+    cmd = [sys.executable, "-m", "server.cli", "train", "sft", "--data", str(data), "--name", task]
+    env = {**os.environ, "SWAPSERVE_DATA_DIR": str(data_dir)}
+    out_dir = data_dir / "trained" / task
     started = time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
+        )
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"training {task} failed ({proc.returncode}); see {log}")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             TASKS[name], work, n_train=args.train, n_eval=args.eval, seed=args.seed
         )
         print(f"[{name}] swapserve train sft --data {train_path} --name {name}", flush=True)
-        t = train(name, train_path, work / f"{name}-adapter", work / f"{name}-train.log")
+        t = train(name, train_path, work / "data", work / f"{name}-train.log")
         results[name] = {"train": t}
         print(f"[{name}] trained: {t['steps']} steps in {t['wall_s']:.0f} s; {t['settings']}",
               flush=True)  # fmt: skip
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if base is None:
             base = load_base_model(None, quantization="nf4")
         tok = base.tokenizer
-        path = str(work / f"{name}-adapter")
+        path = str(work / "data" / "trained" / name)
         if model is None:
             model = PeftModel.from_pretrained(base.model, path, adapter_name=name)
         else:
