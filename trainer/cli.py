@@ -43,7 +43,11 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     helps = config_class(method).field_help()
     p.add_argument("--data", required=True, type=Path, help="training data, JSONL")
     p.add_argument("--name", required=True, help="adapter name (letters, digits, . _ -)")
-    p.add_argument("--base", default=None, help=helps["base_model"])
+    p.add_argument(
+        "--base",
+        default=None,
+        help=helps["base_model"] + " Default: $SWAPSERVE_BASE_MODEL (the server's base) if set.",
+    )
     p.add_argument(
         "--quantization", choices=QUANTIZATIONS, default=None, help=helps["quantization"]
     )
@@ -152,6 +156,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, flag, None)
         if value is not None:
             fields[field_name] = value
+    # the server's base unless told otherwise, so the adapter fits the server it goes to
+    if fields.get("base_model") is None and os.environ.get("SWAPSERVE_BASE_MODEL"):
+        fields["base_model"] = os.environ["SWAPSERVE_BASE_MODEL"]
     if args.target_modules:
         tm = args.target_modules
         fields["target_modules"] = tm if tm == "all-linear" else [s.strip() for s in tm.split(",")]

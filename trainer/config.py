@@ -45,8 +45,9 @@ class JobConfig:
     base_model: str | None = field(
         default=None,
         metadata={
-            "help": "Base model: a local Hugging Face model folder, or None/'bundled' for the "
-            "bundled Gemma 3 270M. Never downloaded."
+            "help": "Base model: a bundled model's short name ('smollm2-135m-instruct', "
+            "'gemma3-270m'), a local Hugging Face model folder, or None/'bundled' for the "
+            "default bundled smollm2-135m-instruct. Never downloaded."
         },
     )
     quantization: str = field(

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from server.engine.kinds.base import BaseModelShape
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -55,6 +58,30 @@ class EngineShutdownError(EngineError):
 
 
 @dataclass
+class StructuredOutput:
+    """What the output must match (constrained decoding, server/engine/grammar.py).
+
+    Exactly one field is set. Plain data, named as vLLM's `StructuredOutputsParams`
+    (`json=`, `json_object=True`, `grammar=`), so an engine on vLLM maps it one to one.
+    """
+
+    json_schema: dict[str, Any] | None = None  # a JSON schema the output must validate against
+    json_object: bool = False  # any JSON object (OpenAI's JSON mode)
+    # a Lark grammar in llguidance's dialect (may embed `%json {schema}`); tool calls use it
+    grammar: str | None = None
+
+    def key(self) -> str:
+        """A stable text for this spec: the compiled-grammar cache's key."""
+        import json
+
+        return json.dumps(
+            {"s": self.json_schema, "o": self.json_object, "g": self.grammar},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
@@ -65,6 +92,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     n: int = 1
     ignore_eos: bool = False  # benchmarks only: decode exactly max_tokens
+    # Every field below maps onto vLLM's SamplingParams field of the same name.
+    # The output must match this (None: free text).
+    structured_outputs: StructuredOutput | None = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Log probabilities of each generated token, with this many most likely alternatives
+    # (0: the chosen token's only; None: none). From the distribution the row sampled from:
+    # after its adapter, penalties, logit_bias and the grammar mask; before temperature and
+    # top_p.
+    logprobs: int | None = None
+    # The prompt's own token logprobs (completions' echo), with this many alternatives.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -77,6 +116,21 @@ class GenerationRequest:
 
 
 @dataclass
+class Logprob:
+    token_id: int
+    logprob: float | None  # None only for a prompt's first token: nothing comes before it
+    token_bytes: bytes  # the token's own bytes (may be part of one UTF-8 character)
+
+
+@dataclass
+class TokenLogprobs:
+    """One position: the token there, and the most likely tokens at it (most likely first)."""
+
+    chosen: Logprob
+    top: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
 class GenerationOutput:
     """One step's news for one choice of a request."""
 
@@ -86,6 +140,11 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" | "length" | None while running
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # with sampling.logprobs: one entry per id in token_ids (a stop token is in neither)
+    logprobs: list[TokenLogprobs] | None = None
+    # with sampling.prompt_logprobs, on a choice's first output: one per prompt token (the
+    # first one's logprob is None: nothing comes before it)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -100,6 +159,8 @@ class EngineInfo:
     num_parameters: int
     # rows of the input embedding: prompt token ids must be below it (None: unknown)
     vocab_size: int | None = None
+    # whether adapters' trained token rows (PEFT's trainable_token_indices) are applied
+    adapter_token_rows: bool = True
 
 
 @runtime_checkable
@@ -113,8 +174,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for OpenAI-style messages, with the model's chat template."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text for OpenAI-style messages (and tools), with the chat template."""
         ...
 
     def tokenize(self, text: str) -> list[int]: ...
@@ -138,8 +201,14 @@ class Engine(Protocol):
         """Names the base model is known by, to match an adapter's base_model_name_or_path."""
         ...
 
+    def model_shape(self) -> BaseModelShape:
+        """Everything adapter validation checks an adapter against: module shapes, float
+        parameters, layers, KV heads, context length, names (server/engine/kinds/base.py)."""
+        ...
+
     async def load_adapter(self, name: str, path: Path) -> None:
-        """Put a validated LoRA folder on the compute device under `name`."""
+        """Put a validated adapter folder on the compute device under `name`; an adapter it
+        cannot serve raises AdapterError (server/engine/kinds/base.py) saying why."""
         ...
 
     async def unload_adapter(self, name: str) -> None:

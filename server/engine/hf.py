@@ -1,9 +1,11 @@
-"""The `hf` engine: transformers + bitsandbytes on the CPU or one GPU, own LoRA layers."""
+"""The `hf` engine: transformers + bitsandbytes on the CPU or one GPU, own adapter layers."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,14 @@ from server.engine.base import (
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.grammar import GrammarCompiler
+from server.engine.kinds import kind_for
+from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
+from server.engine.kinds.lora import base_weight
 from server.engine.lm_head import use_int8_lm_head
-from server.engine.lora import LoRAWeights, read_peft_lora
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
+from server.engine.token_bytes import token_bytes_table
 from trainer.base_model import LoadedBaseModel
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,24 @@ def _token_modules(model: Any) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _float_params(model: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters an adapter may replace per row (LN tuning): float ones, not
+    the packed 4-bit weights."""
+    found = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "quant_state", None) is not None or not param.is_floating_point():
+            continue
+        if type(param).__name__ in ("Params4bit", "Int8Params"):
+            continue
+        found[name] = tuple(int(d) for d in param.shape)
+    return found
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class HFEngine:
     """One resident base model; a scheduler thread batches every request onto it."""
 
@@ -86,6 +110,15 @@ class HFEngine:
         self.request_timeout_s = request_timeout_s
         self.runner = ModelRunner(loaded.model, pad_token_id=int(self.tokenizer.pad_token_id))
         self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
+        vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
+        self._vocab_size = vocab_size
+        self._token_table: tuple[list[bytes], list[int]] | None = None
+        self._token_table_lock = threading.Lock()
+        self.grammars = GrammarCompiler(
+            self.token_table,
+            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+            eos_token_id=int(self.tokenizer.eos_token_id),
+        )
         self.scheduler = Scheduler(
             self.runner,
             self._decode,
@@ -94,11 +127,14 @@ class HFEngine:
             max_num_seqs=max_num_seqs,
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            token_bytes=lambda token: self.token_table()[0][token],
         )
-        self._adapters: set[str] = set()  # on the compute device, in the LoRA layers
-        self._host: dict[str, LoRAWeights] = {}  # off the device, kept in host memory
+        self._adapters: set[str] = set()  # on the compute device, in the adapter layers
+        self._host: dict[str, Any] = {}  # off the device, kept in host memory
+        # taken before any adapter wraps a layer: the paths are the base's own
         self._linear_shapes = _linear_shapes(loaded.model)
         self._token_modules = _token_modules(loaded.model)
+        self._float_params = _float_params(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
             model_id=loaded.model_id,
@@ -109,7 +145,7 @@ class HFEngine:
             weights_bytes=loaded.memory_bytes,
             fp32_bytes=num_parameters * 4,
             num_parameters=num_parameters,
-            vocab_size=int(loaded.model.get_input_embeddings().weight.shape[0]),
+            vocab_size=vocab_size,
         )
 
     @property
@@ -118,6 +154,15 @@ class HFEngine:
 
     async def start(self) -> None:
         self.scheduler.start()
+        # every token's bytes (log probabilities, grammars): built now, off the request path
+        threading.Thread(target=self.token_table, name="swapserve-vocab", daemon=True).start()
+
+    def token_table(self) -> tuple[list[bytes], list[int]]:
+        """(bytes of every token id, special token ids), built once."""
+        with self._token_table_lock:
+            if self._token_table is None:
+                self._token_table = token_bytes_table(self.tokenizer, self._vocab_size)
+            return self._token_table
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.scheduler.stop)
@@ -125,9 +170,11 @@ class HFEngine:
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -151,6 +198,26 @@ class HFEngine:
             names.add(Path(str(source)).name)
         return names
 
+    def model_shape(self) -> BaseModelShape:
+        text = _text_config(self.loaded.model)
+        heads = int(getattr(text, "num_attention_heads", 0) or 0)
+        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+        return BaseModelShape(
+            linear=dict(self._linear_shapes),
+            token_modules=dict(self._token_modules),
+            params=dict(self._float_params),
+            model_type=str(getattr(text, "model_type", "") or ""),
+            hidden_size=hidden,
+            num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(self._info.vocab_size or 0),
+            max_model_len=self.max_model_len,
+            names=frozenset(self.base_names()),
+            weight=lambda module: base_weight(self.loaded.model, module),
+        )
+
     def has_adapter(self, name: str) -> bool:
         return name in self._adapters
 
@@ -172,19 +239,25 @@ class HFEngine:
         await asyncio.wrap_future(future)
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        lora = self.runner.lora
-        if name in lora:
+        adapters = self.runner.adapters
+        if name in adapters:
             return
         weights = self._host.pop(name, None)  # from host memory: no file reads
         if weights is None:
-            weights = read_peft_lora(name, path, lora.dtype)
-        lora.add(weights)
+            peft_type = str(json.loads((path / CONFIG_FILE).read_text()).get("peft_type", ""))
+            kind = kind_for(peft_type)
+            if kind is None:
+                raise AdapterError(
+                    400, f"no adapter kind serves peft_type {peft_type!r}", "unsupported_adapter"
+                )
+            weights = kind.read(name, path, adapters.dtype)
+        adapters.add(weights)
         self._adapters.add(name)
 
     def _unload_adapter(self, name: str, *, keep_host_copy: bool) -> None:
         if not keep_host_copy:
             self._host.pop(name, None)
-        weights = self.runner.lora.remove(name)
+        weights = self.runner.adapters.remove(name)
         if keep_host_copy and weights is not None:
             self._host[name] = weights  # already host tensors
         self._adapters.discard(name)
@@ -196,7 +269,17 @@ class HFEngine:
         def emit(item: GenerationOutput | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        seqs = new_sequences(request, emit, default_timeout_s=self.request_timeout_s)
+        grammar = None
+        spec = request.sampling.structured_outputs
+        if spec is not None:
+            # compiled (or found in the cache) off the scheduler thread: the first one
+            # also teaches the grammar library this model's vocabulary
+            first = await asyncio.to_thread(self.grammars.compile, spec)
+            copies = [first]
+            grammar = lambda: copies.pop() if copies else self.grammars.compile(spec)  # noqa: E731
+        seqs = new_sequences(
+            request, emit, default_timeout_s=self.request_timeout_s, grammar=grammar
+        )
         self.scheduler.submit(seqs)
         remaining = len(seqs)
         try:

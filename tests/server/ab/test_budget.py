@@ -12,15 +12,17 @@ from server.ab.report import render_report
 
 def service(tmp_path, default_max_tokens=512):
     engine = SimpleNamespace(tokenize=lambda text: text.split())  # one token a word
-    serving = SimpleNamespace(engine=engine, default_max_tokens=default_max_tokens)
 
     async def prepare(req):
         raise asyncio.CancelledError  # nothing runs: only the submitted record matters
 
+    serving = SimpleNamespace(
+        ctx=SimpleNamespace(engine=engine, default_max_tokens=default_max_tokens),
+        chat=SimpleNamespace(prepare=prepare),
+    )
     return ExperimentService(
         tmp_path,
         serving=lambda: serving,
-        prepare=prepare,
         check_arm=lambda model, rag: None,
         base_model="base",
     )

@@ -133,9 +133,9 @@ def test_experiment_cancel_and_restart_marks_interrupted(server, tmp_path):
     # a record left "running" by a dead server comes back as interrupted
     record = server.app.state.ab_experiments.records[exp_id]
     stale = {**record, "id": "abx-stale", "status": "running"}
-    svc = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="base")  # type: ignore[arg-type]
+    svc = ExperimentService(tmp_path, serving=None, check_arm=None, base_model="base")  # type: ignore[arg-type]
     svc._save(stale)
-    svc2 = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="b")  # type: ignore[arg-type]
+    svc2 = ExperimentService(tmp_path, serving=None, check_arm=None, base_model="b")  # type: ignore[arg-type]
     svc2.recover()
     assert svc2.records["abx-stale"]["status"] == "interrupted"
 
