@@ -26,6 +26,7 @@ reported, never asserted: they depend on how busy the machine is.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-defaults-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    base = model = None
     for name in tasks:
         # one task at a time, each figure printed as soon as it is known (an hour or more
         # on a busy 2-core machine)
@@ -108,15 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from trainer.base_model import load_base_model
 
-        if base is None:
-            base = load_base_model(None, quantization="nf4")
+        # a fresh base for each adapter: PEFT's trainable token rows of a second adapter on a
+        # tied embedding corrupted the first's base (seen on SmolLM2)
+        base = load_base_model(None, quantization="nf4")
         tok = base.tokenizer
-        path = str(work / "data" / "trained" / name)
-        if model is None:
-            model = PeftModel.from_pretrained(base.model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
-        model.set_adapter(name)
+        model = PeftModel.from_pretrained(base.model, str(work / "data" / "trained" / name))
         held = read_eval(eval_path)
         prompts = [h["prompt"] for h in held]
         refs = [h["reference"] for h in held]
@@ -136,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['clean_stops']}/{b['n']} -> {a['clean_stops']}/{a['n']}", flush=True)  # fmt: skip
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))
+        del model, base
+        gc.collect()
 
     failed = []
     print()

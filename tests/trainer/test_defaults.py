@@ -117,7 +117,17 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
     assert control.should_training_stop and cb.stopped_at == 4
     cb.on_train_end(None, state, control, model=model)
     assert torch.equal(model.weight, best_weight)
-    assert cb.summary() == {"best_eval_loss": 2.0, "best_step": 2, "stopped_early_at": 4}
+    assert cb.summary() == {
+        "best_eval_loss": 2.0,
+        "best_step": 2,
+        "stopped_early_at": 4,
+        "eval_loss_history": [
+            {"step": 1, "eval_loss": 3.0},
+            {"step": 2, "eval_loss": 2.0},
+            {"step": 3, "eval_loss": 2.5},
+            {"step": 4, "eval_loss": 2.1},
+        ],
+    }
     # the last step is always evaluated, once
     state.global_step, control.should_evaluate = 100, False
     cb.on_step_end(args, state, control)
