@@ -47,7 +47,7 @@ MAX_EVAL = 100
 BASE_EPOCHS = 3.0  # TRL's SFTConfig default
 TWO_EPOCHS_FROM = 2_000
 ONE_EPOCH_FROM = 10_000
-MIN_STEPS = 40
+MIN_STEPS = 60
 MAX_STEPS = 5_000
 SHORT_RUN_STEPS = 100
 SHORT_RUN_LR_FACTOR = 2.5
@@ -330,6 +330,7 @@ def make_early_stopping(patience: int) -> Any:
             self.saved: dict[str, Any] | None = None
             self.stopped_at: int | None = None
             self.last_step: int | None = None  # the step of the last eval seen
+            self.history: list[dict[str, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             # the last step is always evaluated, so the best weights are chosen among all
@@ -343,6 +344,7 @@ def make_early_stopping(patience: int) -> Any:
             if loss is None or model is None or state.global_step == self.last_step:
                 return
             self.last_step = state.global_step
+            self.history.append({"step": state.global_step, "eval_loss": float(loss)})
             # a NaN or infinite eval loss is never a new best
             if math.isfinite(loss) and (self.best is None or loss < self.best):
                 self.best, self.best_step, self.bad_evals = float(loss), state.global_step, 0
@@ -383,6 +385,7 @@ def make_early_stopping(patience: int) -> Any:
                 "best_eval_loss": self.best,
                 "best_step": self.best_step,
                 "stopped_early_at": self.stopped_at,
+                "eval_loss_history": list(self.history),
             }
 
     return EarlyStopping()

@@ -24,6 +24,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
 from trainer.base_model import LoadedBaseModel
+from trainer.chat import render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,9 @@ class HFEngine:
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=True
-        )
+        # as the trainer renders its data: a template without a tool format (SmolLM2's)
+        # gets the tools, calls and results as plain turns instead of silently dropping them
+        return render_prompt(self.tokenizer, messages, tools)
 
     def tokenize(self, text: str) -> list[int]:
         # The chat template already writes <bos>; a raw completion prompt gets one here.
