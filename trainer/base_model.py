@@ -216,7 +216,7 @@ def native_bf16(device: str) -> bool:
         return False
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the float32 staging buffers of a quantizing load back to the OS.
 
     glibc keeps freed heap pages mapped; without this the process keeps ~0.5 GB of the
@@ -277,7 +277,7 @@ def load_base_model(
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _release_freed_memory()
+    release_freed_memory()
     name = path.name
     if (path / "swapserve_source.json").is_file():
         name = BUNDLED_MODEL_NAME

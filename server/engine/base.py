@@ -100,6 +100,9 @@ class EngineInfo:
     num_parameters: int
     # rows of the input embedding: prompt token ids must be below it (None: unknown)
     vocab_size: int | None = None
+    runner: str | None = None  # how decode steps run, e.g. "fast" or "reference"
+    # how each kind of weight is held, e.g. {"linear": "int4, group size 32", ...}
+    weights_format: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -25,7 +25,9 @@ class PrefillGroup:
     prompts: list[list[int]]
     adapters: list[str]
     done: int = 0  # columns already run
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    # the group's own cache while it prefills: a DynamicCache here, a StaticKV on the
+    # fast path (server/engine/fast_runner.py)
+    cache: Any = field(default_factory=DynamicCache)
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (vocab,)
 
     @property
@@ -42,6 +44,10 @@ class PrefillGroup:
 
 
 class ModelRunner:
+    """The reference path: the model's own forward over a growing cache."""
+
+    kind = "reference"
+
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
         self.pad_token_id = pad_token_id
@@ -50,6 +56,9 @@ class ModelRunner:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def new_group(self, prompts: list[list[int]], adapters: list[str]) -> PrefillGroup:
+        return PrefillGroup(prompts=prompts, adapters=adapters)
 
     def _forward(self, adapters: list[str], **kwargs: Any) -> torch.Tensor:
         self.lora.set_rows(adapters)

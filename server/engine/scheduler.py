@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.engine.base import (
     EngineShutdownError,
@@ -31,6 +31,10 @@ from server.engine.base import (
 from server.engine.kv import KVBatch
 from server.engine.runner import ModelRunner, PrefillGroup, adapter_row_name
 from server.engine.sampling import RowSampler, sample_rows
+from server.engine.static_kv import StaticKV
+
+if TYPE_CHECKING:
+    from server.engine.fast_runner import FastModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: ModelRunner | FastModelRunner,
         decode: Callable[[list[int]], str],
         stop_token_ids: list[int],
         *,
@@ -102,7 +106,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._prefill: tuple[PrefillGroup, list[Sequence]] | None = None
-        self._batch: KVBatch | None = None
+        self._batch: KVBatch | StaticKV | None = None
         self._running: list[Sequence] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -232,9 +236,8 @@ class Scheduler:
             if not free or not self._waiting:
                 return
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        group = PrefillGroup(
-            prompts=[s.request.prompt_token_ids for s in seqs],
-            adapters=[s.adapter_row for s in seqs],
+        group = self.runner.new_group(
+            [s.request.prompt_token_ids for s in seqs], [s.adapter_row for s in seqs]
         )
         self._prefill = (group, seqs)
 
