@@ -74,7 +74,12 @@ class LlamaCpp:
         return (count - 1) / (last - first)
 
 
-def llama_cpp(threads: int | None = None) -> LlamaCpp | None:
+def llama_cpp(base: str, threads: int | None = None) -> LlamaCpp | None:
+    """llama.cpp on the bundled Gemma 3 270M's GGUF; None (saying why) when it cannot run
+    or the benchmark's base is another model."""
+    if base not in ("gemma3-270m", "gemma-3-270m"):
+        print(f"llama.cpp: skipped (it runs the bundled Gemma 3 270M GGUF; the base is {base})")
+        return None
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import httpx
 
+# The base model the benchmarks load: the bundled Gemma 3 270M, on which the README's
+# figures were measured, unless SWAPSERVE_BASE_MODEL names another (a bundled model's short
+# name, such as smollm2-135m-instruct, the server's default, or a model folder).
+BENCH_BASE = os.environ.get("SWAPSERVE_BASE_MODEL") or "gemma3-270m"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +31,12 @@ def running_server(
 ) -> Iterator[str]:
     """``python``: another interpreter (e.g. .venv-vllm's for the vLLM engine)."""
     port = free_port()
-    child_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    child_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SWAPSERVE_BASE_MODEL": BENCH_BASE,
+        **(env or {}),
+    }
     proc = subprocess.Popen(
         [
             python or sys.executable,

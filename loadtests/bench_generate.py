@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests._peers import cpu_threads, llama_cpp, vllm_python  # noqa: E402
-from loadtests._server import running_server  # noqa: E402
+from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -67,7 +67,7 @@ def in_process_decoder(tokens: int) -> tuple[Callable[[], float], Callable[[], N
     from server.engine.base import GenerationRequest, SamplingParams
     from server.engine.factory import build_engine
 
-    engine = build_engine(Settings())
+    engine = build_engine(Settings(base_model=BENCH_BASE))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
     ids = engine.tokenize(PROMPT)
@@ -100,7 +100,7 @@ def generate_decoder(tokens: int) -> Callable[[], float]:
 
     from trainer.base_model import load_base_model
 
-    loaded = load_base_model(None, quantization="nf4")
+    loaded = load_base_model(BENCH_BASE, quantization="nf4")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")
 
     def timed(n: int) -> float:
@@ -138,7 +138,7 @@ def main() -> None:
         peers["in-process engine"] = in_process
         if not args.no_generate:
             peers["model.generate, NF4"] = generate_decoder(args.tokens)
-        llama = llama_cpp()
+        llama = llama_cpp(BENCH_BASE)
         if llama is not None:
             llama.decode_rate(PROMPT, 4)  # warm-up
             peers["llama.cpp"] = lambda: llama.decode_rate(PROMPT, args.tokens)
@@ -157,7 +157,7 @@ def main() -> None:
     median = {name: statistics.median(r) for name, r in rates.items()}
     anchor = median.get("llama.cpp")
     print(
-        f"\ndecode tokens/s, one request at a time, bundled Gemma 3 270M, {args.tokens} tokens, "
+        f"\ndecode tokens/s, one request at a time, {BENCH_BASE}, {args.tokens} tokens, "
         f"median of {args.runs} rounds, {cpu_threads()} CPU threads"
     )
     for name, value in median.items():

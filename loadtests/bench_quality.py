@@ -51,19 +51,20 @@ HELD_TEXT = (
 
 
 def _load(variant: str):
+    from loadtests._server import BENCH_BASE
     from trainer.base_model import load_base_model
 
     if variant == "float32":
-        return load_base_model(None, quantization="none", device="cpu").model
+        return load_base_model(BENCH_BASE, quantization="none", device="cpu").model
     if variant == "nf4":
-        return load_base_model(None, quantization="nf4", device="cpu").model
+        return load_base_model(BENCH_BASE, quantization="nf4", device="cpu").model
     from server.engine.int4 import repack_linear_layers
     from server.engine.lm_head import use_int8_lm_head
 
     if variant == "int4":
-        model = load_base_model(None, quantization="none", device="cpu").model
+        model = load_base_model(BENCH_BASE, quantization="none", device="cpu").model
     else:  # int4 from nf4
-        model = load_base_model(None, quantization="nf4", device="cpu").model
+        model = load_base_model(BENCH_BASE, quantization="nf4", device="cpu").model
     repack_linear_layers(model)
     use_int8_lm_head(model, share_embedding=True)
     return model
@@ -109,9 +110,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from loadtests._server import BENCH_BASE
     from trainer.base_model import resolve_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(None)))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(BENCH_BASE)))
     prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
     held = tokenizer(HELD_TEXT, return_tensors="pt")["input_ids"]
     reference: list[torch.Tensor] = []
@@ -139,7 +141,7 @@ def main() -> None:
         )
         del model
     print(
-        f"\nbundled Gemma 3 270M, {len(PROMPTS)} prompts x {args.tokens} greedy tokens, "
+        f"\n{BENCH_BASE}, {len(PROMPTS)} prompts x {args.tokens} greedy tokens, "
         f"held text of {held.shape[1]} tokens; reference: float32"
     )
 

@@ -46,7 +46,7 @@ _PARTS = {
 
 def _hook_parts(model) -> list:
     """record_function ranges around the modules both paths call, labelled by part."""
-    from server.engine.lora import LoRALinear
+    from server.engine.kinds.lora import LoRALinear
 
     handles = []
     labels: dict[int, list[str]] = defaultdict(list)
@@ -151,13 +151,14 @@ def main() -> None:
 
     import torch
 
+    from loadtests._server import BENCH_BASE
     from server.config import Settings
     from server.engine.factory import build_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {} if args.fast_path is None else {"fast_path": args.fast_path}
-    engine = build_engine(Settings(**overrides))
+    engine = build_engine(Settings(base_model=BENCH_BASE, **overrides))
     adapters = ["__base__"]
     if args.adapters:
         from loadtests._adapters import linear_shapes_from_config, random_lora_adapter

@@ -43,7 +43,11 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     helps = config_class(method).field_help()
     p.add_argument("--data", required=True, type=Path, help="training data, JSONL")
     p.add_argument("--name", required=True, help="adapter name (letters, digits, . _ -)")
-    p.add_argument("--base", default=None, help=helps["base_model"])
+    p.add_argument(
+        "--base",
+        default=None,
+        help=helps["base_model"] + " Default: $SWAPSERVE_BASE_MODEL (the server's base) if set.",
+    )
     p.add_argument(
         "--quantization", choices=QUANTIZATIONS, default=None, help=helps["quantization"]
     )
@@ -72,6 +76,18 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
         "--grad-accum", type=int, default=None, help=helps["gradient_accumulation_steps"]
     )
     p.add_argument("--max-length", type=int, default=None, help=helps["max_length"])
+    p.add_argument("--warmup-steps", type=int, default=None, help=helps["warmup_steps"])
+    p.add_argument("--eval-steps", type=int, default=None, help=helps["eval_steps"])
+    p.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        help=helps["early_stopping_patience"],
+    )
+    if method == "sft":
+        p.add_argument(
+            "--loss-turns", choices=("all", "last"), default=None, help=helps["loss_turns"]
+        )
     p.add_argument("--eval-fraction", type=float, default=None, help=helps["eval_fraction"])
     p.add_argument("--eval-file", default=None, help=helps["eval_file"])
     p.add_argument("--seed", type=int, default=None, help=helps["seed"])
@@ -96,7 +112,8 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the data and print the loss mask of the first example; train nothing",
+        help="validate the data, print the loss mask of the first examples and the settings "
+        "training would use; train nothing",
     )
     p.add_argument("--server", default=None, help="register the result with this server URL")
     p.add_argument("--api-key", default=os.environ.get("SWAPSERVE_API_KEY"), help="bearer token")
@@ -117,6 +134,10 @@ _FLAG_TO_FIELD = {
     "batch_size": "batch_size",
     "grad_accum": "gradient_accumulation_steps",
     "max_length": "max_length",
+    "warmup_steps": "warmup_steps",
+    "eval_steps": "eval_steps",
+    "early_stopping_patience": "early_stopping_patience",
+    "loss_turns": "loss_turns",
     "eval_fraction": "eval_fraction",
     "eval_file": "eval_file",
     "seed": "seed",
@@ -135,6 +156,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, flag, None)
         if value is not None:
             fields[field_name] = value
+    # the server's base unless told otherwise, so the adapter fits the server it goes to
+    if fields.get("base_model") is None and os.environ.get("SWAPSERVE_BASE_MODEL"):
+        fields["base_model"] = os.environ["SWAPSERVE_BASE_MODEL"]
     if args.target_modules:
         tm = args.target_modules
         fields["target_modules"] = tm if tm == "all-linear" else [s.strip() for s in tm.split(",")]
@@ -176,7 +200,8 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     path = resolve_base_model(config.base_model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ensure_chat_template(tokenizer)
-    report = dry_run(args.data, tokenizer, config.max_length, args.train_kind)
+    loss_turns = getattr(config, "loss_turns", "all")
+    report = dry_run(args.data, tokenizer, config.max_length, args.train_kind, loss_turns)
     tokens = _dry_run_tokens(config, tokenizer, path, args.data, args.train_kind)
     lengths = report["lengths"]
     print(f"data: {report['path']} (sha256 {report['sha256'][:16]}...)")
@@ -185,13 +210,28 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
         f"tokens: longest {lengths['longest']}, mean {lengths['mean']:.1f}, "
         f"{lengths['n_truncated']} of {lengths['n_examples']} over max_length={lengths['max_length']}"
     )
-    print(
-        f"first example (line {report['first_line']}): {report['first_tokens']} tokens, "
-        f"{report['first_loss_tokens']} carry loss; {report['legend']}"
-    )
+    print(f"first {len(report['examples'])} example(s), {report['legend']}:")
     print(report["rendered"])
+    if report["tool_fallback"]:
+        print(
+            "note: the chat template has no tool format; tools, tool calls and tool results "
+            "are rendered as plain turns in the Hermes format (trainer/chat.py)"
+        )
     print(tokens.describe())
+    for line in _chosen_settings(args, config).describe():
+        print(line)
     return 0
+
+
+def _chosen_settings(args: argparse.Namespace, config: Any) -> Any:
+    """What trainer.defaults makes of this config and data: the same call training makes."""
+    from trainer.data import Task, load_jsonl
+    from trainer.defaults import resolve_for_data
+
+    task: Task = "dpo" if args.train_kind == "dpo" else "sft"
+    data = load_jsonl(args.data, task)
+    eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
+    return resolve_for_data(config, args.train_kind, data, eval_data)[1]
 
 
 def _dry_run_tokens(config: Any, tokenizer: Any, path: Path, data_path: Path, kind: str) -> Any:
@@ -236,6 +276,9 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         # a token the tokenizer lacks fails now, not after the base model has loaded
         check_trainable_tokens(config.trainable_tokens, resolve_base_model(config.base_model))
     output_dir = args.output_dir or default_data_dir() / "trained" / args.name
+    # the settings, before the minutes of loading and training (the card records them too)
+    for line in _chosen_settings(args, config).describe():
+        print(line, flush=True)
     bar: tqdm | None = None
     eval_bar: tqdm | None = None
 
@@ -267,6 +310,17 @@ def _train(args: argparse.Namespace, config: Any) -> int:
                 b.close()
     print(f"adapter: {result.output_dir}")
     print(f"final loss: {result.final_loss}")
+    stopping = (result.card.get("defaults") or {}).get("early_stopping")
+    if stopping and stopping.get("best_step"):
+        how = (
+            f"stopped early at step {stopping['stopped_early_at']}"
+            if stopping.get("stopped_early_at")
+            else f"ran all {result.steps} steps"
+        )
+        print(
+            f"early stopping: {how}; kept the weights of step {stopping['best_step']} "
+            f"(eval loss {stopping['best_eval_loss']:.4f})"
+        )
     if result.eval:
         for arm in ("base", "adapter"):
             if arm in result.eval:

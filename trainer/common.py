@@ -3,7 +3,6 @@ eval (loss + generated answers, base vs adapter), and the atomic adapter + card 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import write_json_atomic
 from trainer.base_model import (
     LoadedBaseModel,
     load_base_model,
@@ -26,6 +26,7 @@ from trainer.base_model import (
 )
 from trainer.config import JobConfig
 from trainer.data import Example, LoadedData, prompt_for_generation
+from trainer.defaults import n_eval_for
 from trainer.metrics import aggregate
 from trainer.tokens import TrainableTokens, model_vocab_size, resolve_trainable_tokens
 
@@ -127,9 +128,12 @@ def split_eval(
     examples = list(data.examples)
     if eval_data is not None:
         return examples, list(eval_data.examples)
-    if config.eval_fraction <= 0 or len(examples) < 2:
+    fraction = config.eval_fraction
+    if fraction is None:  # not resolved yet: the automatic split's size
+        fraction = n_eval_for(len(examples)) / len(examples)
+    if fraction <= 0 or len(examples) < 2:
         return examples, []
-    n_eval = max(1, round(len(examples) * config.eval_fraction))
+    n_eval = max(1, round(len(examples) * fraction))
     n_eval = min(n_eval, len(examples) - 1)
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
@@ -266,7 +270,7 @@ def trainer_args(config: JobConfig, device: str, scratch: Path, gc: bool) -> dic
     return {
         "output_dir": str(scratch),
         "learning_rate": config.learning_rate,
-        "num_train_epochs": config.epochs,
+        "num_train_epochs": config.epochs if config.epochs is not None else 1.0,
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "per_device_train_batch_size": config.batch_size,
         "per_device_eval_batch_size": config.batch_size,
@@ -278,7 +282,9 @@ def trainer_args(config: JobConfig, device: str, scratch: Path, gc: bool) -> dic
         "data_seed": config.seed,
         "logging_steps": 1,
         "logging_strategy": "steps",
-        "eval_strategy": "no",
+        # eval loss during training when trainer.defaults asked for it (early stopping)
+        "eval_strategy": "steps" if config.eval_steps else "no",
+        "eval_steps": config.eval_steps or None,
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
@@ -514,7 +520,7 @@ def eval_generation(
     chosen = examples[: config.eval_max_examples]
     if not chosen:
         return {}
-    refs = [e.reference_answer() for e in chosen]
+    refs = [e.reference_answer(base.tokenizer) for e in chosen]
     n = len(chosen)
     budget = eval_token_budget(config, base.tokenizer, refs)
 
@@ -570,6 +576,7 @@ def build_card(
     wall_time_s: float,
     name: str,
     tokens: TrainableTokens | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     final = loss_history[-1]["loss"] if loss_history else None
     hyperparameters = config.to_dict()
@@ -598,6 +605,8 @@ def build_card(
             "lengths": asdict(length_report),
         },
         "hyperparameters": hyperparameters,
+        # which settings trainer.defaults chose from the data, and why
+        "defaults": defaults,
         "lora": {
             "r": config.r,
             "alpha": config.lora_alpha,
@@ -637,7 +646,8 @@ def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
         missing = [f for f in ADAPTER_FILES if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {', '.join(missing)}")
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str))
+        # the folder is renamed into place whole below; the card is written durably first
+        write_json_atomic(tmp / CARD_NAME, card, indent=2)
         check_output_dir(output_dir)
         os.replace(tmp, output_dir)
     except BaseException:
@@ -671,6 +681,7 @@ def finish_run(
     should_stop: StopFn | None,
     name: str | None,
     tokens: TrainableTokens | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> TrainResult:
     """The end both methods share: last cancel check, card, adapter folder, result."""
     if should_stop is not None and should_stop():
@@ -691,6 +702,7 @@ def finish_run(
         wall_time_s=wall,
         name=name or output_dir.name,
         tokens=tokens,
+        defaults=defaults,
     )
     write_output(peft_model, card, output_dir)
     logger.info("%s adapter written to %s in %.1f s", kind.upper(), output_dir, wall)

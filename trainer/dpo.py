@@ -39,6 +39,7 @@ from trainer.common import (
 )
 from trainer.config import ConfigError, JobConfig, is_number
 from trainer.data import Example, LoadedData, as_chat_prompt, check_lengths, load_jsonl
+from trainer.defaults import resolve_for_data
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,12 @@ logger = logging.getLogger(__name__)
 class DPOJobConfig(JobConfig):
     """Configuration of a DPO job: the common fields of ``JobConfig`` plus ``beta``."""
 
-    learning_rate: float = field(
-        default=5e-5,
-        metadata={"help": "Peak learning rate of AdamW, in (0, 1); DPO wants less than SFT."},
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of AdamW, in (0, 1); DPO wants less than SFT. Default: "
+            "a quarter of SFT's for the method and run length (trainer/defaults.py)."
+        },
     )
     beta: float = field(
         default=0.1,
@@ -100,6 +104,8 @@ def run_dpo(
 
     data = load_jsonl(data_path, "dpo")
     eval_data: LoadedData | None = load_jsonl(config.eval_file, "dpo") if config.eval_file else None
+    # settings left unset are chosen from the data (steps, lr, warm-up, eval split, early stop)
+    config, chosen = resolve_for_data(config, "dpo", data, eval_data)
     train_examples, eval_examples = split_eval(data, config, eval_data)
     if should_stop is not None and should_stop():
         raise TrainingCancelled("cancelled before the base model was loaded")
@@ -117,6 +123,7 @@ def run_dpo(
     gc = use_gradient_checkpointing(config, base.device)
     model = prepare_model(base, gc)
     callback = make_progress_callback(progress, should_stop)
+    extra_callbacks = chosen.callbacks()
     with scratch_dir(output_dir) as scratch:
         args = DPOConfig(
             **trainer_args(config, base.device, Path(scratch), gc),
@@ -135,7 +142,7 @@ def run_dpo(
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=lora_config(config, tokens),
-            callbacks=[callback],
+            callbacks=[callback, *extra_callbacks],
         )
         quiet_trainer(trainer)
         fix_adapter_dtype(trainer, base.device)
@@ -185,4 +192,5 @@ def run_dpo(
             should_stop=should_stop,
             name=name,
             tokens=tokens,
+            defaults=chosen.card(extra_callbacks),
         )

@@ -41,6 +41,7 @@ from trainer.common import (
 )
 from trainer.config import JobConfig
 from trainer.data import LoadedData, check_lengths, load_jsonl, tokenize_sft
+from trainer.defaults import resolve_for_data
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def run_sft(
 
     data = load_jsonl(data_path, "sft")
     eval_data: LoadedData | None = load_jsonl(config.eval_file, "sft") if config.eval_file else None
+    # settings left unset are chosen from the data (steps, lr, warm-up, eval split, early stop)
+    config, chosen = resolve_for_data(config, "sft", data, eval_data)
     train_examples, eval_examples = split_eval(data, config, eval_data)
     if should_stop is not None and should_stop():
         raise TrainingCancelled("cancelled before the base model was loaded")
@@ -85,15 +88,15 @@ def run_sft(
     base = load_base(config, base)
     tokenizer = base.tokenizer
     # Length check over everything we will feed the model, before step one.
-    length_report = check_lengths(data, tokenizer, config.max_length)
+    length_report = check_lengths(data, tokenizer, config.max_length, config.loss_turns)
     if eval_data is not None:
-        check_lengths(eval_data, tokenizer, config.max_length)
+        check_lengths(eval_data, tokenizer, config.max_length, config.loss_turns)
     tokens = trainable_tokens_for(config, base, train_examples)
 
     def to_dataset(examples):
         rows = []
         for example in examples:
-            seq = tokenize_sft(example, tokenizer)
+            seq = tokenize_sft(example, tokenizer, config.loss_turns)
             rows.append({"input_ids": seq.input_ids, "labels": seq.labels})
         return Dataset.from_list(rows)
 
@@ -103,6 +106,7 @@ def run_sft(
     gc = use_gradient_checkpointing(config, base.device)
     model = prepare_model(base, gc)
     callback = make_progress_callback(progress, should_stop)
+    extra_callbacks = chosen.callbacks()
     with scratch_dir(output_dir) as scratch:
         args = SFTConfig(**trainer_args(config, base.device, Path(scratch), gc))
         trainer = SFTTrainer(
@@ -112,7 +116,7 @@ def run_sft(
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=lora_config(config, tokens),
-            callbacks=[callback],
+            callbacks=[callback, *extra_callbacks],
         )
         quiet_trainer(trainer)
         fix_adapter_dtype(trainer, base.device)
@@ -165,4 +169,5 @@ def run_sft(
             should_stop=should_stop,
             name=name,
             tokens=tokens,
+            defaults=chosen.card(extra_callbacks),
         )

@@ -116,6 +116,8 @@ def run_job(job_dir: Path) -> int:
                 "wall_time_s": result.wall_time_s,
                 "eval": _summary(result.eval),
                 "mixed_batch_servable": result.card.get("mixed_batch_servable"),
+                # the settings trainer.defaults chose from the data, and why
+                "defaults": result.card.get("defaults"),
             },
         )
     except TrainingCancelled as exc:

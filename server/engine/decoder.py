@@ -164,9 +164,7 @@ class FastDecoder:
 
         Writes their keys and values at those positions, attends over each row's cache
         up to its own position, and returns logits (n, len(keep), vocab) for the columns
-        in ``keep`` (all columns when None). ``positions`` must be contiguous per row
-        (a decode step: T = 1 at each row's length; a prefill chunk: the same start for
-        every row).
+        in ``keep`` (all columns when None). A row's cache column is its position.
         """
         model = self.model
         n, t = input_ids.shape
@@ -176,9 +174,7 @@ class FastDecoder:
         decode = t == 1
         cos_sin = self._cos_sin(positions)
         masks = self._masks(positions, kv_len)
-        start = int(positions[0, 0]) if not decode else 0
-        rows = torch.arange(n, device=h.device)
-        cols = positions[:, 0]
+        rows = torch.arange(n, device=h.device).unsqueeze(1)  # (n, 1)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             residual = h
@@ -195,14 +191,13 @@ class FastDecoder:
             keys, values = cache.keys[i], cache.values[i]  # (rows, kv_heads, capacity, dim)
             if k.dtype != keys.dtype:
                 q, k, v = q.to(keys.dtype), k.to(keys.dtype), v.to(keys.dtype)
+            # each row's keys at its own positions: (n, T, kv_heads, dim) in place
+            keys[rows, :, positions] = k
+            values[rows, :, positions] = v
             if decode:
-                keys[rows, :, cols] = k[:, 0]
-                values[rows, :, cols] = v[:, 0]
                 # (n, kv_heads, groups, dim): the query heads of one key head as its rows
                 query = q.view(n, self.num_kv_heads, self.groups, self.head_dim)
             else:
-                keys[:n, :, start : start + t] = k.transpose(1, 2)
-                values[:n, :, start : start + t] = v.transpose(1, 2)
                 query = (
                     q.view(n, t, self.num_kv_heads, self.groups, self.head_dim)
                     .permute(0, 2, 3, 1, 4)

@@ -56,6 +56,8 @@ class Sequence:
     finished: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # context positions the adapter takes before the prompt (virtual tokens, KV prefix)
+    reserved: int = 0
 
     @property
     def adapter_row(self) -> str:
@@ -239,6 +241,8 @@ class Scheduler:
         group = self.runner.new_group(
             [s.request.prompt_token_ids for s in seqs], [s.adapter_row for s in seqs]
         )
+        for seq in seqs:
+            seq.reserved = self.runner.adapters.context_tokens(seq.adapter_row)
         self._prefill = (group, seqs)
 
     def _step_prefill(self) -> None:
@@ -306,7 +310,7 @@ class Scheduler:
                 end, finish = hit, "stop"
         if finish is None and (
             len(seq.generated) >= params.max_tokens
-            or seq.prompt_tokens + len(seq.generated) >= self.max_model_len
+            or seq.prompt_tokens + seq.reserved + len(seq.generated) >= self.max_model_len
         ):
             finish = "length"
         if finish is None:

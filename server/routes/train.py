@@ -21,11 +21,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
-from server.protocol import ErrorResponse
+from server.openapi import request_body
+from server.schemas import (
+    DryRun,
+    ErrorResponse,
+    TrainEventList,
+    TrainJob,
+    TrainJobList,
+    TrainJobRequest,
+    TrainJobUpload,
+)
 from server.state import SettingsDep
 from server.training import BaseModelMismatch, TrainingService, is_settled
 from trainer.config import ConfigError
@@ -57,94 +66,6 @@ TrainingDep = Annotated[TrainingService, Depends(get_training)]
 
 
 # --- models -------------------------------------------------------------------------------------
-
-
-class TrainJobRequest(BaseModel):
-    """The JSON body of POST /train/sft and /train/dpo."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(description="The adapter's name: the `model` id clients will use.")
-    data_path: str | None = Field(None, description="A JSONL file on the server's file system.")
-    data: list[dict[str, Any] | str] | None = Field(
-        None,
-        description="The JSONL records inline: objects, or strings holding one JSON line each.",
-    )
-    eval_path: str | None = Field(None, description="A JSONL eval set on the server.")
-    eval_data: list[dict[str, Any] | str] | None = Field(
-        None, description="The eval records inline."
-    )
-    config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Hyper-parameters (the trainer's SFT/DPO config fields). base_model and "
-        "quantization default to the server's.",
-    )
-    # aliased: `register` would shadow BaseModel.register
-    register_: bool = Field(
-        True, alias="register", description="Register the adapter with this server when done."
-    )
-    replace: bool = Field(False, description="Replace a registered adapter of the same name.")
-
-
-class LossPoint(BaseModel):
-    step: int
-    loss: float
-
-
-class TrainJob(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    object: str = "train.job"
-    name: str
-    kind: str
-    state: str = Field(description="queued, running, succeeded, failed, cancelled or interrupted")
-    step: int = 0
-    total_steps: int | None = None
-    progress: float = Field(0.0, description="0..1")
-    loss: float | None = None
-    loss_history: list[LossPoint] = Field(default_factory=list)
-    eta_s: float | None = None
-    phase: str | None = Field(
-        None,
-        description="train, then eval after the last step (eval loss and generated answers, "
-        "base and adapter); null before the first step",
-    )
-    eval_done: int | None = Field(None, description="eval answers generated so far")
-    eval_total: int | None = Field(None, description="eval answers to generate")
-    error: str | None = None
-    output_dir: str
-    data_sha256: str | None = None
-    data_counts: dict[str, Any] | None = None
-    config: dict[str, Any]
-    result: dict[str, Any] | None = None
-    register_: bool = Field(True, alias="register")
-    replace: bool = False
-    registered: bool = False
-    registration_error: str | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-
-
-class TrainJobList(BaseModel):
-    object: str = "list"
-    data: list[TrainJob]
-
-
-class TrainEvent(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    seq: int
-    time: float
-    type: str
-
-
-class TrainEventList(BaseModel):
-    object: str = "list"
-    data: list[TrainEvent]
-    next_since: int = Field(description="Pass as `since` to get only newer events.")
-    state: str
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -195,7 +116,12 @@ async def _save_upload(upload: UploadFile, dest: Path) -> Path:
 
 
 async def _submit(
-    kind: str, request: Request, training: TrainingService, staging_root: Path
+    kind: str,
+    request: Request,
+    training: TrainingService,
+    staging_root: Path,
+    *,
+    dry: bool = False,
 ) -> dict[str, Any]:
     staging_root.mkdir(parents=True, exist_ok=True)
     # The manager copies the data into the job folder, so the staged files may go at once.
@@ -205,6 +131,11 @@ async def _submit(
             body = await _from_form(request, staging)
         else:
             body = await _from_json(request, staging)
+        if dry:
+            for key in ("name", "register", "replace"):
+                body.pop(key)
+            with job_errors():
+                return await asyncio.to_thread(training.dry_run, kind, **body)
         with job_errors():
             record = await asyncio.to_thread(training.submit, kind, **body)
     logger.info("accepted %s job %s for adapter %r", kind, record["id"], record["name"])
@@ -292,26 +223,7 @@ async def _from_form(request: Request, staging: Path) -> dict[str, Any]:
 
 def _request_body_doc(kind: str) -> dict[str, Any]:
     return {
-        "requestBody": {
-            "content": {
-                "application/json": {"schema": TrainJobRequest.model_json_schema()},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name", "file"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "file": {"type": "string", "format": "binary"},
-                            "eval_file": {"type": "string", "format": "binary"},
-                            "config": {"type": "string", "description": "a JSON object"},
-                            "register": {"type": "boolean"},
-                            "replace": {"type": "boolean"},
-                        },
-                    }
-                },
-            },
-            "required": True,
-        },
+        **request_body(json=TrainJobRequest, multipart=TrainJobUpload),
         "summary": f"Start a {kind.upper()} training job",
     }
 
@@ -344,6 +256,37 @@ async def train_dpo(
     return await _submit("dpo", request, training, settings.data_dir / "train-staging")
 
 
+def _dry_run_doc(kind: str) -> dict[str, Any]:
+    return {
+        **request_body(json=TrainJobRequest, multipart=TrainJobUpload),
+        "summary": f"Dry run of a {kind.upper()} job: what it would train on; starts nothing",
+    }
+
+
+@router.post(
+    "/sft/dry_run", response_model=DryRun, responses=ERRORS, openapi_extra=_dry_run_doc("sft")
+)
+async def dry_run_sft(
+    request: Request, training: TrainingDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """The same body as POST /train/sft, refused the same way; answers with the first
+    example's loss mask (the tokens between `loss_open` and `loss_close` carry loss), the
+    token lengths and the token rows that would be trained. Loads the tokenizer only."""
+    staging = settings.data_dir / "train-staging"
+    return await _submit("sft", request, training, staging, dry=True)
+
+
+@router.post(
+    "/dpo/dry_run", response_model=DryRun, responses=ERRORS, openapi_extra=_dry_run_doc("dpo")
+)
+async def dry_run_dpo(
+    request: Request, training: TrainingDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """POST /train/dpo's dry run: the chosen and rejected answers of the first pair."""
+    staging = settings.data_dir / "train-staging"
+    return await _submit("dpo", request, training, staging, dry=True)
+
+
 # --- follow and cancel ------------------------------------------------------------------------------
 
 
@@ -366,6 +309,14 @@ async def cancel_job(job_id: str, training: TrainingDep) -> dict[str, Any]:
     with job_errors():
         record = await asyncio.to_thread(training.manager.cancel, job_id)
     return training.view(record)
+
+
+@router.get("/jobs/{job_id}/card", response_model=dict[str, Any], responses=ERRORS)
+async def job_card(job_id: str, training: TrainingDep) -> dict[str, Any]:
+    """The adapter's card once the job has succeeded (409 before): base model, data,
+    hyper-parameters, library versions, loss history, eval numbers, wall time, memory."""
+    with job_errors():
+        return await asyncio.to_thread(training.card, job_id)
 
 
 @router.get(

@@ -14,10 +14,9 @@ import torch
 from server.engine.base import BASE_ADAPTER
 from server.engine.fast_runner import FastModelRunner
 from server.engine.hf import use_fast_path
-from server.engine.lora import read_peft_lora
 from server.engine.runner import ModelRunner
 from server.engine.static_kv import StaticKV
-from tests.support import load_causal_lm
+from tests.support import load_causal_lm, read_adapter
 from tests.tiny_model import build_lora_adapter, build_tiny_model
 
 END_OF_TURN, START_OF_TURN = 5, 4
@@ -48,7 +47,7 @@ def setup(request, tmp_path_factory):
 def _runner(kind, model, adapters):
     runner = kind(model, pad_token_id=0)
     for name, path in adapters.items():
-        runner.lora.add(read_peft_lora(name, path))
+        runner.adapters.add(read_adapter(name, path))
     return runner
 
 

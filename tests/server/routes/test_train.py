@@ -287,8 +287,8 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
     assert "line 1" in msg
     r = httpx.post(f"{server.url}/train/sft", files={"name": (None, "x")})
     assert_error(r, 400, "file")
-    # empty dataset
-    assert "empty" in assert_error(submit(server, name="x", data=[]), 400, "data")
+    # empty dataset: the documented schema says at least one record
+    assert "at least 1" in assert_error(submit(server, name="x", data=[]), 400, "data")
     # roles out of order: the assistant speaks first
     swapped = {"messages": [SFT_ROWS[0]["messages"][1], SFT_ROWS[0]["messages"][0]]}
     msg = assert_error(submit(server, name="x", data=[SFT_ROWS[1], swapped]), 400, "data")
@@ -342,6 +342,14 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
         "base_model_mismatch",
     )
     assert str(tiny_model_path) in msg
+    # a bundled model by its short name is another base too (and converts nothing)
+    for bundled in ("gemma3-270m", "smollm2-135m-instruct", "bundled"):
+        assert_error(
+            submit(server, name="x", data=good, config={**CONFIG, "base_model": bundled}),
+            400,
+            "config.base_model",
+            "base_model_mismatch",
+        )
 
     # a name already registered as an adapter: 409 unless replace is asked
     adapter = build_lora_adapter(tiny_model_path, tmp_path / "taken", seed=3)
