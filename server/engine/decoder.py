@@ -124,17 +124,23 @@ class FastDecoder:
             cached = (weight, eps)
             self._norm_weights[id(module)] = cached
         weight, eps = cached
-        if x.dtype == torch.float32:  # skip no-op conversions: each is a dispatch
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+        # the model's own arithmetic, in float32, in the fewest operators
+        x32 = x if x.dtype == torch.float32 else x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def _cos_sin(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """positions (n, T) -> per layer type, cos and sin of shape (n, T, 1, head_dim)."""
+        """positions (n, T) -> per layer type, cos and signed sin of shape
+        (n, T, 1, head_dim). The sine's first half carries the minus sign of
+        rotate_half, so that rotating x is x * cos + roll(x, head_dim / 2) * sin."""
         out = {}
+        half = self.head_dim // 2
         for kind, rope in self.ropes.items():
             freqs = positions.float()[..., None] * rope.inv_freq  # (n, T, head_dim / 2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-            out[kind] = (emb.cos() * rope.scaling, emb.sin() * rope.scaling)
+            sin = emb.sin() * rope.scaling
+            sin[..., :half] *= -1
+            out[kind] = (emb.cos() * rope.scaling, sin)
         return out
 
     def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
@@ -186,8 +192,9 @@ class FastDecoder:
                 q = self._norm(attn.q_norm, q)
                 k = self._norm(attn.k_norm, k)
             cos, sin = cos_sin[self.layer_types[i]]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            half = self.head_dim // 2
+            q = q * cos + q.roll(half, dims=-1) * sin
+            k = k * cos + k.roll(half, dims=-1) * sin
             keys, values = cache.keys[i], cache.values[i]  # (rows, kv_heads, capacity, dim)
             if k.dtype != keys.dtype:
                 q, k, v = q.to(keys.dtype), k.to(keys.dtype), v.to(keys.dtype)
@@ -238,8 +245,3 @@ class FastDecoder:
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
