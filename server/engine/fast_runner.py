@@ -20,7 +20,12 @@ import torch
 
 from server.engine.decoder import FastDecoder
 from server.engine.multi_adapter import MultiAdapter, compute_dtype
-from server.engine.runner import ModelRunner, PrefillGroup
+from server.engine.runner import (
+    PROMPT_LOGPROB_POSITIONS,
+    ModelRunner,
+    PrefillGroup,
+    _logprobs_at,
+)
 from server.engine.static_kv import StaticKV
 
 
@@ -40,9 +45,14 @@ class FastModelRunner:
             return tensor.device
         return torch.device("cpu")
 
-    def new_group(self, prompts: list[list[int]], adapters: list[str]) -> PrefillGroup:
+    def new_group(
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        prompt_logprobs: list[int | None] | None = None,
+    ) -> PrefillGroup:
         # the same inputs as the reference path (virtual-token placeholders, prefixes)
-        group = ModelRunner.new_group(self, prompts, adapters)  # type: ignore[arg-type]
+        group = ModelRunner.new_group(self, prompts, adapters, prompt_logprobs)  # type: ignore[arg-type]
         # padded columns of a chunk are written too: room for the longest prefix + input
         longest = group.width + group.total
         group.cache = self.decoder.new_cache(len(prompts), longest, self.dtype, self.device)
@@ -80,6 +90,8 @@ class FastModelRunner:
         if group.done == 0 and group.width:
             self._write_prefixes(group)
         start = group.done
+        if group.wants_prompt_logprobs:
+            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(group.prompts)))
         end = min(group.total, start + chunk_tokens)
         rows = []
         for prompt in group.prompts:
@@ -92,6 +104,8 @@ class FastModelRunner:
         # logits only where a row's last prompt token falls in this chunk
         wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
         keep = sorted(set(wanted.values())) or [end - start - 1]
+        if group.wants_prompt_logprobs:
+            keep = list(range(end - start))  # every column
         logits = self._forward(
             group.adapters,
             start,
@@ -102,6 +116,13 @@ class FastModelRunner:
         )  # (batch, len(keep), vocab)
         for row, col in wanted.items():
             group.last_logits[row] = logits[row, keep.index(col)].float()
+        for row, k in enumerate(group.prompt_logprobs):
+            if k is not None:
+                prompt = group.prompts[row]
+                # column c predicts prompt token start + c + 1
+                out = group.prompt_lps.setdefault(row, [])
+                for c in range(0, min(end, len(prompt) - 1) - start):
+                    out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
         group.done = end
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[StaticKV, torch.Tensor]:

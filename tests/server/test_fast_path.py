@@ -29,11 +29,16 @@ PROMPTS = [
 STEPS = 20
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
+@pytest.fixture(scope="module", params=["untied", "tied", "llama"])
 def setup(request, tmp_path_factory):
-    """A tiny model and three adapters (LoRA on all layers, on q only, token rows)."""
+    """A tiny model (Gemma 3 untied or tied, or a tied Llama with two key heads) and three
+    adapters (LoRA on all layers, on q only, token rows)."""
     root = tmp_path_factory.mktemp(f"fast-{request.param}")
-    model_path = build_tiny_model(root / "model", tie_word_embeddings=request.param == "tied")
+    model_path = build_tiny_model(
+        root / "model",
+        tie_word_embeddings=request.param != "untied",
+        arch="llama" if request.param == "llama" else "gemma",
+    )
     adapters = {
         "all": build_lora_adapter(model_path, root / "all", r=4, seed=1),
         "q": build_lora_adapter(model_path, root / "q", r=2, seed=2, target_modules=["q_proj"]),
@@ -184,7 +189,8 @@ def test_fast_path_setting(tiny_model_path):
         use_fast_path("on", model, "cpu")
 
 
-def test_int4_engine_on_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_int4_engine_on_the_tiny_model(tmp_path, arch):
     """nf4 on a CPU: linear layers in int4, the tied output layer and embedding share one
     int8 table; the fast path decodes as the reference path on those same weights."""
     from server.config import Settings
@@ -192,7 +198,7 @@ def test_int4_engine_on_the_tiny_model(tmp_path):
     from server.engine.int4 import Int4Linear
     from server.engine.lm_head import Int8Embedding, Int8LMHead
 
-    path = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    path = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True, arch=arch)
     engine = build_engine(Settings(base_model=str(path), quantization="nf4", device="cpu"))
     model = engine.runner.model
     info = engine.info
