@@ -67,6 +67,19 @@ class Citation(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "maxItems": MAX_STOP,
+        },
+        {"type": "null"},
+    ]
+}
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions requests."""
 
@@ -76,7 +89,9 @@ class SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    # the schema states what the validator below enforces, so a client generated from it
+    # never sends a stop list the server refuses
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     max_tokens: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -159,7 +174,7 @@ PROMPT_SCHEMA: dict[str, Any] = {
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
     # completions' logprobs: how many alternatives per token, as OpenAI's 0-5 widened to 20
-    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     # vLLM's extension: structured outputs on completions too (chat's shape)
     response_format: dict[str, Any] | None = None
