@@ -171,7 +171,7 @@ class HFEngine:
         self.loaded = loaded
         model = loaded.model
         num_parameters = _parameter_count(model)  # as loaded, before any re-packing
-        quantization = loaded.quantization
+        quantization: str = loaded.quantization
         if int4_weights:
             repack_linear_layers(model)
             quantization = "int4"
