@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -25,7 +26,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) -> Iterator[str]:
+def running_server(
+    env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
+) -> Iterator[str]:
+    """``python``: another interpreter (e.g. .venv-vllm's for the vLLM engine)."""
     port = free_port()
     child_env = {
         **os.environ,
@@ -35,7 +39,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
     }
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "server.cli",
             "serve",
@@ -45,6 +49,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
             "WARNING",
         ],
         env=child_env,
+        cwd=str(Path(__file__).resolve().parents[1]),
     )
     url = f"http://127.0.0.1:{port}"
     try:
