@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from trainer.base_model import BUNDLED_MODEL_NAME
 from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
-from trainer.jobs import JobConflict, JobManager, build_config
+from trainer.jobs import JobConflict, JobManager
+from trainer.methods import check_against_base, default_quantization
+from trainer.objectives import build_config, get_objective
 from trainer.records import TERMINAL
 from trainer.tokens import check_trainable_tokens
 
@@ -105,9 +107,16 @@ class TrainingService:
             )
         # The worker loads the very folder the server loaded (no second conversion).
         fields["base_model"] = str(self.base_path)
-        fields.setdefault("quantization", self.quantization)
+        if "quantization" not in fields:
+            # the server's own precision, unless the method fixes one (lora and full train
+            # on the unquantized folder, qlora on NF4)
+            quantization = default_quantization(fields.get("method"), self.quantization)
+            if quantization is not None:
+                fields["quantization"] = quantization
         fields.setdefault("device", self.device)
         cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
+        # the method against the base's structure: module names, context, quantized folder
+        check_against_base(cfg, self.base_path)
         # an explicit token list is checked against this base's tokenizer (loaded once)
         check_trainable_tokens(cfg.trainable_tokens, self.base_path)
         return fields
@@ -145,7 +154,7 @@ class TrainingService:
         fields = self.job_config(kind, config)
         if eval_path is not None:
             fields["eval_file"] = str(eval_path)
-        task = "dpo" if kind == "dpo" else "sft"
+        task = get_objective(kind).task
         # Validated here as well as in submit: a refused request must not have moved an
         # old adapter folder aside (below).
         _load_labelled(data_path, task, data_label)

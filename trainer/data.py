@@ -7,7 +7,9 @@ Three formats, one per file, detected from the fields of each line:
   Loss is carried by every assistant turn and nothing else.
 - prompt/completion: ``{"prompt": str, "completion": str}`` (plain text, loss on the
   completion + EOS), or both as message lists (chat; loss on the completion's turns).
-- preference (DPO): ``{"prompt": str | messages, "chosen": str | [msg], "rejected": ...}``.
+- preference (DPO, ORPO, KTO): ``{"prompt": str | messages, "chosen": str | [msg], "rejected": ...}``.
+- unpaired (KTO): ``{"prompt": str | messages, "completion": str | [msg], "label": bool}``:
+  one rated answer per line (thumbs up = true), as ``POST /ab/feedback`` collects them.
 
 Everything that can be checked without a tokenizer is checked by ``load_jsonl``; the length
 check (``check_lengths``) needs the tokenizer and chat template. Every problem carries the
@@ -28,8 +30,9 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["chat", "prompt_completion", "preference"]
-Task = Literal["sft", "dpo"]
+Format = Literal["chat", "prompt_completion", "preference", "unpaired"]
+# sft: chat or prompt/completion; dpo: preference pairs; kto: unpaired ratings or pairs
+Task = Literal["sft", "dpo", "kto"]
 
 ROLES = ("system", "user", "assistant")
 # Loss spans are drawn between these markers in the dry-run text.
@@ -81,6 +84,7 @@ class Example:
     completion: str | list[dict[str, str]] | None = None
     chosen: str | None = None  # preference: the assistant's preferred answer
     rejected: str | None = None
+    label: bool | None = None  # unpaired: whether ``completion`` is a desirable answer
 
     def reference_answer(self) -> str:
         """The answer a model should give to this example's prompt (for eval)."""
@@ -151,7 +155,8 @@ def dataset_hash(path: str | Path) -> str:
 def load_jsonl(path: str | Path, task: Task | None = None) -> LoadedData:
     """Read and validate a JSONL file; raise DataError listing every problem found.
 
-    ``task`` "sft" accepts chat and prompt/completion, "dpo" accepts preference pairs only.
+    ``task`` "sft" accepts chat and prompt/completion, "dpo" accepts preference pairs only,
+    "kto" accepts unpaired ratings and preference pairs.
     """
     path = Path(path)
     if not path.is_file():
@@ -213,6 +218,8 @@ def _parse_line(
     obj: dict[str, Any], line: int, task: Task | None, problems: list[Problem]
 ) -> Example | None:
     before = len(problems)
+    if "label" in obj:
+        return _unpaired_line(obj, line, task, problems)
     if "chosen" in obj or "rejected" in obj:
         if task == "sft":
             problems.append(
@@ -236,14 +243,13 @@ def _parse_line(
             return None
         return Example(line, "preference", prompt=prompt, chosen=chosen, rejected=rejected)
 
-    if task == "dpo":
-        problems.append(
-            Problem(
-                line,
-                "chosen",
-                "missing: DPO needs {prompt, chosen, rejected} on every line",
-            )
+    if task in ("dpo", "kto"):
+        needs = (
+            "DPO needs {prompt, chosen, rejected} on every line"
+            if task == "dpo"
+            else "KTO needs {prompt, completion, label} or {prompt, chosen, rejected} on every line"
         )
+        problems.append(Problem(line, "chosen" if task == "dpo" else "label", f"missing: {needs}"))
         return None
 
     if "messages" in obj:
@@ -301,6 +307,46 @@ def _parse_line(
         )
     )
     return None
+
+
+def _unpaired_line(
+    obj: dict[str, Any], line: int, task: Task | None, problems: list[Problem]
+) -> Example | None:
+    """{prompt, completion, label}: one rated answer (KTO's unpaired preference format)."""
+    before = len(problems)
+    if task == "sft":
+        problems.append(
+            Problem(
+                line,
+                "label",
+                "rated answers are KTO data (SFT would learn the thumbs-down answers too): "
+                "use `train kto` for them",
+            )
+        )
+        return None
+    if task == "dpo":
+        problems.append(
+            Problem(
+                line, "label", "rated single answers are KTO data; DPO needs chosen/rejected pairs"
+            )
+        )
+        return None
+    for name in ("prompt", "completion"):
+        if name not in obj:
+            problems.append(
+                Problem(line, name, "missing (a rated answer needs prompt, completion, label)")
+            )
+    if not isinstance(obj["label"], bool):
+        problems.append(
+            Problem(line, "label", f"must be true (desirable) or false, got {_kind(obj['label'])}")
+        )
+    if len(problems) > before:
+        return None
+    prompt = _prompt_field(obj["prompt"], line, problems)
+    completion = _answer_field(obj["completion"], line, "completion", problems)
+    if len(problems) > before:
+        return None
+    return Example(line, "unpaired", prompt=prompt, completion=completion, label=obj["label"])
 
 
 def _messages(
@@ -498,16 +544,22 @@ def tokenize_sft(example: Example, tokenizer: Any) -> Tokenized:
     raise ValueError(f"line {example.line}: {example.format} data is not SFT data")
 
 
+def _tokenize_answer(example: Example, answer: str, tokenizer: Any) -> Tokenized:
+    """The example's prompt as chat turns, then ``answer`` as the assistant's, masked to it."""
+    assert example.prompt is not None
+    prompt = as_chat_prompt(example.prompt)
+    messages = prompt + [{"role": "assistant", "content": answer}]
+    text, spans = _render_chat(tokenizer, messages, first_trained=len(prompt))
+    return _tokenize_spans(tokenizer, text, spans, example.line, add_special_tokens=False)
+
+
 def tokenize_preference(example: Example, tokenizer: Any) -> tuple[Tokenized, Tokenized]:
     """Chosen and rejected sequences of a preference pair, each masked to its answer."""
-    assert example.prompt is not None and example.chosen is not None
-    prompt = as_chat_prompt(example.prompt)
-    out = []
-    for answer in (example.chosen, example.rejected):
-        messages = prompt + [{"role": "assistant", "content": answer or ""}]
-        text, spans = _render_chat(tokenizer, messages, first_trained=len(prompt))
-        out.append(_tokenize_spans(tokenizer, text, spans, example.line, add_special_tokens=False))
-    return out[0], out[1]
+    assert example.chosen is not None
+    return (
+        _tokenize_answer(example, example.chosen, tokenizer),
+        _tokenize_answer(example, example.rejected or "", tokenizer),
+    )
 
 
 def prompt_for_generation(example: Example, tokenizer: Any) -> tuple[str, bool]:
@@ -519,7 +571,7 @@ def prompt_for_generation(example: Example, tokenizer: Any) -> tuple[str, bool]:
             example.messages[:-1], tokenize=False, add_generation_prompt=True
         )
         return text, True
-    if example.format == "preference" or isinstance(example.prompt, list):
+    if example.format in ("preference", "unpaired") or isinstance(example.prompt, list):
         assert example.prompt is not None
         text = tokenizer.apply_chat_template(
             as_chat_prompt(example.prompt), tokenize=False, add_generation_prompt=True
@@ -533,6 +585,8 @@ def tokenize_example(example: Example, tokenizer: Any) -> tuple[Tokenized, ...]:
     or both answers of a preference pair (DPO's loss runs over chosen and rejected)."""
     if example.format == "preference":
         return tokenize_preference(example, tokenizer)
+    if example.format == "unpaired":
+        return (_tokenize_answer(example, str(example.completion), tokenizer),)
     return (tokenize_sft(example, tokenizer),)
 
 
@@ -646,8 +700,10 @@ def dry_run(
         )
         n_tokens, n_loss = len(chosen.input_ids), chosen.n_loss_tokens
     else:
-        seq = tokenize_sft(first, tokenizer)
+        (seq,) = tokenize_example(first, tokenizer)
         rendered = render_loss_mask(seq, max_length)
+        if first.format == "unpaired":
+            rendered = f"--- label {str(first.label).lower()} ---\n{rendered}"
         n_tokens, n_loss = len(seq.input_ids), seq.n_loss_tokens
     return {
         "path": str(data.path),

@@ -1,4 +1,5 @@
-"""Training routes: submit SFT/DPO jobs, follow them, cancel them.
+"""Training routes: submit jobs (one route per objective: sft, dpo, orpo, kto; the PEFT
+method is ``config.method``), compare methods, follow jobs, cancel them.
 
 A job request is JSON (``data_path`` on the server, or ``data``: the JSONL records inline)
 or multipart (``file`` = the JSONL upload, ``config`` as a JSON string). Every refusal
@@ -31,6 +32,7 @@ from server.training import BaseModelMismatch, TrainingService, is_settled
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.jobs import JobConflict, JobNotFound, JobStateError
+from trainer.objectives import get_objective, objective_names
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ TrainingDep = Annotated[TrainingService, Depends(get_training)]
 
 
 class TrainJobRequest(BaseModel):
-    """The JSON body of POST /train/sft and /train/dpo."""
+    """The JSON body of POST /train/{sft,dpo,orpo,kto}."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -76,8 +78,10 @@ class TrainJobRequest(BaseModel):
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Hyper-parameters (the trainer's SFT/DPO config fields). base_model and "
-        "quantization default to the server's.",
+        description="Hyper-parameters: the trainer's config fields, `method` among them "
+        "(lora, qlora, ia3, prompt_tuning, prefix_tuning, p_tuning, ln_tuning, full). "
+        "base_model is the server's; quantization defaults to the server's where the method "
+        "allows it.",
     )
     # aliased: `register` would shadow BaseModel.register
     register_: bool = Field(
@@ -316,32 +320,26 @@ def _request_body_doc(kind: str) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/sft",
-    status_code=202,
-    response_model=TrainJob,
-    responses=ERRORS,
-    openapi_extra=_request_body_doc("sft"),
-)
-async def train_sft(
-    request: Request, training: TrainingDep, settings: SettingsDep
-) -> dict[str, Any]:
-    """Supervised fine-tuning on chat or prompt/completion JSONL."""
-    return await _submit("sft", request, training, settings.data_dir / "train-staging")
+def _submit_route(kind: str, summary: str, data: str) -> None:
+    """POST /train/<kind>: one route per objective of the trainer's table."""
+
+    async def submit(request: Request, training: TrainingDep, settings: SettingsDep) -> Any:
+        return await _submit(kind, request, training, settings.data_dir / "train-staging")
+
+    submit.__name__ = f"train_{kind}"
+    submit.__doc__ = f"{summary[0].upper()}{summary[1:]}. Data: {data}."
+    router.post(
+        f"/{kind}",
+        status_code=202,
+        response_model=TrainJob,
+        responses=ERRORS,
+        openapi_extra=_request_body_doc(kind),
+    )(submit)
 
 
-@router.post(
-    "/dpo",
-    status_code=202,
-    response_model=TrainJob,
-    responses=ERRORS,
-    openapi_extra=_request_body_doc("dpo"),
-)
-async def train_dpo(
-    request: Request, training: TrainingDep, settings: SettingsDep
-) -> dict[str, Any]:
-    """Direct preference optimisation on prompt/chosen/rejected JSONL."""
-    return await _submit("dpo", request, training, settings.data_dir / "train-staging")
+for _kind in objective_names():
+    _objective = get_objective(_kind)
+    _submit_route(_kind, _objective.summary, _objective.data)
 
 
 # --- follow and cancel ------------------------------------------------------------------------------
