@@ -81,8 +81,8 @@ def _trl_args(config: DPOJobConfig) -> dict[str, Any]:
     }
 
 
-def _eval_loss(trainer: Any, eval_ds: Any, base_view: Any) -> dict[str, Any]:
-    metrics = trainer.evaluate(eval_ds)
+def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
+    metrics = trainer.evaluate()
     # With the adapter disabled, policy == reference and the DPO loss is log 2 by
     # construction, so only the trained model's numbers are informative.
     return {

@@ -89,10 +89,10 @@ def _trl() -> tuple[type, type]:
     return KTOTrainer, KTOConfig
 
 
-def _eval_loss(trainer: Any, eval_ds: Any, base_view: Any) -> dict[str, Any]:
-    metrics = trainer.evaluate(eval_ds)
+def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
+    metrics = trainer.evaluate()
     with base_view():
-        base = trainer.evaluate(eval_ds)
+        base = trainer.evaluate()
     return {
         # the base as policy equals the reference: its rewards are 0 and its loss is the
         # weighted 1 - sigmoid(0) = 0.5 per answer, up to the KL term

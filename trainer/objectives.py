@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 
 MODULES = {"sft": "trainer.sft", "dpo": "trainer.dpo", "orpo": "trainer.orpo", "kto": "trainer.kto"}
 
-# (trainer, eval dataset, a context that shows the base instead of the trained model) ->
-# {"eval_loss": {"base": .., "adapter": ..}, other metrics ...}
-EvalLoss = Callable[[Any, Any, Callable[[], AbstractContextManager[Any]]], dict[str, Any]]
+# (trainer, a context that shows the base instead of the trained model) ->
+# {"eval_loss": {"base": .., "adapter": ..}, other metrics ...}; the trainer evaluates the
+# eval set it was built with (TRL tokenises it at construction)
+EvalLoss = Callable[[Any, Callable[[], AbstractContextManager[Any]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)

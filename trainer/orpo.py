@@ -46,10 +46,10 @@ def _trl() -> tuple[type, type]:
     return ORPOTrainer, ORPOConfig
 
 
-def _eval_loss(trainer: Any, eval_ds: Any, base_view: Any) -> dict[str, Any]:
-    metrics = trainer.evaluate(eval_ds)
+def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
+    metrics = trainer.evaluate()
     with base_view():
-        base = trainer.evaluate(eval_ds)
+        base = trainer.evaluate()
     return {
         "eval_loss": {"base": base["eval_loss"], "adapter": metrics["eval_loss"]},
         "reward_accuracy": metrics.get("eval_rewards/accuracies"),

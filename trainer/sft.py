@@ -40,10 +40,10 @@ def _rows(examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _eval_loss(trainer: Any, eval_ds: Any, base_view: Any) -> dict[str, Any]:
-    adapter_loss = trainer.evaluate(eval_ds)["eval_loss"]
+def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
+    adapter_loss = trainer.evaluate()["eval_loss"]
     with base_view():
-        base_loss = trainer.evaluate(eval_ds)["eval_loss"]
+        base_loss = trainer.evaluate()["eval_loss"]
     return {"eval_loss": {"base": base_loss, "adapter": adapter_loss}}
 
 

@@ -172,7 +172,7 @@ def train(
             phase.report(0)
             eval_results = {
                 "examples": len(eval_examples),
-                **objective.eval_loss(trainer, eval_ds, base_view),
+                **objective.eval_loss(trainer, base_view),
             }
             phase.check()
             eval_results.update(
@@ -190,7 +190,7 @@ def train(
             extraction, adapter_model = extract_lora(reference, trained, config)
             if eval_results is not None and phase is not None:
                 eval_results["extracted"] = extracted_eval(
-                    objective, trainer, eval_ds, adapter_model, base, generation, config, phase
+                    objective, trainer, adapter_model, base, generation, config, phase
                 )
             extraction["model_dir"] = str(full_dir)
         return finish_run(
@@ -252,7 +252,6 @@ def evaluating(trainer: Any, model: Any) -> Iterator[None]:
 def extracted_eval(
     objective: Any,
     trainer: Any,
-    eval_ds: Any,
     adapter: Any,
     base: LoadedBaseModel,
     generation: list[Any],
@@ -264,7 +263,7 @@ def extracted_eval(
     out: dict[str, Any] = {"eval_loss": None}
     if not objective.uses_reference:
         with evaluating(trainer, adapter):
-            out["eval_loss"] = trainer.evaluate(eval_ds)["eval_loss"]
+            out["eval_loss"] = trainer.evaluate()["eval_loss"]
     phase.check()
     gen = eval_generation(adapter, base, generation, config, phase, skip_base=True)
     out.update({k: v for k, v in gen.items() if k != "base"})
