@@ -1,11 +1,10 @@
-"""A small Python client for swapserve's admin API (what the `openai` SDK does not cover).
+"""The first client's interface, kept for code written against it: adapter calls that
+return plain dicts. New code: `clients.Swapserve`, which covers every admin route and
+returns the server's own models.
 
     from clients.admin import SwapserveAdmin
     admin = SwapserveAdmin("http://127.0.0.1:8000")
     admin.register_adapter("support-v2", "/path/to/peft-folder")
-    admin.list_adapters()
-
-Errors come back as `SwapserveError` with the server's status, code, param and message.
 """
 
 from __future__ import annotations
@@ -13,26 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
+from clients.errors import SwapserveError
+from clients.swapserve import Swapserve
 
-
-class SwapserveError(Exception):
-    def __init__(self, status: int, body: dict[str, Any]):
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        self.status = status
-        self.code = error.get("code")
-        self.param = error.get("param")
-        self.message = error.get("message", str(body))
-        super().__init__(f"{status} {self.code}: {self.message}")
+__all__ = ["SwapserveAdmin", "SwapserveError"]
 
 
 class SwapserveAdmin:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.client = Swapserve(base_url, api_key, timeout=timeout)
 
     def close(self) -> None:
-        self._http.close()
+        self.client.close()
 
     def __enter__(self) -> SwapserveAdmin:
         return self
@@ -40,45 +31,24 @@ class SwapserveAdmin:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = self._http.request(method, path, **kwargs)
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"error": {"message": r.text}}
-            raise SwapserveError(r.status_code, body)
-        return r.json()
-
-    # --- adapters ---------------------------------------------------------------------------
+    @staticmethod
+    def _dict(model: Any) -> dict:
+        return model.model_dump(mode="json", by_alias=True)
 
     def register_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> dict:
-        """Register a PEFT LoRA folder that the server can read."""
-        return self._call(
-            "POST", "/adapters", json={"name": name, "path": str(path), "replace": replace}
-        )
+        return self._dict(self.client.adapters.register(name, path, replace=replace))
 
     def upload_adapter(self, name: str, archive: str | Path, *, replace: bool = False) -> dict:
-        """Upload a .tar.gz/.zip of a PEFT LoRA folder (for a server on another machine)."""
-        archive = Path(archive)
-        with archive.open("rb") as f:
-            return self._call(
-                "POST",
-                "/adapters",
-                data={"name": name, "replace": str(replace).lower()},
-                files={"file": (archive.name, f)},
-            )
+        return self._dict(self.client.adapters.upload(name, archive, replace=replace))
 
     def list_adapters(self) -> list[dict]:
-        return self._call("GET", "/adapters")["data"]
+        return [self._dict(a) for a in self.client.adapters.list()]
 
     def get_adapter(self, name: str) -> dict:
-        return self._call("GET", f"/adapters/{name}")
+        return self._dict(self.client.adapters.get(name))
 
     def delete_adapter(self, name: str) -> dict:
-        return self._call("DELETE", f"/adapters/{name}")
-
-    # --- server -----------------------------------------------------------------------------
+        return self._dict(self.client.adapters.delete(name))
 
     def ready(self) -> dict:
-        return self._call("GET", "/ready")
+        return self.client.ready()

@@ -12,6 +12,11 @@ from contextlib import contextmanager
 
 import httpx
 
+# The base model the benchmarks load: the bundled Gemma 3 270M, on which the README's
+# figures were measured, unless SWAPSERVE_BASE_MODEL names another (a bundled model's short
+# name, such as smollm2-135m-instruct, the server's default, or a model folder).
+BENCH_BASE = os.environ.get("SWAPSERVE_BASE_MODEL") or "gemma3-270m"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,7 +27,12 @@ def free_port() -> int:
 @contextmanager
 def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) -> Iterator[str]:
     port = free_port()
-    child_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    child_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SWAPSERVE_BASE_MODEL": BENCH_BASE,
+        **(env or {}),
+    }
     proc = subprocess.Popen(
         [
             sys.executable,

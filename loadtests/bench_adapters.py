@@ -29,7 +29,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
-from loadtests._server import running_server  # noqa: E402
+from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 from trainer.base_model import resolve_base_model  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -125,7 +125,7 @@ def naive_baseline(paths: list[Path], tokens: int) -> float:
 
     from trainer.base_model import load_base_model
 
-    loaded = load_base_model(None, quantization="nf4")
+    loaded = load_base_model(BENCH_BASE, quantization="nf4")
     model = PeftModel.from_pretrained(loaded.model, str(paths[0]), adapter_name="n0")
     for i, p in enumerate(paths[1:], start=1):
         model.load_adapter(str(p), adapter_name=f"n{i}")
@@ -149,11 +149,11 @@ def main() -> None:
     args = parser.parse_args()
     n, tokens = args.streams, args.tokens
 
-    base_path = resolve_base_model(None)
+    base_path = resolve_base_model(BENCH_BASE)
     shapes = linear_shapes_from_config(json.loads((base_path / "config.json").read_text()))
     work = Path(tempfile.mkdtemp(prefix="swapserve-bench-"))
     paths = [
-        random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i)
+        random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i, base_name=base_path.name)
         for i in range(args.max_registered + 1)
     ]
     env = {
@@ -189,7 +189,7 @@ def main() -> None:
             growth.append((registered, asyncio.run(throughput(url, pick, tokens))))
     naive = naive_baseline(paths[:n], tokens)
 
-    print(f"\nbundled Gemma 3 270M, NF4, CPU; {n} streams x {tokens} tokens, rank-16 adapters")
+    print(f"\n{BENCH_BASE}, NF4, CPU; {n} streams x {tokens} tokens, rank-16 adapters")
     print(f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s")
     print(f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s")
     print(f"  naive set_adapter, one at a time: {naive:7.2f} tok/s")

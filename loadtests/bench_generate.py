@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests._server import running_server  # noqa: E402
+from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -53,7 +53,7 @@ def generate_decoder(tokens: int):
 
     from trainer.base_model import load_base_model
 
-    loaded = load_base_model(None, quantization="nf4")
+    loaded = load_base_model(BENCH_BASE, quantization="nf4")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")
 
     def timed(n: int) -> float:
@@ -88,7 +88,7 @@ def main() -> None:
             plain.append(plain_rate())
     server, plain_median = statistics.median(served), statistics.median(plain)
     ratios = [a / b for a, b in zip(served, plain, strict=True)]
-    print(f"decode tokens/s, one request at a time, bundled model in NF4, {args.tokens} tokens")
+    print(f"decode tokens/s, one request at a time, {BENCH_BASE} in NF4, {args.tokens} tokens")
     print(f"  server (HTTP, SSE):   {server:8.2f} tok/s (median of {args.runs})")
     print(f"  plain model.generate: {plain_median:8.2f} tok/s (median of {args.runs})")
     print(

@@ -69,7 +69,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--base", default=None, help="model folder (default: bundled)")
+    parser.add_argument(
+        "--base",
+        # as loadtests/_server.py's BENCH_BASE: the model the README's figures were measured on
+        default=os.environ.get("SWAPSERVE_BASE_MODEL") or "gemma3-270m",
+        help="a bundled model's short name or a model folder (default: $SWAPSERVE_BASE_MODEL, "
+        "else gemma3-270m)",
+    )
     parser.add_argument("--arm", choices=("none", "nf4"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:  # child process: one arm, JSON on the last line

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
-from loadtests._server import running_server  # noqa: E402
+from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 from trainer.base_model import resolve_base_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -60,11 +60,14 @@ class Summary:
 
 def make_adapters(root: Path, count: int) -> list[Path]:
     """`count` random adapters plus one spare (the last) for the register/unregister task."""
-    config = json.loads((resolve_base_model(None) / "config.json").read_text())
+    base_path = resolve_base_model(BENCH_BASE)
+    config = json.loads((base_path / "config.json").read_text())
     shapes = linear_shapes_from_config(config.get("text_config", config))
     # scale 0.01 keeps the deltas small, so adapted outputs stay text-like
     return [
-        random_lora_adapter(root / f"lt-{i}", shapes, r=8, seed=i, scale=0.01)
+        random_lora_adapter(
+            root / f"lt-{i}", shapes, r=8, seed=i, scale=0.01, base_name=base_path.name
+        )
         for i in range(count + 1)
     ]
 

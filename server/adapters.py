@@ -1,4 +1,4 @@
-"""AdapterRegistry: validate, store, load and evict LoRA adapters; survive restarts.
+"""AdapterRegistry: validate, store, load and evict adapters of every kind; survive restarts.
 
 Registration is all-or-nothing: files are staged, validated, loaded into the engine, moved
 into the store and only then recorded in registry.json (written atomically). A crash at
@@ -30,14 +30,17 @@ from typing import Any
 
 from server.adapter_validation import (
     CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    PICKLED_WEIGHTS,
     WEIGHTS_FILE,
     AdapterError,
     AdapterSpec,
     check_name,
     validate_adapter_dir,
 )
-from server.engine.base import BASE_ADAPTER, Engine
+from server.engine.base import BASE_ADAPTER, Engine, EngineError
 from server.metrics import ServerMetrics
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,8 @@ class AdapterRecord:
     name: str
     path: str  # the stored copy
     source: str  # where it was registered from
-    rank: int
-    alpha: float
+    rank: int | None  # LoRA's largest rank; None for other kinds
+    alpha: float | None
     target_modules: list[str]
     base_model_name: str | None
     size_bytes: int
@@ -56,6 +59,12 @@ class AdapterRecord:
     version: str
     use_rslora: bool = False
     trained_tokens: list[int] = field(default_factory=list)  # ids whose rows it trained
+    kind: str = "lora"  # server/engine/kinds/<kind>.py
+    peft_type: str = "LORA"
+    parameters: int = 0  # trained numbers it applies
+    virtual_tokens: int = 0  # context positions it takes before every prompt
+    # what its base_model_name_or_path says: matches / same_architecture / unverified / none
+    base_check: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,7 +140,8 @@ class AdapterRegistry:
         for name, raw in records.items():
             try:
                 record = AdapterRecord(**raw)
-                self._validate(Path(record.path))
+                spec = self._validate(Path(record.path))
+                _refresh(record, spec)  # a record written before a field existed gains it
             except (TypeError, AdapterError) as exc:
                 logger.error(
                     "adapter %r failed validation at start-up, quarantined: %s",
@@ -205,12 +215,15 @@ class AdapterRegistry:
     def _validate(self, path: Path) -> AdapterSpec:
         return validate_adapter_dir(
             path,
-            base_linear_shapes=self.engine.linear_shapes(),
-            base_token_modules=self.engine.token_modules(),
-            base_names=self.engine.base_names(),
+            base=self.engine.model_shape(),
             max_rank=self.max_lora_rank,
             max_bytes=self.limits.max_bytes,
         )
+
+    def context_tokens(self, name: str | None) -> int:
+        """Positions of every request's context the adapter takes (virtual tokens)."""
+        record = self.records.get(name) if name else None
+        return record.virtual_tokens if record is not None else 0
 
     def _reserved(self) -> set[str]:
         return {self.base_id, BASE_ADAPTER, "base"}
@@ -243,6 +256,10 @@ class AdapterRegistry:
     async def register_path(self, name: str, source: Path, *, replace: bool = False) -> dict:
         self._check_new_name(name, replace)
         source = source.expanduser()
+        if not source.exists():
+            raise AdapterError(
+                404, f"no file or folder at {source} on this server", "path_not_found", "path"
+            )
         if not source.is_dir():
             raise AdapterError(
                 400, f"adapter path {source} is not a folder on this server", "invalid_path", "path"
@@ -278,8 +295,16 @@ class AdapterRegistry:
             try:
                 # served only after the engine really loaded it
                 await self.engine.load_adapter(state.engine_name, final)
+            except AdapterError:
+                shutil.rmtree(final, ignore_errors=True)
+                raise  # the engine said why (e.g. a kind it does not serve)
             except Exception as exc:
                 shutil.rmtree(final, ignore_errors=True)
+                if isinstance(exc, EngineError) and 400 <= exc.status < 500:
+                    # the engine says why it cannot serve this adapter (e.g. vllm: token rows)
+                    raise AdapterError(
+                        exc.status, str(exc), exc.code or "unsupported_adapter"
+                    ) from exc
                 raise AdapterError(
                     400, f"the engine could not load the adapter: {exc}", "invalid_weights"
                 ) from exc
@@ -301,6 +326,7 @@ class AdapterRegistry:
                 use_rslora=spec.use_rslora,
                 trained_tokens=spec.trained_tokens,
             )
+            _refresh(record, spec)
             old_record = self.records.get(name)
             old_state = self.states.get(name)
             self.records[name] = record
@@ -323,10 +349,12 @@ class AdapterRegistry:
                 asyncio.create_task(self._retire(old_record, old_state))
             await self._trim()
             logger.info(
-                "registered adapter %s (rank %d, %d modules) from %s",
+                "registered %s adapter %s (%d parameters, %d modules, base %s) from %s",
+                spec.kind,
                 name,
-                spec.rank,
+                spec.parameters,
                 len(spec.target_modules),
+                spec.base_check.get("status"),
                 source,
             )
             return self.describe(name)
@@ -362,12 +390,7 @@ class AdapterRegistry:
 
     def _persist(self) -> None:
         data = {"adapters": {n: asdict(r) for n, r in sorted(self.records.items())}}
-        tmp = self.index_path.with_suffix(".json.tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
+        write_json_atomic(self.index_path, data)
 
     def _event(self, name: str, event: str) -> None:
         if self.metrics is not None:
@@ -459,6 +482,44 @@ class AdapterRegistry:
         return min(candidates)[1] if candidates else None
 
 
+def _refresh(record: AdapterRecord, spec: AdapterSpec) -> None:
+    """What validation says about the files, onto the record."""
+    record.rank = spec.rank
+    record.alpha = spec.alpha
+    record.target_modules = spec.target_modules
+    record.use_rslora = spec.use_rslora
+    record.trained_tokens = spec.trained_tokens
+    record.kind = spec.kind
+    record.peft_type = spec.peft_type
+    record.parameters = spec.parameters
+    record.virtual_tokens = spec.virtual_tokens
+    record.base_check = spec.base_check
+
+
+def _kept(name: str) -> bool:
+    """Files a training run leaves beside the adapter that are pickles (training_args.bin,
+    optimizer.pt, ...) are never read, so not stored either. Pickled weights are kept, for
+    validation to refuse by name when no safetensors file stands beside them."""
+    return name in PICKLED_WEIGHTS or not name.endswith(PICKLE_SUFFIXES)
+
+
+def _adapter_members(members: list[tuple[str, int, Any]]) -> list[tuple[str, int, Any]]:
+    """The files of the adapter folder in an archive: those beside the shallowest
+    adapter_config.json (a training run's output also holds checkpoint-*/ copies)."""
+    configs = [Path(n).parent for n, _, _ in members if Path(n).name == CONFIG_FILE]
+    if configs:
+        root = min(configs, key=lambda p: len(p.parts))
+        members = [m for m in members if Path(m[0]).parent == root]
+    chosen = [m for m in members if _kept(Path(m[0]).name)]
+    seen: set[str] = set()
+    for name, _, _ in chosen:
+        base = Path(name).name
+        if base in seen:
+            raise AdapterError(400, f"archive holds {base!r} twice", "invalid_archive")
+        seen.add(base)
+    return chosen
+
+
 def _copy_adapter_files(source: Path, dest: Path, limits: UploadLimits) -> None:
     total = 0
     count = 0
@@ -467,7 +528,7 @@ def _copy_adapter_files(source: Path, dest: Path, limits: UploadLimits) -> None:
             raise AdapterError(
                 400, f"{entry.name} is a symbolic link; links are refused", "unsafe_archive"
             )
-        if not entry.is_file():
+        if not entry.is_file() or not _kept(entry.name):
             continue
         count += 1
         total += entry.stat().st_size
@@ -483,6 +544,12 @@ def _copy_adapter_files(source: Path, dest: Path, limits: UploadLimits) -> None:
 def _extract_archive(archive: Path, filename: str, dest: Path, limits: UploadLimits) -> None:
     """Unpack a .tar.gz/.tgz/.tar or .zip of an adapter folder, refusing anything unsafe."""
     lower = filename.lower()
+    if not lower.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+        # a name that says nothing (a browser blob, a generated client): read the bytes
+        if zipfile.is_zipfile(archive):
+            lower = ".zip"
+        elif tarfile.is_tarfile(archive):
+            lower = ".tar"
     members: list[tuple[str, int, Any]] = []
     if lower.endswith((".tar.gz", ".tgz", ".tar")):
         try:
@@ -501,7 +568,7 @@ def _extract_archive(archive: Path, filename: str, dest: Path, limits: UploadLim
                     continue
                 members.append((m.name, m.size, m))
             _check_members(members, limits)
-            for name, _, m in members:
+            for name, _, m in _adapter_members(members):
                 target = dest / Path(name).name
                 src = tf.extractfile(m)
                 if src is None:
@@ -526,7 +593,7 @@ def _extract_archive(archive: Path, filename: str, dest: Path, limits: UploadLim
                     )
                 members.append((info.filename, info.file_size, info))
             _check_members(members, limits)
-            for name, _, info in members:
+            for name, _, info in _adapter_members(members):
                 with zf.open(info) as src, (dest / Path(name).name).open("wb") as out:
                     # bounded copy: a zip bomb that lies about its size stops at the limit
                     copied = 0
@@ -556,15 +623,10 @@ def _check_members(members: list[tuple[str, int, Any]], limits: UploadLimits) ->
             400, f"archive has {len(members)} files, over {limits.max_members}", "adapter_too_large"
         )
     total = 0
-    seen: set[str] = set()
     for name, size, _ in members:
         parts = Path(name).parts
         if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
             raise AdapterError(400, f"archive member {name!r} escapes its folder", "unsafe_archive")
-        base = Path(name).name
-        if base in seen:
-            raise AdapterError(400, f"archive holds {base!r} twice", "invalid_archive")
-        seen.add(base)
         total += size
         if total > limits.max_bytes:
             raise AdapterError(

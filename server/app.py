@@ -20,20 +20,22 @@ from server.drain import Drain, DrainMiddleware
 from server.engine.base import Engine
 from server.engine.factory import build_engine
 from server.errors import (
+    APIError,
     BodyLimitMiddleware,
     RequestIdMiddleware,
     install_error_handlers,
 )
-from server.metrics import ServerMetrics
-from server.protocol import ChatCompletionRequest, ModelCard
+from server.metrics import MetricsHistory, ServerMetrics, requests_total
+from server.protocol import ModelCard
 from server.retrieval import RetrievalService
 from server.routes import ab as ab_routes
 from server.routes import adapters as adapter_routes
+from server.routes import console as console_routes
 from server.routes import openai as openai_routes
 from server.routes import ops as ops_routes
 from server.routes import rag as rag_routes
 from server.routes import train as train_routes
-from server.serving import OpenAIServing, Prepared
+from server.serving import OpenAIServing, ServingContext
 from server.training import TrainingService
 
 logger = logging.getLogger(__name__)
@@ -51,10 +53,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /health answers at once and /ready says when to come.
         loader = asyncio.create_task(_load(app, settings, factory))
+        sampler = asyncio.create_task(_sample_metrics(app))
         try:
             yield
         finally:
             loader.cancel()
+            sampler.cancel()
             await app.state.ab_experiments.shutdown()
             training = getattr(app.state, "training", None)
             if training is not None:
@@ -73,6 +77,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = ServerMetrics()
+    app.state.metrics_history = MetricsHistory()
     app.state.started_at = int(time.time())
     app.state.engine = None
     app.state.serving = None
@@ -129,13 +134,29 @@ def create_app(
     app.include_router(ab_routes.feedback_router, dependencies=[Depends(scope(INFERENCE))])
     # admin: the metrics' labels name every adapter, which allow-listed keys must not see
     app.include_router(ops_routes.metrics_router, dependencies=[Depends(scope(ADMIN))])
+    # the console's files are open like /docs (they hold no data; the page calls the API
+    # with the user's key); who-am-I and the load history need a key like inference does
+    app.include_router(console_routes.router, dependencies=[Depends(scope(PUBLIC))])
+    app.include_router(console_routes.session_router, dependencies=[Depends(scope(INFERENCE))])
     return app
+
+
+async def _sample_metrics(app: FastAPI) -> None:
+    """Every few seconds, the engine's counters into the history the console draws."""
+    history: MetricsHistory = app.state.metrics_history
+    while True:
+        await asyncio.sleep(history.interval_s)
+        engine = getattr(app.state, "engine", None)
+        if engine is None:
+            continue
+        try:
+            history.sample(engine.stats(), requests_total(app.state.metrics), time.time())
+        except Exception:  # a metrics hiccup must never take the server down
+            logger.exception("sampling the engine's counters failed")
 
 
 def _install_ab(app: FastAPI, settings: Settings) -> None:
     """A/B services; they need no engine until an experiment or split request comes."""
-    from server.routes.openai import prepare_chat_request
-
     state = app.state
     check = make_arm_check(state)
 
@@ -144,14 +165,10 @@ def _install_ab(app: FastAPI, settings: Settings) -> None:
             raise RuntimeError("the base model is not loaded")
         return state.serving
 
-    async def prepare(req: ChatCompletionRequest) -> Prepared:
-        return await prepare_chat_request(state, req, serving())
-
     root = settings.data_dir / "ab"
     state.ab_experiments = ExperimentService(
         root / "experiments",
         serving=serving,
-        prepare=prepare,
         check_arm=check,
         base_model=settings.served_model_name,
     )
@@ -181,9 +198,19 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     )
     await asyncio.to_thread(registry.recover)
 
+    embedding_model = app.state.rag.embedder.model_id
+
     def resolve(model: str) -> str | None:
         if model == served:
             return None
+        if model == embedding_model and model not in registry.records:
+            raise APIError(
+                400,
+                f"model {model!r} is an embedding model: it answers /v1/embeddings and "
+                "cannot generate text",
+                param="model",
+                code="model_cannot_generate",
+            )
         key = current_key()
         if key is not None and not key.allows_model(model):
             # the same 404 as an unknown model: a key cannot learn what others serve
@@ -201,26 +228,43 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
     app.state.adapters = registry
     app.state.extra_models = adapter_cards
     try:
-        app.state.training = await _start_training(registry, settings)
+        app.state.training = await _start_training(
+            registry, settings, serves_token_rows=engine.info.adapter_token_rows
+        )
     except Exception as exc:
         # Serving must not die with the trainer: the /train routes answer 503 with this.
         logger.exception("starting the training job manager failed; /train is unavailable")
         app.state.training_error = f"{type(exc).__name__}: {exc}"
     app.state.serving = OpenAIServing(
-        engine,
-        resolve_model=resolve,
-        lease=registry.use,
-        metrics=app.state.metrics,
-        max_model_len=engine.info.max_model_len,
-        default_max_tokens=settings.default_max_tokens,
-        max_n=settings.max_n,
-        request_timeout_s=settings.request_timeout_s,
-        abort=app.state.drain.aborting,
+        ServingContext(
+            engine,
+            resolve_model=resolve,
+            lease=registry.use,
+            context_tokens=registry.context_tokens,
+            metrics=app.state.metrics,
+            max_model_len=engine.info.max_model_len,
+            default_max_tokens=settings.default_max_tokens,
+            max_n=settings.max_n,
+            request_timeout_s=settings.request_timeout_s,
+            abort=app.state.drain.aborting,
+            retrieval=app.state.rag,
+            splits=app.state.ab_splits,
+        )
     )
     app.state.engine = engine
+    if app.state.training is not None:
+        _install_compare_probe(app)
     logger.info(
         "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
     )
+
+
+def _install_compare_probe(app: FastAPI) -> None:
+    """Method comparisons measure serving through the same path as the chat route."""
+    from server.train_compare import make_throughput_probe
+
+    state = app.state
+    state.training.compare.measure = make_throughput_probe(lambda: state.serving)
 
 
 async def _stop_background_work(app: FastAPI) -> None:
@@ -236,7 +280,9 @@ async def _stop_background_work(app: FastAPI) -> None:
         await asyncio.to_thread(training.close, timeout_s=grace)
 
 
-async def _start_training(registry: AdapterRegistry, settings: Settings) -> TrainingService:
+async def _start_training(
+    registry: AdapterRegistry, settings: Settings, *, serves_token_rows: bool = True
+) -> TrainingService:
     """Jobs under data_dir/train, adapters to data_dir/trained, on this server's base."""
     from trainer.base_model import resolve_base_model
 
@@ -253,6 +299,7 @@ async def _start_training(registry: AdapterRegistry, settings: Settings) -> Trai
         device=settings.device,
         served_model_name=settings.served_model_name,
         max_running=settings.max_training_jobs,
+        serves_token_rows=serves_token_rows,
     )
     # In a thread: recover() hands finished-but-unregistered jobs to on_success, which
     # waits on this loop.

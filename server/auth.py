@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from fastapi.dependencies.models import Dependant
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_body
+from trainer.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -304,18 +304,8 @@ def add_key_to_file(
     if collections is not None:
         entry["collections"] = collections
     existing["keys"].append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write then rename: a server reloading the file never reads half of it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".api_keys.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(existing, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a server reloading the file never reads half of it; only the owner reads the hashes
+    write_json_atomic(path, existing, indent=2, mode=0o600)
     return key
 
 

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--base-model", help="a local HF model folder (default: bundled)")
+    serve.add_argument(
+        "--base-model",
+        help="a bundled model (smollm2-135m-instruct, the default, or gemma3-270m) or a local "
+        "HF model folder",
+    )
     serve.add_argument("--quantization", choices=["nf4", "none"])
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--log-level", default="INFO")

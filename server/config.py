@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     # --- the base model -------------------------------------------------------------
     base_model: str | None = Field(
         None,
-        description="A local Hugging Face model folder; unset = the bundled Gemma 3 270M.",
+        description="A bundled model's short name (smollm2-135m-instruct, gemma3-270m) or a "
+        "local Hugging Face model folder; unset = smollm2-135m-instruct.",
     )
     served_model_name: str = Field("base", description="The `model` id clients use for the base.")
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit bitsandbytes.")
@@ -36,8 +37,12 @@ class Settings(BaseSettings):
         "loaded. auto = int8 with nf4 on a CPU without native bfloat16 matmuls, where the "
         "bfloat16 output layer is half of a batched decode step.",
     )
-    engine: Literal["hf", "vllm"] = "hf"
-    cache_dir: Path | None = Field(None, description="Where the converted bundled model lives.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf = transformers + bitsandbytes (CPU or one GPU); vllm = vLLM's async "
+        "engine (several GPUs and nodes; needs the vLLM environment: `make serve ENGINE=vllm`).",
+    )
+    cache_dir: Path | None = Field(None, description="Where the converted bundled models live.")
     data_dir: Path = Field(default_factory=_default_data_dir)
 
     # --- HTTP ---------------------------------------------------------------------------
@@ -74,6 +79,36 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, le=1024)
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Largest adapter folder or upload (413)."
+    )
+
+    # --- the vllm engine: passed through to vLLM (see server/engine/vllm.py) --------------
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm engine: split every layer over this many devices."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="vllm engine: split the layers into this many stages."
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="vllm engine: whole copies of the model, requests spread over them."
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="vllm engine: mp = processes on this machine, ray = a Ray cluster (several "
+        "nodes); unset = vLLM's choice (mp on one node).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="vllm engine: the weights' and activations' type; auto = float32 on a CPU "
+        "(faster there than emulated bfloat16), the checkpoint's type on a GPU.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vllm engine: GiB for the KV cache; unset = 1 GiB on a CPU, "
+        "gpu_memory_utilization on a GPU.",
     )
 
     # --- authentication and per-key limits (see server/auth.py) -------------------------
@@ -140,6 +175,43 @@ class Settings(BaseSettings):
     max_train_data_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest training request or upload (413)."
     )
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> Settings:
+        if self.engine == "vllm":
+            if self.quantization == "nf4":
+                if "quantization" in self.model_fields_set:
+                    raise ValueError(
+                        "quantization=nf4 is bitsandbytes 4-bit, which vLLM (0.32) no longer "
+                        "has: set SWAPSERVE_QUANTIZATION=none, and for a 4-bit base on the "
+                        "vllm engine point SWAPSERVE_BASE_MODEL at an AWQ, GPTQ or "
+                        "compressed-tensors checkpoint (vLLM reads its quantization from the "
+                        "checkpoint); or keep nf4 with SWAPSERVE_ENGINE=hf"
+                    )
+                self.quantization = "none"  # the vllm engine's default: nothing to apply
+            if self.lm_head == "int8":
+                raise ValueError(
+                    "lm_head=int8 is the hf engine's output layer; vLLM keeps its own: unset "
+                    "SWAPSERVE_LM_HEAD (or set it to auto) with SWAPSERVE_ENGINE=vllm"
+                )
+        else:
+            passed = {
+                name: getattr(self, name)
+                for name in (
+                    "tensor_parallel_size",
+                    "pipeline_parallel_size",
+                    "data_parallel_size",
+                    "distributed_executor_backend",
+                )
+                if getattr(self, name) not in (1, None)
+            }
+            if passed:
+                shown = ", ".join(f"{k}={v}" for k, v in passed.items())
+                raise ValueError(
+                    f"{shown} is passed through to vLLM, and the hf engine runs on one device: "
+                    "set SWAPSERVE_ENGINE=vllm, or leave these at their defaults"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:

@@ -19,7 +19,7 @@ On SIGTERM (or the first Ctrl-C) `swapserve serve` does not stop at once. It dra
 A second signal during the drain cuts the running generations at once.
 
 Nothing here knows torch or the engine: `Drain` is a counter, two events and a few
-callbacks. The HTTP server (server/cli.py) starts it; serving.py watches `aborting`.
+callbacks. The HTTP server (server/cli.py) starts it; server/serving/ watches `aborting`.
 """
 
 from __future__ import annotations

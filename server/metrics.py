@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -70,3 +71,53 @@ class ServerMetrics:
                     self._engine_gauges[key] = gauge
                 gauge.set(value)
         return generate_latest(self.registry)
+
+
+class MetricsHistory:
+    """The last minutes of the engine's counters, sampled every `interval_s`: what the
+    console's Server page draws (tokens/s, queue depth, batch size). Rates are the
+    difference between two samples, so nothing is averaged over the process's life."""
+
+    def __init__(self, interval_s: float = 5.0, keep: int = 180):
+        self.interval_s = interval_s
+        self.samples: deque[dict[str, float]] = deque(maxlen=keep)
+        self._last: tuple[float, dict[str, float]] | None = None
+
+    def sample(self, stats: dict[str, float], requests_total: float, now: float) -> None:
+        current = {**stats, "requests_total": requests_total}
+        if self._last is not None:
+            then, prev = self._last
+            dt = max(now - then, 1e-6)
+
+            def rate(key: str) -> float:
+                return max(0.0, float(current.get(key, 0.0)) - float(prev.get(key, 0.0))) / dt
+
+            self.samples.append(
+                {
+                    "time": now,
+                    "completion_tokens_per_s": round(rate("generated_tokens"), 3),
+                    "prompt_tokens_per_s": round(rate("prompt_tokens"), 3),
+                    "requests_per_s": round(rate("requests_total"), 4),
+                    "queue_depth": float(stats.get("queue_depth", 0.0)),
+                    "running": float(stats.get("running", 0.0)),
+                    "batch_size": float(stats.get("batch_size", 0.0)),
+                }
+            )
+        self._last = (now, current)
+
+    def view(self) -> dict[str, object]:
+        return {
+            "object": "metrics.history",
+            "interval_s": self.interval_s,
+            "data": list(self.samples),
+        }
+
+
+def requests_total(metrics: ServerMetrics) -> float:
+    """Generation requests finished so far, every model and outcome."""
+    total = 0.0
+    for family in metrics.requests.collect():
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                total += s.value
+    return total

@@ -1,4 +1,4 @@
-"""Pydantic models mirroring OpenAI's chat and completions schemas.
+"""Pydantic models mirroring OpenAI's chat, completions and embeddings schemas.
 
 Unknown fields are accepted (clients send many) and logged, never silently relied on.
 """
@@ -10,6 +10,9 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The error shape and the `rag` extension are declared with the bodies clients/ shares.
+from server.schemas import ErrorDetail, ErrorResponse, RAGOptions  # noqa: F401
 
 MAX_STOP = 4
 
@@ -49,30 +52,6 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content parts of type {part.type!r} are not supported")
             parts.append(part.text)
         return "".join(parts)
-
-
-class RAGOptions(BaseModel):
-    """The `rag` extension of chat and completions requests: retrieve, then answer.
-
-    `model` picks the behaviour (base or adapter), `rag` picks the knowledge; any
-    combination works. Unknown keys are refused (400), so a typo such as `topk` is not
-    silently ignored.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    collection: str = Field(min_length=1, description="The collection to search.")
-    top_k: int = Field(4, ge=1, le=100, description="Passages put into the prompt.")
-    min_score: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Drop passages below this cosine similarity."
-    )
-    filter: dict[str, Any] | None = Field(
-        None, description='Metadata pre-filter: {"field": value} or {"field": {"$in": [...]}}.'
-    )
-    mode: Literal["user", "system"] = Field(
-        "user",
-        description="Chat only: put the passages in the last user message (default) or in "
-        "the system message.",
-    )
 
 
 class Citation(BaseModel):
@@ -171,6 +150,43 @@ class CompletionRequest(SamplingFields):
     rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
 
 
+class EmbeddingRequest(OpenAIModel):
+    """OpenAI's embeddings request. Token arrays are ids of the embedding model's own
+    tokenizer (as vLLM takes them), not of OpenAI's tiktoken."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, or token ids (one list, or a list of "
+        "lists) of the embedding model's own tokenizer."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes."
+    )
+    dimensions: int | None = Field(
+        None, description="Only the model's native size is accepted (no shortening)."
+    )
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_input_type(cls, value: Any) -> Any:
+        # one message naming `input`, rather than one per branch of the union
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in v
+            )
+
+        if isinstance(value, str) or (
+            isinstance(value, list)
+            and (all(isinstance(v, str) for v in value) or ids(value) or all(map(ids, value)))
+        ):
+            return value
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids, or a list of lists of "
+            "token ids"
+        )
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
@@ -262,19 +278,29 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    # swapserve extension: what the model serves, "generate" (chat, completions: the base
+    # and every adapter) or "embed" (/v1/embeddings: the RAG embedder)
+    task: Literal["generate", "embed"] = "generate"
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string with encoding_format "base64"
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail

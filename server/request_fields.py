@@ -5,7 +5,7 @@ gets free text back and no error: the silent failure this server exists to refus
 each field of OpenAI's request bodies is listed here with the values this server honours;
 any other value is a 400 naming the field. A field leaves this table when the feature
 that honours it lands. Fields OpenAI does not define are logged and ignored
-(server/serving.py), as vLLM does with its extensions.
+(server/serving/base.py), as vLLM does with its extensions.
 
 No torch here: this runs on the parsed request only.
 """

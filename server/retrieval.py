@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from rag.collection import Hit, IndexConfig
-from rag.embeddings import EmbedderLike, ProgressFn, get_embedder
+from rag.embeddings import EmbedderLike, ProgressFn, get_embedder, model_label
 from rag.errors import RAGError
 from rag.prompt import augment_messages, build_prompt, citations, last_user_text
 from rag.store import CollectionStore
@@ -77,6 +77,11 @@ class LazyEmbedder:
         return self._model is not None
 
     @property
+    def model_id(self) -> str:
+        """The `model` id /v1/embeddings answers to, known without loading the model."""
+        return model_label(self.model_path)
+
+    @property
     def name(self) -> str:
         return self.get().name
 
@@ -101,6 +106,21 @@ class LazyEmbedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.get().embed_query(text)
+
+    # what /v1/embeddings needs beyond EmbedderLike (the real Embedder has it)
+    @property
+    def vocab_size(self) -> int:
+        return int(self.get().vocab_size)  # type: ignore[attr-defined]
+
+    @property
+    def special_tokens(self) -> int:
+        return int(self.get().special_tokens)  # type: ignore[attr-defined]
+
+    def input_length(self, text: str) -> int:
+        return int(self.get().input_length(text))  # type: ignore[attr-defined]
+
+    def embed_token_ids(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.get().embed_token_ids(inputs)  # type: ignore[attr-defined]
 
 
 class RetrievalService:

@@ -10,6 +10,7 @@ validation (``register_path``), on the server's event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -17,11 +18,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.base_model import BUNDLED_MODEL_NAME
+from trainer.base_model import bundled_model
 from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
-from trainer.jobs import JobConflict, JobManager
-from trainer.methods import check_against_base, default_quantization
+from trainer.jobs import JobConflict, JobManager, JobStateError
+from trainer.methods import check_against_base, default_quantization, get_method
 from trainer.objectives import build_config, get_objective
 from trainer.records import TERMINAL
 from trainer.tokens import check_trainable_tokens
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from server.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_SPECS = ("", "bundled", BUNDLED_MODEL_NAME)
 
 
 class BaseModelMismatch(ConfigError):
@@ -62,8 +61,11 @@ class TrainingService:
         served_model_name: str,
         max_running: int = 1,
         register_timeout_s: float = 600.0,
+        serves_token_rows: bool = True,
     ):
         self.registry = registry
+        # False on an engine that cannot apply trained token rows (vllm): jobs train none
+        self.serves_token_rows = serves_token_rows
         self.loop = loop
         self.base_spec = base_spec
         self.base_path = base_path
@@ -71,11 +73,17 @@ class TrainingService:
         self.device = device
         self.served_model_name = served_model_name
         self.register_timeout_s = register_timeout_s
+        self._tok: Any = None  # the base's tokenizer, for dry runs (loaded on the first)
+        from server.train_compare import CompareService
+
+        # method comparisons: their records beside the jobs' folder
+        self.compare = CompareService(self, root.parent / "train-compare")
         self.manager = JobManager(
             root,
             adapters_dir=adapters_dir,
             max_running=max_running,
             on_success=self._on_success,
+            on_finished=self.compare.job_finished,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -98,7 +106,8 @@ class TrainingService:
         fields = dict(config or {})
         requested = fields.get("base_model")
         if requested is not None and not self._is_our_base(requested):
-            ours = repr(self.base_spec) if self.base_spec else f"the bundled {BUNDLED_MODEL_NAME}"
+            default = bundled_model(None)
+            ours = repr(self.base_spec) if self.base_spec else f"the bundled {default.name}"  # type: ignore[union-attr]
             raise BaseModelMismatch(
                 "base_model",
                 f"{requested!r} is not this server's base model; it serves {ours} "
@@ -114,6 +123,15 @@ class TrainingService:
             if quantization is not None:
                 fields["quantization"] = quantization
         fields.setdefault("device", self.device)
+        if not self.serves_token_rows:
+            tokens = fields.setdefault("trainable_tokens", "none")
+            if tokens != "none":
+                raise ConfigError(
+                    "trainable_tokens",
+                    "this server's engine (vllm) cannot serve trained token rows, so an "
+                    "adapter trained with them could not be registered here: use 'none' "
+                    "(the default on this engine), or train on a server with SWAPSERVE_ENGINE=hf",
+                )
         cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
         # the method against the base's structure: module names, context, quantized folder
         check_against_base(cfg, self.base_path)
@@ -126,8 +144,9 @@ class TrainingService:
             return False
         if requested == self.served_model_name:
             return True
-        if requested in BUNDLED_SPECS:
-            return self.base_spec in (None, *BUNDLED_SPECS)
+        named = bundled_model(requested)
+        if named is not None:  # a bundled model's short name, or "bundled" for the default
+            return named is bundled_model(self.base_spec)
         try:
             return Path(requested).expanduser().resolve() == self.base_path.resolve()
         except OSError:
@@ -145,21 +164,20 @@ class TrainingService:
         eval_label: str | None = None,
         register: bool = True,
         replace: bool = False,
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate everything, queue the job, return its record. Blocking (file reads):
-        call it from a thread."""
+        call it from a thread. ``meta`` is kept on the job record (a comparison's id)."""
         if register:
             # 400 for an unsafe/reserved name, 409 for a taken one (AdapterError).
             self.registry.check_new_name(name, replace=replace)
         fields = self.job_config(kind, config)
         if eval_path is not None:
             fields["eval_file"] = str(eval_path)
-        task = get_objective(kind).task
         # Validated here as well as in submit: a refused request must not have moved an
         # old adapter folder aside (below).
-        _load_labelled(data_path, task, data_label)
-        if fields.get("eval_file"):
-            _load_labelled(Path(fields["eval_file"]), task, eval_label or "eval_file")
+        eval_file = Path(fields["eval_file"]) if fields.get("eval_file") else None
+        self.check_data(kind, data_path, data_label, eval_file, eval_label)
         if replace:
             self._move_aside(name)
         job_id = self.manager.submit(
@@ -167,9 +185,92 @@ class TrainingService:
             fields,
             data_path,
             name,
-            meta={"register": register, "replace": replace},
+            meta={**(meta or {}), "register": register, "replace": replace},
         )
         return self.manager.get(job_id)
+
+    def check_data(
+        self,
+        kind: str,
+        data_path: Path,
+        data_label: str,
+        eval_path: Path | None = None,
+        eval_label: str | None = None,
+    ) -> None:
+        """The data's structure for this objective (DataError naming the user's file)."""
+        task = get_objective(kind).task
+        _load_labelled(data_path, task, data_label)
+        if eval_path is not None:
+            _load_labelled(eval_path, task, eval_label or "eval_file")
+
+    def dry_run(
+        self,
+        kind: str,
+        config: dict[str, Any] | None,
+        data_path: Path,
+        *,
+        data_label: str,
+        eval_path: Path | None = None,
+        eval_label: str | None = None,
+    ) -> dict[str, Any]:
+        """What a job would train on, refused exactly as `submit` would refuse it: the
+        first example with its loss mask, token lengths, the token rows to be trained.
+        Only the tokenizer is loaded. Blocking: call it from a thread."""
+        from trainer.cli import _dry_run_tokens
+        from trainer.data import LOSS_CLOSE, LOSS_OPEN, dry_run
+
+        fields = self.job_config(kind, config)
+        if eval_path is not None:
+            fields["eval_file"] = str(eval_path)
+        task = get_objective(kind).task
+        _load_labelled(data_path, task, data_label)
+        if eval_path is not None:
+            _load_labelled(eval_path, task, eval_label or "eval_file")
+        cfg = build_config(kind, fields)
+        method = get_method(str(cfg.method))
+        tokenizer = self._tokenizer()
+        try:
+            report = dry_run(data_path, tokenizer, cfg.max_length, task, cfg.loss_turns)
+        except DataError as exc:
+            raise DataError(exc.problems, data_label) from None
+        tokens = _dry_run_tokens(cfg, tokenizer, self.base_path, data_path, task)
+        report.pop("path", None)
+        report.pop("sha256", None)
+        return {
+            **report,
+            "object": "train.dry_run",
+            "kind": kind,
+            "loss_open": LOSS_OPEN,
+            "loss_close": LOSS_CLOSE,
+            "method": method.name,
+            "trainable_tokens": tokens.describe()
+            if method.trains_token_rows
+            else f"trainable tokens: none (method {method.name} trains no embedding rows)",
+            "config": {k: v for k, v in cfg.to_dict().items() if k != "eval_file"},
+        }
+
+    def _tokenizer(self) -> Any:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            from trainer.base_model import ensure_chat_template
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.base_path))
+            ensure_chat_template(tokenizer)
+            self._tok = tokenizer
+        return self._tok
+
+    def card(self, job_id: str) -> dict[str, Any]:
+        """The finished adapter's swapserve_card.json."""
+        from trainer.common import CARD_NAME
+
+        record = self.manager.get(job_id)
+        path = Path(record["output_dir"]) / CARD_NAME
+        if record.get("state") != "succeeded" or not path.is_file():
+            raise JobStateError(
+                f"job {job_id} is {record.get('state')}: a card is written when a job succeeds"
+            )
+        return json.loads(path.read_text())
 
     def _move_aside(self, name: str) -> None:
         """Retraining a name this server trained before: the old output folder (the

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random model built once per session, and live servers on
+"""Shared fixtures: tiny random models built once per session, and live servers on
 loopback ports (the real uvicorn, the real app) driven by the real `openai` SDK."""
 
 from __future__ import annotations
@@ -19,6 +19,22 @@ from tests.tiny_model import build_tiny_model  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with tied embeddings and a ChatML template: the bundled SmolLM2's
+    architecture, as tiny_model_path is the bundled Gemma's."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama"), arch="llama", tie_word_embeddings=True
+    )
+
+
+@pytest.fixture(scope="session", params=["gemma", "llama"])
+def tiny_arch_path(request: pytest.FixtureRequest) -> Path:
+    """Each tiny architecture in turn (Gemma 3, Llama), for the checks both must pass."""
+    name = "tiny_model_path" if request.param == "gemma" else "tiny_llama_path"
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

@@ -189,24 +189,29 @@ class ServerProcess:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
 
-def greedy_alone_and_batched(engine, prompts: list[str], max_tokens: int = 10):
+def greedy_alone_and_batched(
+    engine, prompts: list[str], max_tokens: int = 10, adapters: list[str | None] | None = None
+):
     """Greedy token ids of each prompt run alone, then of all of them run together on a
-    started engine: a batch-invariant engine gives the same lists."""
+    started engine: a batch-invariant engine gives the same lists. ``adapters`` gives each
+    prompt its adapter (None: the base), so the batch is a mixed-adapter one."""
     import asyncio
 
     from server.engine.base import GenerationRequest, SamplingParams
 
-    def req(prompt: str) -> GenerationRequest:
+    rows = adapters or [None] * len(prompts)
+
+    def req(i: int) -> GenerationRequest:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        return GenerationRequest("g", engine.tokenize(prompt), params)
+        return GenerationRequest(f"g{i}", engine.tokenize(prompts[i]), params, adapter=rows[i])
 
     async def collect(r: GenerationRequest) -> list[int]:
         return [t async for out in engine.generate(r) for t in out.token_ids]
 
     async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(collect(req(p)) for p in prompts)))
+        return list(await asyncio.gather(*(collect(req(i)) for i in range(len(prompts)))))
 
-    alone = [asyncio.run(collect(req(p))) for p in prompts]
+    alone = [asyncio.run(collect(req(i))) for i in range(len(prompts))]
     return alone, asyncio.run(together())
 
 
@@ -217,26 +222,58 @@ def load_causal_lm(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def multi_lora_logits(model, lora, rows: list[str], inputs):
-    """Logits of ``inputs`` repeated once per row, row i under adapter rows[i] (MultiLoRA)."""
+def multi_lora_logits(model, adapters, rows: list[str], inputs):
+    """Logits of ``inputs`` repeated once per row, row i under adapter rows[i] (MultiAdapter)."""
     import torch
 
-    lora.set_rows(rows)
+    adapters.set_rows(rows, 0)
     try:
         with torch.inference_mode():
             return model(inputs.expand(len(rows), -1)).logits
     finally:
-        lora.clear_rows()
+        adapters.clear_rows()
 
 
 def model_with_adapters(model_path, adapters: dict):
-    """A fresh model with the engine's LoRA layers holding every adapter (name -> folder)."""
+    """A fresh model with the engine's adapter layers holding every adapter (name -> folder),
+    each read by the kind its adapter_config.json names."""
     import torch
 
-    from server.engine.lora import MultiLoRA, read_peft_lora
+    from server.engine.multi_adapter import MultiAdapter
 
     model = load_causal_lm(model_path)
-    lora = MultiLoRA(model, torch.device("cpu"), torch.float32)
+    multi = MultiAdapter(model, torch.device("cpu"), torch.float32)
     for name, path in adapters.items():
-        lora.add(read_peft_lora(name, path))
-    return model, lora
+        multi.add(read_adapter(name, path))
+    return model, multi
+
+
+def read_adapter(name: str, path, dtype=None):
+    """An adapter folder's weights, read by its kind (server/engine/kinds)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from server.engine.kinds import kind_for
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    kind = kind_for(config["peft_type"])
+    assert kind is not None, config["peft_type"]
+    return kind.read(name, Path(path), dtype or torch.float32)
+
+
+def peft_greedy(model_path, adapter, prompt_ids: list[int], n: int) -> list[int]:
+    """PEFT's greedy continuation (``adapter`` None: the base): its forward over the whole
+    sequence at every step, no cache, as the reference for served tokens."""
+    import torch
+    from peft import PeftModel
+
+    model = load_causal_lm(model_path)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]

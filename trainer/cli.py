@@ -128,7 +128,8 @@ def _add_arguments(p: argparse.ArgumentParser, config_cls: Any) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the data and print the loss mask of the first example; train nothing",
+        help="validate the data, print the loss mask of the first examples and the settings "
+        "training would use; train nothing",
     )
     p.add_argument("--server", default=None, help="register the result with this server URL")
     p.add_argument("--api-key", default=os.environ.get("SWAPSERVE_API_KEY"), help="bearer token")
@@ -150,6 +151,9 @@ def fields_from_args(args: argparse.Namespace, config_cls: Any) -> dict[str, Any
         elif f.name in LIST_FIELDS:
             value = [s.strip() for s in value.split(",") if s.strip()]
         fields[f.name] = value
+    # the server's base unless told otherwise, so the adapter fits the server it goes to
+    if fields.get("base_model") is None and os.environ.get("SWAPSERVE_BASE_MODEL"):
+        fields["base_model"] = os.environ["SWAPSERVE_BASE_MODEL"]
     return fields
 
 
@@ -199,7 +203,7 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     task = get_objective(args.train_kind).task
     method = get_method(config.method)
     check_against_base(config, path)  # module names, context: refused now, not after loading
-    report = dry_run(args.data, tokenizer, config.max_length, task)
+    report = dry_run(args.data, tokenizer, config.max_length, task, config.loss_turns)
     tokens = _dry_run_tokens(config, tokenizer, path, args.data, task)
     lengths = report["lengths"]
     print(f"data: {report['path']} (sha256 {report['sha256'][:16]}...)")
@@ -208,18 +212,34 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
         f"tokens: longest {lengths['longest']}, mean {lengths['mean']:.1f}, "
         f"{lengths['n_truncated']} of {lengths['n_examples']} over max_length={lengths['max_length']}"
     )
-    print(
-        f"first example (line {report['first_line']}): {report['first_tokens']} tokens, "
-        f"{report['first_loss_tokens']} carry loss; {report['legend']}"
-    )
+    print(f"first {len(report['examples'])} example(s), {report['legend']}:")
     print(report["rendered"])
+    if report["tool_fallback"]:
+        print(
+            "note: the chat template has no tool format; tools, tool calls and tool results "
+            "are rendered as plain turns in the Hermes format (trainer/chat.py)"
+        )
     print(f"method: {method.name} ({method.summary}); base {config.quantization}")
     print(
         tokens.describe()
         if method.trains_token_rows
         else f"trainable tokens: none (method {method.name} trains no embedding rows)"
     )
+    for line in _chosen_settings(args, config).describe():
+        print(line)
     return 0
+
+
+def _chosen_settings(args: argparse.Namespace, config: Any) -> Any:
+    """What trainer.defaults makes of this config and data: the same call training makes."""
+    from trainer.data import load_jsonl
+    from trainer.defaults import resolve_for_data
+    from trainer.objectives import get_objective
+
+    task = get_objective(args.train_kind).task
+    data = load_jsonl(args.data, task)
+    eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
+    return resolve_for_data(config, args.train_kind, data, eval_data)[1]
 
 
 def _dry_run_tokens(config: Any, tokenizer: Any, path: Path, data_path: Path, task: Any) -> Any:
@@ -265,6 +285,9 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         # a token the tokenizer lacks fails now, not after the base model has loaded
         check_trainable_tokens(config.trainable_tokens, resolve_base_model(config.base_model))
     output_dir = args.output_dir or default_data_dir() / "trained" / args.name
+    # the settings, before the minutes of loading and training (the card records them too)
+    for line in _chosen_settings(args, config).describe():
+        print(line, flush=True)
     bar: tqdm | None = None
     eval_bar: tqdm | None = None
 
@@ -318,6 +341,17 @@ def _train(args: argparse.Namespace, config: Any) -> int:
             f"extracted LoRA: ranks {extraction['ranks']}, relative error "
             f"{extraction['relative_error']:.4f}, the linear layers hold "
             f"{100 * extraction['linear_share']:.1f}% of the weight change"
+        )
+    stopping = (result.card.get("defaults") or {}).get("early_stopping")
+    if stopping and stopping.get("best_step"):
+        how = (
+            f"stopped early at step {stopping['stopped_early_at']}"
+            if stopping.get("stopped_early_at")
+            else f"ran all {result.steps} steps"
+        )
+        print(
+            f"early stopping: {how}; kept the weights of step {stopping['best_step']} "
+            f"(eval loss {stopping['best_eval_loss']:.4f})"
         )
     if result.eval:
         labels = {"base": "base", "adapter": "full model" if extraction else "adapter"}

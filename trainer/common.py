@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import write_json_atomic
 from trainer.base_model import (
     LoadedBaseModel,
     load_base_model,
@@ -27,6 +28,7 @@ from trainer.base_model import (
 )
 from trainer.config import JobConfig
 from trainer.data import Example, LoadedData, prompt_for_generation
+from trainer.defaults import n_eval_for
 from trainer.metrics import aggregate
 from trainer.tokens import TrainableTokens, model_vocab_size, resolve_trainable_tokens
 
@@ -128,9 +130,12 @@ def split_eval(
     examples = list(data.examples)
     if eval_data is not None:
         return examples, list(eval_data.examples)
-    if config.eval_fraction <= 0 or len(examples) < 2:
+    fraction = config.eval_fraction
+    if fraction is None:  # not resolved yet: the automatic split's size
+        fraction = n_eval_for(len(examples)) / len(examples)
+    if fraction <= 0 or len(examples) < 2:
         return examples, []
-    n_eval = max(1, round(len(examples) * config.eval_fraction))
+    n_eval = max(1, round(len(examples) * fraction))
     n_eval = min(n_eval, len(examples) - 1)
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
@@ -251,7 +256,7 @@ def trainer_args(config: JobConfig, device: str, scratch: Path, gc: bool) -> dic
     return {
         "output_dir": str(scratch),
         "learning_rate": config.learning_rate,
-        "num_train_epochs": config.epochs,
+        "num_train_epochs": config.epochs if config.epochs is not None else 1.0,
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "per_device_train_batch_size": config.batch_size,
         "per_device_eval_batch_size": config.batch_size,
@@ -263,7 +268,9 @@ def trainer_args(config: JobConfig, device: str, scratch: Path, gc: bool) -> dic
         "data_seed": config.seed,
         "logging_steps": 1,
         "logging_strategy": "steps",
-        "eval_strategy": "no",
+        # eval loss during training when trainer.defaults asked for it (early stopping)
+        "eval_strategy": "steps" if config.eval_steps else "no",
+        "eval_steps": config.eval_steps or None,
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
@@ -504,7 +511,7 @@ def eval_generation(
     chosen = examples[: config.eval_max_examples]
     if not chosen:
         return {}
-    refs = [e.reference_answer() for e in chosen]
+    refs = [e.reference_answer(base.tokenizer) for e in chosen]
     n = len(chosen)
     budget = eval_token_budget(config, base.tokenizer, refs)
     start = phase.done if phase is not None else 0
@@ -577,6 +584,7 @@ def build_card(
     parameters: dict[str, Any] | None = None,
     train_time_s: float | None = None,
     extraction: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from trainer.methods import get_method
 
@@ -618,6 +626,8 @@ def build_card(
             "lengths": asdict(length_report),
         },
         "hyperparameters": hyperparameters,
+        # which settings trainer.defaults chose from the data, and why
+        "defaults": defaults,
     }
     if method.peft_type == "LORA":
         card["lora"] = {
@@ -672,7 +682,8 @@ def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
             raise RuntimeError(f"PEFT did not write {', '.join(missing)}")
         card["adapter_bytes"] = (tmp / ADAPTER_FILES[1]).stat().st_size
         card["adapter_parameters"] = _tensor_elements(tmp / ADAPTER_FILES[1])
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str))
+        # the folder is renamed into place whole below; the card is written durably first
+        write_json_atomic(tmp / CARD_NAME, card, indent=2)
         check_output_dir(output_dir)
         os.replace(tmp, output_dir)
     except BaseException:
@@ -725,6 +736,7 @@ def finish_run(
     train_time_s: float | None = None,
     extraction: dict[str, Any] | None = None,
     full_model: tuple[Any, Any, Path] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> TrainResult:
     """The end every job shares: last cancel check, card, [full model folder], adapter
     folder, result. The model folder is written first and removed again if the adapter
@@ -754,6 +766,7 @@ def finish_run(
         parameters=parameters,
         train_time_s=train_time_s,
         extraction=extraction,
+        defaults=defaults,
     )
     model_dir = None
     if full_model is not None:

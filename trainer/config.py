@@ -22,6 +22,7 @@ QUANTIZATIONS = ("nf4", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MAX_RANK = 256
 TRAINABLE_TOKEN_MODES = ("auto", "none")
+LOSS_TURNS = ("all", "last")
 MAX_TRAINABLE_TOKENS = 64
 
 
@@ -56,8 +57,9 @@ class JobConfig:
     base_model: str | None = field(
         default=None,
         metadata={
-            "help": "Base model: a local Hugging Face model folder, or None/'bundled' for the "
-            "bundled Gemma 3 270M. Never downloaded."
+            "help": "Base model: a bundled model's short name ('smollm2-135m-instruct', "
+            "'gemma3-270m'), a local Hugging Face model folder, or None/'bundled' for the "
+            "default bundled smollm2-135m-instruct. Never downloaded."
         },
     )
     method: str | None = field(
@@ -183,18 +185,24 @@ class JobConfig:
     learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate of AdamW, in (0, 1). Default: the method's (lora and "
-            "qlora 2e-4, ia3 3e-3, prompt_tuning 3e-2, prefix_tuning 1e-2, p_tuning and "
-            "ln_tuning 1e-3, full 2e-5), scaled by the objective's LR_SCALE."
+            "help": "Peak learning rate of AdamW, in (0, 1). Default: chosen from the method "
+            "(its rate in the method table), the objective and the run's length "
+            "(trainer/defaults.py)."
         },
     )
-    epochs: float = field(
-        default=1.0,
-        metadata={"help": "Passes over the training data (> 0); ignored when max_steps is set."},
+    epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Passes over the training data (> 0); ignored when max_steps is set. "
+            "Default (neither set): chosen from the data size (trainer/defaults.py)."
+        },
     )
     max_steps: int | None = field(
         default=None,
-        metadata={"help": "Optimizer steps to run (>= 1); overrides epochs when set."},
+        metadata={
+            "help": "Optimizer steps to run (>= 1); overrides epochs when set. Default: "
+            "chosen from the data size (trainer/defaults.py)."
+        },
     )
     batch_size: int = field(default=4, metadata={"help": "Examples per forward pass (>= 1)."})
     gradient_accumulation_steps: int = field(
@@ -212,8 +220,11 @@ class JobConfig:
         default="linear",
         metadata={"help": f"Learning-rate schedule, one of {', '.join(SCHEDULERS)}."},
     )
-    warmup_steps: int = field(
-        default=0, metadata={"help": "Steps of linear learning-rate warm-up (>= 0)."}
+    warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Steps of linear learning-rate warm-up (>= 0). Default: a tenth of the steps (at most 100)."
+        },
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -224,11 +235,34 @@ class JobConfig:
     )
     seed: int = field(default=42, metadata={"help": "Random seed for LoRA init, shuffling, split."})
     # -- eval
-    eval_fraction: float = field(
-        default=0.1,
+    eval_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "Share of the data held out for eval, 0 <= f < 1 (at least one example when "
-            "> 0). Ignored when eval_file is given. 0 and no eval_file: no eval."
+            "> 0). Ignored when eval_file is given. 0 and no eval_file: no eval. Default: a tenth "
+            "(at least 5, at most 100 examples) from 30 examples on, else none."
+        },
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Measure eval loss every this many steps during training (>= 1); 0: only "
+            "after training. Default: 10 times a run when there is an eval set."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop when eval loss has not improved for this many evals in a row and keep "
+            "the weights of the best eval (>= 1); 0: off. Default: 3 when there are evals "
+            "during training."
+        },
+    )
+    loss_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Which assistant turns of a conversation carry loss: 'all' (every one "
+            "whose weight is not 0) or 'last' (only the final one)."
         },
     )
     eval_file: str | None = field(
@@ -247,7 +281,8 @@ class JobConfig:
         },
     )
 
-    # Scales the method's default learning rate (objectives override it).
+    # Scales the method's default learning rate (objectives override it; trainer.defaults
+    # applies it when learning_rate is left unset).
     LR_SCALE: ClassVar[float] = 1.0
     # The objective this config belongs to (objectives override it).
     OBJECTIVE: ClassVar[str] = "sft"
@@ -261,12 +296,6 @@ class JobConfig:
         self._validate_trainable_tokens()
         self._validate_common()
         method.check(self)
-        if self.learning_rate is None:
-            self.learning_rate = method.learning_rate * self.LR_SCALE
-        if not is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
-            raise ConfigError(
-                "learning_rate", f"{self.learning_rate!r}: must be in (0, 1), e.g. 2e-4"
-            )
 
     def _refuse_fields_of_other_methods(self, method: str, own: tuple[str, ...]) -> None:
         from trainer import methods
@@ -300,7 +329,13 @@ class JobConfig:
             self.target_modules = list(tm)
         else:
             raise ConfigError("target_modules", "must be 'all-linear' or a list of module names")
-        if not is_number(self.epochs) or self.epochs <= 0:
+        if self.learning_rate is not None and (
+            not is_number(self.learning_rate) or not 0 < self.learning_rate < 1
+        ):
+            raise ConfigError(
+                "learning_rate", f"{self.learning_rate!r}: must be in (0, 1), e.g. 2e-4, or null"
+            )
+        if self.epochs is not None and (not is_number(self.epochs) or self.epochs <= 0):
             raise ConfigError("epochs", f"{self.epochs!r}: must be > 0 (or set max_steps)")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ConfigError(
@@ -320,7 +355,9 @@ class JobConfig:
                 "lr_scheduler_type",
                 f"{self.lr_scheduler_type!r}: use one of {', '.join(SCHEDULERS)}",
             )
-        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if self.warmup_steps is not None and (
+            not is_int(self.warmup_steps) or self.warmup_steps < 0
+        ):
             raise ConfigError("warmup_steps", f"{self.warmup_steps!r}: must be an integer >= 0")
         if self.gradient_checkpointing is not None and not isinstance(
             self.gradient_checkpointing, bool
@@ -328,9 +365,19 @@ class JobConfig:
             raise ConfigError("gradient_checkpointing", "must be true, false or null (auto)")
         if not is_int(self.seed):
             raise ConfigError("seed", f"{self.seed!r}: must be an integer")
-        if not is_number(self.eval_fraction) or not 0 <= self.eval_fraction < 1:
+        if self.eval_fraction is not None and (
+            not is_number(self.eval_fraction) or not 0 <= self.eval_fraction < 1
+        ):
             raise ConfigError(
                 "eval_fraction", f"{self.eval_fraction!r}: must satisfy 0 <= fraction < 1"
+            )
+        for name in ("eval_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 0):
+                raise ConfigError(name, f"{value!r}: must be an integer >= 0, or null (auto)")
+        if self.loss_turns not in LOSS_TURNS:
+            raise ConfigError(
+                "loss_turns", f"{self.loss_turns!r}: use 'all' or 'last' (assistant turns)"
             )
         if self.eval_file is not None and not isinstance(self.eval_file, str):
             raise ConfigError("eval_file", "must be a path string or null")

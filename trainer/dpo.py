@@ -49,7 +49,9 @@ class DPOJobConfig(JobConfig):
             raise ConfigError("sft_weight", f"{self.sft_weight!r}: must be a number in [0, 100]")
 
 
-def pair_rows(examples: list[Example], tokenizer: Any = None) -> list[dict[str, Any]]:
+def pair_rows(
+    examples: list[Example], tokenizer: Any = None, config: Any = None
+) -> list[dict[str, Any]]:
     """Preference pairs as TRL's conversational prompt/chosen/rejected rows."""
     rows = []
     for example in examples:

@@ -15,7 +15,6 @@ change, so a reader sees how much of the fine-tune the adapter leaves out.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -157,6 +156,7 @@ def extract_lora(reference: Any, trained: Any, config: Any) -> tuple[dict[str, A
 def save_full_model(model: Any, tokenizer: Any, model_dir: Path, card: dict[str, Any]) -> Path:
     """The fine-tuned weights as an ordinary model folder (safetensors, tokenizer with its
     chat template), usable as SWAPSERVE_BASE_MODEL; written beside and renamed at the end."""
+    from trainer.atomic import write_json_atomic
     from trainer.common import CARD_NAME, check_output_dir
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def save_full_model(model: Any, tokenizer: Any, model_dir: Path, card: dict[str,
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, default=str))
+        write_json_atomic(tmp / CARD_NAME, card, indent=2)
         check_output_dir(model_dir)
         os.replace(tmp, model_dir)
     except BaseException:

@@ -86,12 +86,15 @@ class JobManager:
         adapters_dir: str | Path | None = None,
         max_running: int = 1,
         on_success: OnSuccess | None = None,
+        on_finished: OnSuccess | None = None,
         python: str = sys.executable,
         poll_interval_s: float = 0.5,
         cancel_grace_s: float = 120.0,
     ):
         """``root_dir`` holds one folder per job; adapters go to ``adapters_dir/<name>``
-        (default ``root_dir/../trained``, matching the CLI's ``<data_dir>/trained``)."""
+        (default ``root_dir/../trained``, matching the CLI's ``<data_dir>/trained``).
+        ``on_finished(record)`` runs for every job that ends, whatever its state, after
+        ``on_success`` (the method comparison waits for all of its jobs through it)."""
         if max_running < 1:
             raise ValueError("max_running must be >= 1")
         self.root = Path(root_dir)
@@ -99,6 +102,7 @@ class JobManager:
         self.adapters_dir = Path(adapters_dir) if adapters_dir else self.root.parent / "trained"
         self.max_running = max_running
         self.on_success = on_success
+        self.on_finished = on_finished
         self.python = python
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
@@ -461,6 +465,11 @@ class JobManager:
         logger.info("job %s finished: %s", job_id, record["state"])
         if record["state"] == "succeeded":
             self._notify(record)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(read_record(job_dir))
+            except Exception:  # a watcher's failure must not break the monitor
+                logger.exception("on_finished failed for job %s", job_id)
 
     def _notify(self, record: dict[str, Any]) -> None:
         job_dir = self._job_dir(record["id"])

@@ -69,7 +69,9 @@ def unpaired(examples: list[Example]) -> list[tuple[Example, str, bool]]:
     return out
 
 
-def _rows(examples: list[Example], tokenizer: Any = None) -> list[dict[str, Any]]:
+def _rows(
+    examples: list[Example], tokenizer: Any = None, config: Any = None
+) -> list[dict[str, Any]]:
     rows = []
     for example, answer, label in unpaired(examples):
         assert example.prompt is not None

@@ -40,8 +40,8 @@ class Objective:
     trl: Callable[[], tuple[type, type]]
     # its own TRL config arguments, from its config fields
     trl_args: Callable[[Any], dict[str, Any]]
-    # dataset rows for its TRL trainer, from validated examples
-    rows: Callable[[list[Example], Any], list[dict[str, Any]]]
+    # dataset rows for its TRL trainer, from validated examples (examples, tokenizer, config)
+    rows: Callable[[list[Example], Any, Any], list[dict[str, Any]]]
     eval_loss: EvalLoss
     # the loss compares with a reference model (the base): for a full fine-tune the trainer
     # gets a frozen copy of the base; for an adapter, the adapter disabled

@@ -21,8 +21,10 @@ from trainer.objectives import Objective
 @dataclass
 class ORPOJobConfig(JobConfig):
     """Configuration of an ORPO job: the common fields plus ``beta`` (the paper's lambda).
-    Its default learning rate is the method's SFT rate: the NLL term dominates the loss."""
+    Its default learning rate is half the method's SFT rate: between SFT (its NLL term) and
+    DPO (its preference term)."""
 
+    LR_SCALE: ClassVar[float] = 0.5
     OBJECTIVE: ClassVar[str] = "orpo"
 
     beta: float = field(

@@ -32,10 +32,10 @@ def _trl() -> tuple[type, type]:
     return SFTTrainer, SFTConfig
 
 
-def _rows(examples: list[Example], tokenizer: Any) -> list[dict[str, Any]]:
+def _rows(examples: list[Example], tokenizer: Any, config: SFTJobConfig) -> list[dict[str, Any]]:
     rows = []
     for example in examples:
-        seq = tokenize_sft(example, tokenizer)
+        seq = tokenize_sft(example, tokenizer, config.loss_turns)
         rows.append({"input_ids": seq.input_ids, "labels": seq.labels})
     return rows
 
@@ -50,7 +50,8 @@ def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
 OBJECTIVE = Objective(
     name="sft",
     summary="supervised fine-tuning on chat or prompt/completion data",
-    data="chat `messages`, or `prompt`/`completion`",
+    data="chat `messages` (OpenAI fine-tuning format), `prompt`/`completion`, ShareGPT "
+    "`conversations`, Alpaca `instruction`/`output`",
     config_class=SFTJobConfig,
     task="sft",
     trl=_trl,

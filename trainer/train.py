@@ -44,6 +44,7 @@ from trainer.common import (
 )
 from trainer.config import JobConfig
 from trainer.data import LoadedData, check_lengths, load_jsonl
+from trainer.defaults import resolve_for_data
 from trainer.methods import check_against_base, get_method
 from trainer.objectives import get_objective
 from trainer.paths import full_model_dir
@@ -93,6 +94,8 @@ def train(
     eval_data: LoadedData | None = (
         load_jsonl(config.eval_file, objective.task) if config.eval_file else None
     )
+    # settings left unset are chosen from the data (steps, lr, warm-up, eval split, early stop)
+    config, chosen = resolve_for_data(config, objective.name, data, eval_data)
     train_examples, eval_examples = split_eval(data, config, eval_data)
     if should_stop is not None and should_stop():
         raise TrainingCancelled("cancelled before the base model was loaded")
@@ -101,16 +104,20 @@ def train(
     structure = check_against_base(config, base.path)
     tokenizer = base.tokenizer
     # Length check over everything we will feed the model, before step one.
-    length_report = check_lengths(data, tokenizer, config.max_length)
+    length_report = check_lengths(data, tokenizer, config.max_length, config.loss_turns)
     if eval_data is not None:
-        check_lengths(eval_data, tokenizer, config.max_length)
+        check_lengths(eval_data, tokenizer, config.max_length, config.loss_turns)
     tokens = (
         trainable_tokens_for(config, base, train_examples)
         if method.trains_token_rows
         else TrainableTokens(spec=config.trainable_tokens)
     )
-    train_ds = Dataset.from_list(objective.rows(train_examples, tokenizer))
-    eval_ds = Dataset.from_list(objective.rows(eval_examples, tokenizer)) if eval_examples else None
+    train_ds = Dataset.from_list(objective.rows(train_examples, tokenizer, config))
+    eval_ds = (
+        Dataset.from_list(objective.rows(eval_examples, tokenizer, config))
+        if eval_examples
+        else None
+    )
 
     gc = use_gradient_checkpointing(config, base.device)
     reference = None
@@ -122,6 +129,7 @@ def train(
     else:
         model = prepare_model(base, gc)
     callback = make_progress_callback(progress, should_stop)
+    extra_callbacks = chosen.callbacks()  # early stopping, when the defaults chose it
     with scratch_dir(output_dir) as scratch:
         trainer_cls, args_cls = objective.trl()
         args = args_cls(
@@ -135,7 +143,7 @@ def train(
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=method.peft_config(config, structure, tokens),
-            callbacks=[callback, *(callbacks or [])],
+            callbacks=[callback, *extra_callbacks, *(callbacks or [])],
             **extra,
         )
         quiet_trainer(trainer)
@@ -215,6 +223,7 @@ def train(
             train_time_s=train_time,
             extraction=extraction,
             full_model=(trained, tokenizer, full_dir) if full_dir else None,
+            defaults=chosen.card(extra_callbacks),
         )
 
 

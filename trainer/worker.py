@@ -116,6 +116,8 @@ def run_job(job_dir: Path) -> int:
                 "train_time_s": result.card["train"]["train_time_s"],
                 "memory": result.card.get("memory"),
                 "extraction": _extraction_summary(result.card.get("extraction")),
+                # the settings trainer.defaults chose from the data, and why
+                "defaults": result.card.get("defaults"),
             },
         )
     except TrainingCancelled as exc:

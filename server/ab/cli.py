@@ -96,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"experiment {exp['id']} {exp['status']}: {exp.get('error')}", file=sys.stderr)
             return 1
         print(_table(exp))
+        budget = exp.get("budget")
+        if budget:
+            print(
+                f"max_tokens {budget['max_tokens']} for {', '.join(budget['arms'])}: the longest "
+                f"reference ({budget['longest_reference_tokens']} tokens) + {budget['margin']}, "
+                f"at most {budget['cap']} (give --max-tokens or an arm's max_tokens to change it)"
+            )
         if args.out:
             args.out.write_text(client.get(f"/ab/experiments/{exp['id']}/report").text)
             print(f"report: {args.out}", file=sys.stderr)

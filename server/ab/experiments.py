@@ -3,9 +3,10 @@
 The main loop is `ExperimentService._run`: questions go `concurrency` at a time, and the
 arms of one question are sent together (asyncio.gather), so the scheduler batches them
 into the same forward passes (rows of different adapters batch together). Each arm's
-request is a ChatCompletionRequest run through the chat route's own preparation
-(`prepare`), so an arm's `rag` settings get exactly the retrieval a client would get;
-it is streamed, which is how time to first token is measured.
+request is a ChatCompletionRequest run through the serving layer's chat preparation
+(server/serving/chat.py, the same as the chat route's), so an arm's `rag` settings get
+exactly the retrieval a client would get; it is streamed, which is how time to first token
+is measured.
 
 Records are JSON files under <data_dir>/ab/experiments; an experiment that was running
 when the server stopped is marked "interrupted" at the next start.
@@ -16,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,20 @@ from server.ab.metrics import METRICS, latency_summary, mean_ci, paired_bootstra
 from server.ab.models import ArmSpec, ExperimentRequest, ExperimentStatus
 from server.adapter_validation import AdapterError
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest
-from server.serving import OpenAIServing, Prepared
+from server.protocol import ChatCompletionRequest, RAGOptions
+from server.serving import OpenAIServing
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-PrepareChat = Callable[[ChatCompletionRequest], Awaitable[Prepared]]
-ArmCheck = Callable[[str, dict[str, Any] | None], None]
+# An arm that names no max_tokens would get the server's default (512): on a base model
+# that never ends its turn, every answer runs that long. Such arms get a budget just past
+# the longest reference instead, as the trainer's eval does (trainer/common.py
+# eval_token_budget): a longer answer cannot match exactly, and cutting it off can only
+# raise its token F1 and ROUGE-L.
+BUDGET_MARGIN_TOKENS = 8
+BUDGET_MAX_TOKENS = 256
+ArmCheck = Callable[[str, Any], None]  # (model, rag: a dict or RAGOptions)
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
 
@@ -45,7 +52,7 @@ def default_arms(req: ExperimentRequest, base_model: str) -> list[ArmSpec]:
         arms.append(ArmSpec(name=label, model=model))
         if req.collection:
             arms.append(
-                ArmSpec(name=f"{label}+rag", model=model, rag={"collection": req.collection})
+                ArmSpec(name=f"{label}+rag", model=model, rag=RAGOptions(collection=req.collection))
             )
     return arms
 
@@ -56,13 +63,11 @@ class ExperimentService:
         root: Path,
         *,
         serving: Callable[[], OpenAIServing],
-        prepare: PrepareChat,
         check_arm: ArmCheck,
         base_model: str,
     ):
         self.root = root
         self.serving = serving
-        self.prepare = prepare
         self.check_arm = check_arm
         self.base_model = base_model
         self.records: dict[str, dict[str, Any]] = {}
@@ -87,11 +92,8 @@ class ExperimentService:
         logger.info("ab: %d experiments on disk", len(self.records))
 
     def _save(self, rec: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{rec['id']}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, path)  # readers never see half a record
+        # readers never see half a record
+        write_json_atomic(self.root / f"{rec['id']}.json", rec, indent=None)
 
     # --- the API ------------------------------------------------------------------------
 
@@ -118,6 +120,14 @@ class ExperimentService:
                 a if a.max_tokens else a.model_copy(update={"max_tokens": req.max_tokens})
                 for a in arms
             ]
+        budget = None
+        if any(a.max_tokens is None for a in arms):
+            budget = self.reference_budget(req)
+            budget["arms"] = [a.name for a in arms if a.max_tokens is None]
+            arms = [
+                a if a.max_tokens else a.model_copy(update={"max_tokens": budget["max_tokens"]})
+                for a in arms
+            ]
         questions = [
             {
                 "id": q.id or f"q{i + 1}",
@@ -140,6 +150,8 @@ class ExperimentService:
             "summary": None,
             "questions": questions,
             "results": [None] * len(questions),
+            # how arms without max_tokens got theirs (None: every arm named its own)
+            "budget": budget,
         }
         self.records[rec["id"]] = rec
         self._save(rec)
@@ -148,6 +160,22 @@ class ExperimentService:
             "ab: experiment %s: %d questions x %d arms", rec["id"], len(questions), len(arms)
         )
         return rec
+
+    def reference_budget(self, req: ExperimentRequest) -> dict[str, Any]:
+        """max_tokens for arms that name none: the longest reference in tokens, plus a
+        margin, at most the server's own default."""
+        serving = self.serving()
+        longest = max(
+            len(serving.ctx.engine.tokenize(ref)) for q in req.questions for ref in q.references
+        )
+        cap = min(BUDGET_MAX_TOKENS, serving.ctx.default_max_tokens)
+        return {
+            "max_tokens": max(1, min(cap, longest + BUDGET_MARGIN_TOKENS)),
+            "source": "references",
+            "longest_reference_tokens": longest,
+            "margin": BUDGET_MARGIN_TOKENS,
+            "cap": cap,
+        }
 
     def get(self, exp_id: str) -> dict[str, Any]:
         rec = self.records.get(exp_id)
@@ -239,8 +267,9 @@ class ExperimentService:
         start = time.monotonic()
         parts: list[str] = []
         try:
-            prep = await self.prepare(req)
-            async for event in self.serving().stream(prep, chat=True, include_usage=True):
+            chat = self.serving().chat
+            prep = await chat.prepare(req)
+            async for event in chat.stream(prep, include_usage=True):
                 if not event.startswith("data: {"):
                     continue
                 obj = json.loads(event[len("data: ") :])
@@ -337,7 +366,9 @@ def _hit_rate(rec: dict[str, Any], arm: str, column: int) -> float | None:
 def make_arm_check(state: Any) -> ArmCheck:
     """The 404s for an arm naming a model or a collection this server does not have."""
 
-    def check(model: str, rag: dict[str, Any] | None) -> None:
+    def check(model: str, rag: Any) -> None:
+        if rag is not None and not isinstance(rag, dict):  # an arm's RAGOptions
+            rag = rag.model_dump()
         serving = getattr(state, "serving", None)
         if serving is None:
             raise APIError(503, "the base model is still loading", code="model_loading")

@@ -111,14 +111,31 @@ def render_report(rec: dict[str, Any]) -> str:
         f"<p>Experiment <code>{escape(rec['id'])}</code>: status <b>{escape(rec['status'])}</b>, "
         f"{rec['progress']['done']}/{rec['progress']['total']} questions, {len(names)} arms.</p>",
     ]
+    budget = rec.get("budget") or {}
+    auto = set(budget.get("arms") or [])
+
+    def max_tokens(a: dict[str, Any]) -> str:
+        if a["name"] in auto:
+            return f"{a.get('max_tokens')} <span class='muted'>(from the references)</span>"
+        return str(a.get("max_tokens") or "server default")
+
     arm_rows = "".join(
         f"<tr><td>{escape(a['name'])}</td><td>{escape(a['model'])}</td>"
-        f"<td>{escape(str((a.get('rag') or {}).get('collection', '')))}</td></tr>"
+        f"<td>{escape(str((a.get('rag') or {}).get('collection', '')))}</td>"
+        f"<td class='n'>{max_tokens(a)}</td></tr>"
         for a in rec["arms"]
     )
     parts.append(
-        f"<table><tr><th>Arm</th><th>Model</th><th>RAG collection</th></tr>{arm_rows}</table>"
+        "<table><tr><th>Arm</th><th>Model</th><th>RAG collection</th><th>max_tokens</th></tr>"
+        f"{arm_rows}</table>"
     )
+    if auto:
+        parts.append(
+            f"<p class='muted'>Arms that set no max_tokens answer with at most "
+            f"{budget['max_tokens']} tokens: the longest reference is "
+            f"{budget['longest_reference_tokens']} tokens, plus {budget['margin']} (at most "
+            f"{budget['cap']}); a longer answer could not match a reference exactly.</p>"
+        )
     if summary:
         arms = summary["arms"]
         scores = {

@@ -1,7 +1,7 @@
 """Online A/B: split live chat traffic between arms, sticky per user, and collect feedback.
 
 A chat or completions request for model `ab:<split>` is rewritten to one arm's model (and
-`rag`) before anything else looks at it (server/routes/openai.py). The response
+`rag`) before anything else looks at it (the serving layer's `prepare`, server/serving/). The response
 id is fixed at that point, so a client can send feedback for it; the finished answer is
 logged with the prompt, and rated or compared answers become DPO preference pairs
 (``preference_pairs``) or KTO rated answers (``rated_answers``).
@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -30,11 +29,11 @@ from pydantic import ValidationError
 from server.ab.models import FeedbackRequest, Split, SplitArm, SplitRequest
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, RAGOptions, new_id
-from server.serving import chat_messages
+from server.serving.base import AB_PREFIX
+from server.serving.chat import chat_messages
+from trainer.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
-
-AB_PREFIX = "ab:"
 
 
 def assign_arm(split: str, weights: Sequence[float], user: str | None) -> int:
@@ -70,7 +69,7 @@ class Routed(Generic[Req]):
 
 
 class SplitService:
-    def __init__(self, root: Path, *, check_arm: Callable[[str, dict[str, Any] | None], None]):
+    def __init__(self, root: Path, *, check_arm: Callable[[str, Any], None]):
         self.root = root
         self.check_arm = check_arm  # raises the 404 for an unknown model or collection
         self.splits: dict[str, Split] = {}
@@ -95,10 +94,8 @@ class SplitService:
         logger.info("ab: %d splits, %d logged responses", len(self.splits), len(self.responses))
 
     def _save_index(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._index.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"splits": [s.model_dump() for s in self.splits.values()]}))
-        os.replace(tmp, self._index)  # a crash leaves the old index or the new one
+        # a crash leaves the old index or the new one
+        write_json_atomic(self._index, {"splits": [s.model_dump() for s in self.splits.values()]})
 
     def _dir(self, split: str) -> Path:
         return self.root / "splits" / split
@@ -159,7 +156,12 @@ class SplitService:
         for rec in self.responses.values():
             if rec["split"] == name and rec["arm"] in counts:
                 counts[rec["arm"]] += 1
-        return split.model_copy(update={"counts": counts})
+        feedback = {a.name: 0 for a in split.arms}
+        for entry in self.feedback:
+            rated = self.responses.get(entry["response_id"])
+            if entry["split"] == name and rated is not None and rated["arm"] in feedback:
+                feedback[rated["arm"]] += 1
+        return split.model_copy(update={"counts": counts, "feedback": feedback})
 
     def route(self, body: Req) -> Routed[Req]:
         """Chat or completions: the arm for this request's user, and the hook that tags and

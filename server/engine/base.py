@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from server.engine.kinds.base import BaseModelShape
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -100,6 +103,8 @@ class EngineInfo:
     num_parameters: int
     # rows of the input embedding: prompt token ids must be below it (None: unknown)
     vocab_size: int | None = None
+    # whether adapters' trained token rows (PEFT's trainable_token_indices) are applied
+    adapter_token_rows: bool = True
 
 
 @runtime_checkable
@@ -138,8 +143,14 @@ class Engine(Protocol):
         """Names the base model is known by, to match an adapter's base_model_name_or_path."""
         ...
 
+    def model_shape(self) -> BaseModelShape:
+        """Everything adapter validation checks an adapter against: module shapes, float
+        parameters, layers, KV heads, context length, names (server/engine/kinds/base.py)."""
+        ...
+
     async def load_adapter(self, name: str, path: Path) -> None:
-        """Put a validated LoRA folder on the compute device under `name`."""
+        """Put a validated adapter folder on the compute device under `name`; an adapter it
+        cannot serve raises AdapterError (server/engine/kinds/base.py) saying why."""
         ...
 
     async def unload_adapter(self, name: str) -> None:

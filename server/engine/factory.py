@@ -13,7 +13,9 @@ from server.engine.base import Engine
 def build_engine(settings: Settings) -> Engine:
     """The engine named by the settings, on the one shared base-model loader."""
     if settings.engine == "vllm":
-        raise ValueError("the vllm engine is not available in this build; use engine=hf")
+        from server.engine.vllm import build_vllm_engine
+
+        return build_vllm_engine(settings)
     from server.engine.hf import HFEngine
     from trainer.base_model import load_base_model, native_bf16
 

@@ -1,8 +1,9 @@
-"""The `hf` engine: transformers + bitsandbytes on the CPU or one GPU, own LoRA layers."""
+"""The `hf` engine: transformers + bitsandbytes on the CPU or one GPU, own adapter layers."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +14,10 @@ from server.engine.base import (
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.kinds import kind_for
+from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
+from server.engine.kinds.lora import base_weight
 from server.engine.lm_head import use_int8_lm_head
-from server.engine.lora import LoRAWeights, read_peft_lora
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from trainer.base_model import LoadedBaseModel
@@ -65,6 +68,24 @@ def _token_modules(model: Any) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _float_params(model: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters an adapter may replace per row (LN tuning): float ones, not
+    the packed 4-bit weights."""
+    found = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "quant_state", None) is not None or not param.is_floating_point():
+            continue
+        if type(param).__name__ in ("Params4bit", "Int8Params"):
+            continue
+        found[name] = tuple(int(d) for d in param.shape)
+    return found
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class HFEngine:
     """One resident base model; a scheduler thread batches every request onto it."""
 
@@ -95,10 +116,12 @@ class HFEngine:
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
         )
-        self._adapters: set[str] = set()  # on the compute device, in the LoRA layers
-        self._host: dict[str, LoRAWeights] = {}  # off the device, kept in host memory
+        self._adapters: set[str] = set()  # on the compute device, in the adapter layers
+        self._host: dict[str, Any] = {}  # off the device, kept in host memory
+        # taken before any adapter wraps a layer: the paths are the base's own
         self._linear_shapes = _linear_shapes(loaded.model)
         self._token_modules = _token_modules(loaded.model)
+        self._float_params = _float_params(loaded.model)
         num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
             model_id=loaded.model_id,
@@ -151,6 +174,26 @@ class HFEngine:
             names.add(Path(str(source)).name)
         return names
 
+    def model_shape(self) -> BaseModelShape:
+        text = _text_config(self.loaded.model)
+        heads = int(getattr(text, "num_attention_heads", 0) or 0)
+        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+        return BaseModelShape(
+            linear=dict(self._linear_shapes),
+            token_modules=dict(self._token_modules),
+            params=dict(self._float_params),
+            model_type=str(getattr(text, "model_type", "") or ""),
+            hidden_size=hidden,
+            num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(self._info.vocab_size or 0),
+            max_model_len=self.max_model_len,
+            names=frozenset(self.base_names()),
+            weight=lambda module: base_weight(self.loaded.model, module),
+        )
+
     def has_adapter(self, name: str) -> bool:
         return name in self._adapters
 
@@ -172,19 +215,25 @@ class HFEngine:
         await asyncio.wrap_future(future)
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        lora = self.runner.lora
-        if name in lora:
+        adapters = self.runner.adapters
+        if name in adapters:
             return
         weights = self._host.pop(name, None)  # from host memory: no file reads
         if weights is None:
-            weights = read_peft_lora(name, path, lora.dtype)
-        lora.add(weights)
+            peft_type = str(json.loads((path / CONFIG_FILE).read_text()).get("peft_type", ""))
+            kind = kind_for(peft_type)
+            if kind is None:
+                raise AdapterError(
+                    400, f"no adapter kind serves peft_type {peft_type!r}", "unsupported_adapter"
+                )
+            weights = kind.read(name, path, adapters.dtype)
+        adapters.add(weights)
         self._adapters.add(name)
 
     def _unload_adapter(self, name: str, *, keep_host_copy: bool) -> None:
         if not keep_host_copy:
             self._host.pop(name, None)
-        weights = self.runner.lora.remove(name)
+        weights = self.runner.adapters.remove(name)
         if keep_host_copy and weights is not None:
             self._host[name] = weights  # already host tensors
         self._adapters.discard(name)

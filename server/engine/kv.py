@@ -33,21 +33,28 @@ class KVBatch:
 
     @classmethod
     def from_right_padded(
-        cls, cache: DynamicCache, lengths: list[int], device: torch.device
+        cls,
+        cache: DynamicCache,
+        lengths: list[int],
+        device: torch.device,
+        starts: list[int] | None = None,
     ) -> KVBatch:
         """Turn a right-padded prefill cache into the left-padded layout decoding uses.
 
         Prefill runs right-padded because then no query row is fully masked (no NaNs);
-        decoding wants every row's newest token in the same, last column.
+        decoding wants every row's newest token in the same, last column. Row i holds
+        columns [starts[i], lengths[i]) (starts: 0 unless a KV prefix sits left of some
+        rows' prompts, see runner.py).
         """
         total = max(lengths)
         batch = len(lengths)
         lengths_t = torch.tensor(lengths, device=device)
+        starts_t = torch.tensor(starts or [0] * batch, device=device).unsqueeze(1)
         cols = torch.arange(total, device=device)
-        # For output column c of row i: source column c - (total - len_i), valid if >= 0.
+        # For output column c of row i: source column c - (total - len_i), valid if >= start_i.
         shift = (total - lengths_t).unsqueeze(1)  # (batch, 1)
         src = cols.unsqueeze(0) - shift  # (batch, total)
-        valid = src >= 0
+        valid = src >= starts_t
         src = src.clamp(min=0)
         for layer in cache.layers:
             if layer.keys is None:

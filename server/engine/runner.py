@@ -1,8 +1,14 @@
 """Forward passes for the scheduler: chunked prefill of newcomers, one decode step for all.
 
-Every forward names one adapter per row (BASE_ADAPTER for none); the model's LoRA layers
-(server/engine/lora.py) apply each row's own adapter, so rows of one batch can each use a
-different LoRA adapter.
+Every forward names one adapter per row (BASE_ADAPTER for none); the adapter kinds'
+wrapped layers (server/engine/multi_adapter.py) apply each row's own adapter, so rows of
+one batch can each use a different adapter of any kind.
+
+A row whose adapter puts something in front of its prompt gets it here, at the start of
+its prefill: virtual tokens (prompt tuning, p-tuning) as placeholder ids at the front of
+its input, whose rows the wrapped embedding replaces; a KV prefix (prefix tuning) written
+into its cache columns just left of its prompt. A group's prompts start in the same
+column (``width``, the longest prefix), each row's prefix right-aligned before it.
 """
 
 from __future__ import annotations
@@ -15,16 +21,18 @@ from transformers import DynamicCache
 
 from server.engine.base import BASE_ADAPTER
 from server.engine.kv import KVBatch
-from server.engine.lora import MultiLoRA, compute_dtype
+from server.engine.multi_adapter import MultiAdapter, compute_dtype
 
 
 @dataclass
 class PrefillGroup:
     """Newcomers prefilled together, right-padded, possibly over several chunks."""
 
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # each row's input: virtual-token placeholders, then its prompt
     adapters: list[str]
-    done: int = 0  # columns already run
+    # each row's KV prefix (prefix tuning): cache columns left of its input
+    prefix: list[int] = field(default_factory=list)
+    done: int = 0  # input columns already run
     cache: DynamicCache = field(default_factory=DynamicCache)
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (vocab,)
 
@@ -40,30 +48,55 @@ class PrefillGroup:
     def finished(self) -> bool:
         return self.done >= self.total
 
+    @property
+    def width(self) -> int:
+        """Cache columns before the first input column: room for the longest prefix."""
+        return max(self.prefix, default=0)
+
 
 class ModelRunner:
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
         self.pad_token_id = pad_token_id
-        self.lora = MultiLoRA(model, self.device, compute_dtype(model))
+        self.adapters = MultiAdapter(model, self.device, compute_dtype(model))
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, adapters: list[str], **kwargs: Any) -> torch.Tensor:
-        self.lora.set_rows(adapters)
+    def new_group(self, prompts: list[list[int]], adapters: list[str]) -> PrefillGroup:
+        """A prefill group; rows whose adapter adds virtual tokens get placeholders for them."""
+        inputs = []
+        for prompt, adapter in zip(prompts, adapters, strict=True):
+            virtual = self.adapters.virtual_tokens(adapter)
+            inputs.append([self.pad_token_id] * virtual + list(prompt) if virtual else prompt)
+        prefix = [self.adapters.prefix_tokens(a) for a in adapters]
+        return PrefillGroup(prompts=inputs, adapters=adapters, prefix=prefix)
+
+    def _forward(self, adapters: list[str], input_start: int | None, **kwargs: Any) -> torch.Tensor:
+        self.adapters.set_rows(adapters, input_start)
         try:
             with torch.inference_mode():
                 out = self.model(use_cache=True, **kwargs)
         finally:
-            self.lora.clear_rows()
+            self.adapters.clear_rows()
         return out.logits
+
+    def _write_prefixes(self, group: PrefillGroup) -> None:
+        """Fill the cache columns left of the inputs: each row's KV prefix, right-aligned."""
+        dtype = self.model.get_input_embeddings().weight.dtype  # the dtype keys are cached in
+        layers = self.adapters.prefix_cache(group.adapters, group.width, dtype)
+        for layer, (keys, values) in enumerate(layers):
+            group.cache.update(keys, values, layer)
 
     @torch.inference_mode()
     def prefill_chunk(self, group: PrefillGroup, chunk_tokens: int) -> None:
         device = self.device
+        width = group.width
+        if group.done == 0 and width:
+            self._write_prefixes(group)
         lengths = torch.tensor(group.lengths, device=device)
+        prefix = torch.tensor(group.prefix or [0] * len(group.prompts), device=device)
         start = group.done
         end = min(group.total, start + chunk_tokens)
         rows = []
@@ -71,10 +104,12 @@ class ModelRunner:
             piece = prompt[start:end]
             rows.append(piece + [self.pad_token_id] * (end - start - len(piece)))
         input_ids = torch.tensor(rows, dtype=torch.long, device=device)  # (batch, chunk)
-        cols = torch.arange(end, device=device)
-        attention_mask = (cols.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (batch, end)
-        positions = torch.arange(start, end, device=device).unsqueeze(0)
-        positions = positions.expand(len(rows), -1)
+        # cache columns: [width - prefix_i, width) the row's prefix, then its input from width
+        cols = torch.arange(width + end, device=device).unsqueeze(0)
+        first = (width - prefix).unsqueeze(1)
+        attention_mask = ((cols >= first) & (cols < width + lengths.unsqueeze(1))).long()
+        # a row's positions count its prefix, as PEFT's do (the prompt starts at n)
+        positions = torch.arange(start, end, device=device).unsqueeze(0) + prefix.unsqueeze(1)
         # logits only where a row's last prompt token falls in this chunk
         wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
         keep = sorted(set(wanted.values()))
@@ -82,11 +117,12 @@ class ModelRunner:
         to_keep = torch.tensor(keep, dtype=torch.long, device=device) if keep else 1
         logits = self._forward(
             group.adapters,
+            start,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=group.cache,
-            cache_position=torch.arange(start, end, device=device),
+            cache_position=torch.arange(width + start, width + end, device=device),
             logits_to_keep=to_keep,
         )  # (batch, len(keep) or 1, vocab)
         for row, col in wanted.items():
@@ -94,7 +130,10 @@ class ModelRunner:
         group.done = end
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[KVBatch, torch.Tensor]:
-        batch = KVBatch.from_right_padded(group.cache, group.lengths, self.device)
+        width = group.width
+        ends = [width + n for n in group.lengths]
+        starts = [width - p for p in group.prefix] if width else None
+        batch = KVBatch.from_right_padded(group.cache, ends, self.device, starts=starts)
         logits = torch.stack([group.last_logits[i] for i in range(len(group.prompts))])
         return batch, logits  # logits: (batch, vocab)
 
@@ -106,6 +145,7 @@ class ModelRunner:
         mask = batch.append_step()  # (batch, past_len + 1)
         logits = self._forward(
             adapters,
+            None,
             input_ids=torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1),
             attention_mask=mask,
             position_ids=positions,

@@ -52,6 +52,8 @@ class Sequence:
     finished: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # context positions the adapter takes before the prompt (virtual tokens, KV prefix)
+    reserved: int = 0
 
     @property
     def adapter_row(self) -> str:
@@ -232,10 +234,11 @@ class Scheduler:
             if not free or not self._waiting:
                 return
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        group = PrefillGroup(
-            prompts=[s.request.prompt_token_ids for s in seqs],
-            adapters=[s.adapter_row for s in seqs],
+        group = self.runner.new_group(
+            [s.request.prompt_token_ids for s in seqs], [s.adapter_row for s in seqs]
         )
+        for seq in seqs:
+            seq.reserved = self.runner.adapters.context_tokens(seq.adapter_row)
         self._prefill = (group, seqs)
 
     def _step_prefill(self) -> None:
@@ -303,7 +306,7 @@ class Scheduler:
                 end, finish = hit, "stop"
         if finish is None and (
             len(seq.generated) >= params.max_tokens
-            or seq.prompt_tokens + len(seq.generated) >= self.max_model_len
+            or seq.prompt_tokens + seq.reserved + len(seq.generated) >= self.max_model_len
         ):
             finish = "length"
         if finish is None:

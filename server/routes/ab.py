@@ -13,7 +13,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
 from server.ab.experiments import ExperimentService
-from server.ab.models import (
+from server.ab.report import render_report
+from server.ab.splits import SplitService
+from server.openapi import error_responses
+from server.schemas import (
+    ErrorResponse,
     ExperimentList,
     ExperimentRequest,
     ExperimentStatus,
@@ -23,9 +27,6 @@ from server.ab.models import (
     SplitList,
     SplitRequest,
 )
-from server.ab.report import render_report
-from server.ab.splits import SplitService
-from server.protocol import ErrorResponse
 
 router = APIRouter(prefix="/ab", tags=["ab"])
 # feedback comes from the applications that got the answers: inference scope
@@ -71,7 +72,7 @@ async def cancel_experiment(exp_id: str, service: ExperimentsDep) -> ExperimentS
 @router.get(
     "/experiments/{exp_id}/report",
     response_class=HTMLResponse,
-    responses={**ERRORS, 200: {"content": {"text/html": {}}}},
+    responses={**error_responses(404), 200: {"content": {"text/html": {}}}},
 )
 async def experiment_report(exp_id: str, service: ExperimentsDep) -> HTMLResponse:
     return HTMLResponse(render_report(service.get(exp_id)))
@@ -95,7 +96,7 @@ async def get_split(name: str, splits: SplitsDep) -> Split:
 @router.get(
     "/splits/{name}/preferences.jsonl",
     response_class=Response,
-    responses={**ERRORS, 200: {"content": {"application/jsonl": {}}}},
+    responses={**error_responses(404), 200: {"content": {"application/jsonl": {}}}},
 )
 async def export_preferences(name: str, splits: SplitsDep) -> Response:
     lines = "".join(json.dumps(p) + "\n" for p in splits.preference_pairs(name))

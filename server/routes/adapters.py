@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import ValidationError
 
-from server.adapter_validation import AdapterError
+from server.adapter_validation import AdapterError, check_name
 from server.adapters import AdapterRegistry
 from server.errors import APIError
-from server.protocol import ErrorResponse
+from server.openapi import error_responses, request_body
+from server.schemas import (
+    AdapterDeleted,
+    AdapterInfo,
+    AdapterList,
+    ErrorResponse,
+    LoadLoRA,
+    RegisterAdapter,
+    RegisterAdapterUpload,
+    UnloadLoRA,
+)
 
 router = APIRouter(tags=["adapters"])
 
@@ -33,54 +45,6 @@ def get_registry(request: Request) -> AdapterRegistry:
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 
 
-class RegisterAdapter(BaseModel):
-    name: str = Field(description="The `model` id clients will use for this adapter.")
-    path: str = Field(description="A PEFT LoRA folder on the server's file system.")
-    replace: bool = Field(False, description="Replace an adapter of the same name.")
-
-
-class AdapterInfo(BaseModel):
-    model_config = {"extra": "allow"}
-    id: str
-    object: str = "adapter"
-    name: str
-    parent: str
-    path: str
-    rank: int
-    target_modules: list[str]
-    trained_tokens: list[int] = Field(
-        default_factory=list, description="token ids whose embedding rows the adapter trained"
-    )
-    size_bytes: int
-    location: str
-    load_count: int
-    requests: int
-
-
-class AdapterList(BaseModel):
-    object: str = "list"
-    data: list[AdapterInfo]
-
-
-class Deleted(BaseModel):
-    id: str
-    object: str = "adapter"
-    deleted: bool = True
-
-
-class LoadLoRA(BaseModel):
-    """vLLM's request body for POST /v1/load_lora_adapter."""
-
-    lora_name: str
-    lora_path: str
-    load_inplace: bool = False
-
-
-class UnloadLoRA(BaseModel):
-    lora_name: str
-    lora_int_id: int | None = None
-
-
 def _form_bool(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
@@ -90,25 +54,9 @@ def _form_bool(value: Any) -> bool:
     status_code=201,
     response_model=AdapterInfo,
     responses=ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "application/json": {"schema": RegisterAdapter.model_json_schema()},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name", "file"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "replace": {"type": "boolean"},
-                            "file": {"type": "string", "format": "binary"},
-                        },
-                    }
-                },
-            },
-            "required": True,
-        }
-    },
+    openapi_extra=request_body(
+        json=RegisterAdapter, multipart=RegisterAdapterUpload, description="a folder or an archive"
+    ),
 )
 async def register_adapter(request: Request, registry: RegistryDep) -> dict[str, Any]:
     """Register from a local folder (JSON) or an uploaded .tar.gz/.zip (multipart)."""
@@ -131,8 +79,14 @@ async def register_adapter(request: Request, registry: RegistryDep) -> dict[str,
             Path(tmp.name).unlink(missing_ok=True)
     try:
         body = RegisterAdapter.model_validate_json(await request.body())
-    except ValueError as exc:
-        raise APIError(400, f"invalid request body: {exc}".splitlines()[0], param="body") from exc
+    except ValidationError as exc:
+        if any(
+            e["loc"] == ("name",) and e["type"] == "string_pattern_mismatch" for e in exc.errors()
+        ):
+            raw = json.loads(await request.body())
+            check_name(str(raw.get("name")), set())  # its 400 says what a name may hold
+        # the app's handler turns it into the 400 naming the field, as for every body
+        raise RequestValidationError(exc.errors()) from exc
     return await registry.register_path(body.name, Path(body.path), replace=body.replace)
 
 
@@ -146,19 +100,35 @@ async def get_adapter(name: str, registry: RegistryDep) -> dict[str, Any]:
     return registry.describe(name)
 
 
-@router.delete("/adapters/{name}", response_model=Deleted, responses=ERRORS)
-async def delete_adapter(name: str, registry: RegistryDep) -> Deleted:
+@router.delete("/adapters/{name}", response_model=AdapterDeleted, responses=ERRORS)
+async def delete_adapter(name: str, registry: RegistryDep) -> AdapterDeleted:
     await registry.unregister(name)
-    return Deleted(id=name)
+    return AdapterDeleted(id=name)
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
+@router.post(
+    "/v1/load_lora_adapter",
+    response_class=PlainTextResponse,
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def vllm_load(body: LoadLoRA, registry: RegistryDep) -> str:
+    if not Path(body.lora_path).expanduser().exists():
+        # vLLM answers a path that does not exist with 404 (its tooling reads it so)
+        raise AdapterError(
+            404,
+            f"Loading lora {body.lora_name} failed: No adapter found for {body.lora_path}",
+            "adapter_not_found",
+            "lora_path",
+        )
     await registry.register_path(body.lora_name, Path(body.lora_path), replace=body.load_inplace)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
+@router.post(
+    "/v1/unload_lora_adapter",
+    response_class=PlainTextResponse,
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def vllm_unload(body: UnloadLoRA, registry: RegistryDep) -> str:
     try:
         await registry.unregister(body.lora_name)

@@ -13,25 +13,35 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from rag.chunking import ChunkingConfig
-from rag.collection import (
-    MAX_DOC_ID_CHARS,
-    MAX_TOP_K,
-    CollectionInfo,
-    DocumentInput,
-    read_info,
-)
+from rag.collection import CollectionInfo, DocumentInput, read_info
 from rag.errors import CollectionNotFound, InvalidDocument, NotFound
 from rag.store import documents_from_bytes, validate_name
 from server.auth import current_key, require_collection
 from server.errors import APIError
-from server.protocol import ErrorResponse
+from server.openapi import request_body
 from server.retrieval import RetrievalService
+from server.schemas import (
+    NAME_PATTERN,
+    Collection,
+    CollectionList,
+    CreateCollection,
+    Deleted,
+    Document,
+    DocumentList,
+    ErrorResponse,
+    IngestDocuments,
+    IngestFiles,
+    IngestResult,
+    SearchHit,
+    SearchRequest,
+    SearchResult,
+)
 from server.state import RetrievalDep
 
 
@@ -53,123 +63,25 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MAX_FILES = 1000
 
 
-CollectionName = Annotated[str, Path(description="The collection's name.")]
+# The pattern is documented, and checked by rag.store.validate_name (its 400 says why).
+CollectionName = Annotated[
+    str,
+    Path(description="The collection's name.", json_schema_extra={"pattern": NAME_PATTERN}),
+]
 
 
-# --- models -------------------------------------------------------------------------------
-
-
-class CreateCollection(BaseModel):
-    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
-    chunk_tokens: int | None = Field(None, description="Chunk length in embedder tokens.")
-    overlap: int | None = Field(None, description="Tokens shared by consecutive chunks.")
-
-
-class CollectionOut(BaseModel):
-    id: str
-    object: str = "rag.collection"
-    embedder: str = Field(description="Embedding model (name@fingerprint) of the vectors.")
-    dim: int
-    created_at: float
-    documents: int
-    chunks: int
-    index_kind: str
-    chunk_tokens: int
-    overlap: int
-
-    @classmethod
-    def of(cls, info: CollectionInfo) -> CollectionOut:
-        return cls(
-            id=info.name,
-            embedder=info.embedder_name,
-            dim=info.dim,
-            created_at=info.created_at,
-            documents=info.documents,
-            chunks=info.chunks,
-            index_kind=info.index_kind,
-            chunk_tokens=info.chunk_tokens,
-            overlap=info.overlap,
-        )
-
-
-class CollectionList(BaseModel):
-    object: str = "list"
-    data: list[CollectionOut]
-
-
-class Deleted(BaseModel):
-    id: str
-    object: str
-    deleted: bool = True
-
-
-class DocumentIn(BaseModel):
-    model_config = {"extra": "forbid"}
-    id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_DOC_ID_CHARS,
-        description="Your key; adding an existing id replaces that document. Default: a "
-        "hash of the text, so re-sending the same text changes nothing.",
+def collection_out(info: CollectionInfo) -> Collection:
+    return Collection(
+        id=info.name,
+        embedder=info.embedder_name,
+        dim=info.dim,
+        created_at=info.created_at,
+        documents=info.documents,
+        chunks=info.chunks,
+        index_kind=info.index_kind,
+        chunk_tokens=info.chunk_tokens,
+        overlap=info.overlap,
     )
-    text: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class IngestDocuments(BaseModel):
-    model_config = {"extra": "forbid"}
-    documents: list[DocumentIn] = Field(min_length=1)
-
-
-class IngestResult(BaseModel):
-    object: str = "rag.ingest"
-    collection: str
-    ids: list[str] = Field(description="The documents' ids, in the order given.")
-    added: int
-    replaced: int
-    unchanged: int
-    metadata_updated: int
-    chunks: int = Field(description="Chunks embedded by this request.")
-    documents: int = Field(description="Documents in the collection afterwards.")
-
-
-class DocumentOut(BaseModel):
-    id: str
-    metadata: dict[str, Any]
-    chunks: int
-    chars: int
-    updated_at: float
-
-
-class DocumentList(BaseModel):
-    object: str = "list"
-    data: list[DocumentOut]
-
-
-class SearchRequest(BaseModel):
-    model_config = {"extra": "forbid"}
-    query: str = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
-    min_score: float | None = Field(None, ge=-1.0, le=1.0)
-    filter: dict[str, Any] | None = Field(
-        None, description='{"field": value} or {"field": {"$in": [v1, v2]}}, ANDed.'
-    )
-
-
-class SearchHit(BaseModel):
-    score: float
-    doc_id: str
-    chunk_index: int
-    text: str
-    char_start: int
-    char_end: int
-    metadata: dict[str, Any]
-
-
-class SearchResult(BaseModel):
-    object: str = "list"
-    collection: str
-    data: list[SearchHit]
 
 
 # --- collections --------------------------------------------------------------------------
@@ -183,8 +95,8 @@ def _info(rag: RetrievalService, name: str) -> CollectionInfo:
         raise CollectionNotFound(f"no collection named {name!r}", param="name") from exc
 
 
-@router.post("/collections", status_code=201, response_model=CollectionOut, responses=ERRORS)
-async def create_collection(body: CreateCollection, rag: RetrievalDep) -> CollectionOut:
+@router.post("/collections", status_code=201, response_model=Collection, responses=ERRORS)
+async def create_collection(body: CreateCollection, rag: RetrievalDep) -> Collection:
     chunking = None
     if body.chunk_tokens is not None or body.overlap is not None:
         default = ChunkingConfig()
@@ -194,7 +106,7 @@ async def create_collection(body: CreateCollection, rag: RetrievalDep) -> Collec
         )
         chunking.validate()
     coll = await rag.run(rag.store.create, body.name, chunking=chunking)
-    return CollectionOut.of(await rag.run(coll.info))
+    return collection_out(await rag.run(coll.info))
 
 
 @router.get("/collections", response_model=CollectionList)
@@ -203,12 +115,12 @@ async def list_collections(rag: RetrievalDep) -> CollectionList:
     key = current_key()
     if key is not None:
         infos = [i for i in infos if key.allows_collection(i.name)]
-    return CollectionList(data=[CollectionOut.of(i) for i in infos])
+    return CollectionList(data=[collection_out(i) for i in infos])
 
 
-@router.get("/collections/{name}", response_model=CollectionOut, responses=ERRORS)
-async def get_collection(name: CollectionName, rag: RetrievalDep) -> CollectionOut:
-    return CollectionOut.of(await rag.run(_info, rag, name))
+@router.get("/collections/{name}", response_model=Collection, responses=ERRORS)
+async def get_collection(name: CollectionName, rag: RetrievalDep) -> Collection:
+    return collection_out(await rag.run(_info, rag, name))
 
 
 @router.delete("/collections/{name}", response_model=Deleted, responses=ERRORS)
@@ -220,52 +132,7 @@ async def delete_collection(name: CollectionName, rag: RetrievalDep) -> Deleted:
 # --- documents ----------------------------------------------------------------------------
 
 
-def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema with its `$defs` inlined: a schema placed by hand into
-    `openapi_extra` cannot point at `#/$defs/...`, which would resolve against the root
-    of the OpenAPI document."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return inline(schema)
-
-
-_INGEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": _inlined_schema(IngestDocuments)},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": ".txt/.md (one document each, id = file name), "
-                            ".json (a list of documents) or .jsonl (one per line)",
-                        },
-                        "metadata": {
-                            "type": "string",
-                            "description": "JSON object merged into every document's metadata",
-                        },
-                    },
-                    "required": ["files"],
-                }
-            },
-        },
-    }
-}
+_INGEST_BODY = request_body(json=IngestDocuments, multipart=IngestFiles)
 
 
 def _text_id(text: str) -> str:
@@ -377,15 +244,14 @@ async def add_documents(name: CollectionName, request: Request, rag: RetrievalDe
 
 @router.get("/collections/{name}/documents", response_model=DocumentList, responses=ERRORS)
 async def list_documents(
-    name: CollectionName, rag: RetrievalDep, limit: int = 100, offset: int = 0
+    name: CollectionName,
+    rag: RetrievalDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DocumentList:
-    if not 1 <= limit <= 1000:
-        raise APIError(400, "limit must be between 1 and 1000", param="limit")
-    if offset < 0:
-        raise APIError(400, "offset must be >= 0", param="offset")
     coll = await rag.run(rag.store.get, name)
     rows = await rag.run(coll.documents, limit=limit, offset=offset)
-    return DocumentList(data=[DocumentOut(**r) for r in rows])
+    return DocumentList(data=[Document(**r) for r in rows])
 
 
 @router.delete(

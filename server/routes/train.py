@@ -21,12 +21,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
-from server.protocol import ErrorResponse
+from server.openapi import request_body
+from server.schemas import (
+    DryRun,
+    ErrorResponse,
+    TrainCompare,
+    TrainCompareList,
+    TrainCompareRequest,
+    TrainEventList,
+    TrainJob,
+    TrainJobList,
+    TrainJobRequest,
+    TrainJobUpload,
+)
 from server.state import SettingsDep
 from server.training import BaseModelMismatch, TrainingService, is_settled
 from trainer.config import ConfigError
@@ -42,6 +54,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 503)
 }
 SSE_POLL_S = 0.5
+# request fields a ConfigError may name directly (the rest are config.<field>)
+TOP_LEVEL = ("name", "config", "methods", "method_config", "objective")
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -61,96 +75,6 @@ TrainingDep = Annotated[TrainingService, Depends(get_training)]
 # --- models -------------------------------------------------------------------------------------
 
 
-class TrainJobRequest(BaseModel):
-    """The JSON body of POST /train/{sft,dpo,orpo,kto}."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(description="The adapter's name: the `model` id clients will use.")
-    data_path: str | None = Field(None, description="A JSONL file on the server's file system.")
-    data: list[dict[str, Any] | str] | None = Field(
-        None,
-        description="The JSONL records inline: objects, or strings holding one JSON line each.",
-    )
-    eval_path: str | None = Field(None, description="A JSONL eval set on the server.")
-    eval_data: list[dict[str, Any] | str] | None = Field(
-        None, description="The eval records inline."
-    )
-    config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Hyper-parameters: the trainer's config fields, `method` among them "
-        "(lora, qlora, ia3, prompt_tuning, prefix_tuning, p_tuning, ln_tuning, full). "
-        "base_model is the server's; quantization defaults to the server's where the method "
-        "allows it.",
-    )
-    # aliased: `register` would shadow BaseModel.register
-    register_: bool = Field(
-        True, alias="register", description="Register the adapter with this server when done."
-    )
-    replace: bool = Field(False, description="Replace a registered adapter of the same name.")
-
-
-class LossPoint(BaseModel):
-    step: int
-    loss: float
-
-
-class TrainJob(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    object: str = "train.job"
-    name: str
-    kind: str
-    state: str = Field(description="queued, running, succeeded, failed, cancelled or interrupted")
-    step: int = 0
-    total_steps: int | None = None
-    progress: float = Field(0.0, description="0..1")
-    loss: float | None = None
-    loss_history: list[LossPoint] = Field(default_factory=list)
-    eta_s: float | None = None
-    phase: str | None = Field(
-        None,
-        description="train, then eval after the last step (eval loss and generated answers, "
-        "base and adapter); null before the first step",
-    )
-    eval_done: int | None = Field(None, description="eval answers generated so far")
-    eval_total: int | None = Field(None, description="eval answers to generate")
-    error: str | None = None
-    output_dir: str
-    data_sha256: str | None = None
-    data_counts: dict[str, Any] | None = None
-    config: dict[str, Any]
-    result: dict[str, Any] | None = None
-    register_: bool = Field(True, alias="register")
-    replace: bool = False
-    registered: bool = False
-    registration_error: str | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-
-
-class TrainJobList(BaseModel):
-    object: str = "list"
-    data: list[TrainJob]
-
-
-class TrainEvent(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    seq: int
-    time: float
-    type: str
-
-
-class TrainEventList(BaseModel):
-    object: str = "list"
-    data: list[TrainEvent]
-    next_since: int = Field(description="Pass as `since` to get only newer events.")
-    state: str
-
-
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -164,7 +88,7 @@ def job_errors() -> Iterator[None]:
             400, str(exc), param="config.base_model", code="base_model_mismatch"
         ) from exc
     except ConfigError as exc:
-        param = exc.field if exc.field in ("name", "config") else f"config.{exc.field}"
+        param = exc.field if exc.field in TOP_LEVEL else f"config.{exc.field}"
         raise APIError(400, str(exc), param=param, code="invalid_config") from exc
     except DataError as exc:
         param = exc.path if exc.path in ("data", "file", "eval_data", "eval_file") else "data"
@@ -199,7 +123,12 @@ async def _save_upload(upload: UploadFile, dest: Path) -> Path:
 
 
 async def _submit(
-    kind: str, request: Request, training: TrainingService, staging_root: Path
+    kind: str,
+    request: Request,
+    training: TrainingService,
+    staging_root: Path,
+    *,
+    dry: bool = False,
 ) -> dict[str, Any]:
     staging_root.mkdir(parents=True, exist_ok=True)
     # The manager copies the data into the job folder, so the staged files may go at once.
@@ -209,6 +138,11 @@ async def _submit(
             body = await _from_form(request, staging)
         else:
             body = await _from_json(request, staging)
+        if dry:
+            for key in ("name", "register", "replace"):
+                body.pop(key)
+            with job_errors():
+                return await asyncio.to_thread(training.dry_run, kind, **body)
         with job_errors():
             record = await asyncio.to_thread(training.submit, kind, **body)
     logger.info("accepted %s job %s for adapter %r", kind, record["id"], record["name"])
@@ -296,32 +230,21 @@ async def _from_form(request: Request, staging: Path) -> dict[str, Any]:
 
 def _request_body_doc(kind: str) -> dict[str, Any]:
     return {
-        "requestBody": {
-            "content": {
-                "application/json": {"schema": TrainJobRequest.model_json_schema()},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["name", "file"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "file": {"type": "string", "format": "binary"},
-                            "eval_file": {"type": "string", "format": "binary"},
-                            "config": {"type": "string", "description": "a JSON object"},
-                            "register": {"type": "boolean"},
-                            "replace": {"type": "boolean"},
-                        },
-                    }
-                },
-            },
-            "required": True,
-        },
+        **request_body(json=TrainJobRequest, multipart=TrainJobUpload),
         "summary": f"Start a {kind.upper()} training job",
     }
 
 
-def _submit_route(kind: str, summary: str, data: str) -> None:
-    """POST /train/<kind>: one route per objective of the trainer's table."""
+def _dry_run_doc(kind: str) -> dict[str, Any]:
+    return {
+        **request_body(json=TrainJobRequest, multipart=TrainJobUpload),
+        "summary": f"Dry run of a {kind.upper()} job: what it would train on; starts nothing",
+    }
+
+
+def _objective_routes(kind: str, summary: str, data: str) -> None:
+    """POST /train/<kind> and /train/<kind>/dry_run: one pair per objective of the
+    trainer's table (the PEFT method is config.method)."""
 
     async def submit(request: Request, training: TrainingDep, settings: SettingsDep) -> Any:
         return await _submit(kind, request, training, settings.data_dir / "train-staging")
@@ -336,10 +259,105 @@ def _submit_route(kind: str, summary: str, data: str) -> None:
         openapi_extra=_request_body_doc(kind),
     )(submit)
 
+    async def dry_run(request: Request, training: TrainingDep, settings: SettingsDep) -> Any:
+        staging = settings.data_dir / "train-staging"
+        return await _submit(kind, request, training, staging, dry=True)
+
+    dry_run.__name__ = f"dry_run_{kind}"
+    dry_run.__doc__ = (
+        f"The same body as POST /train/{kind}, refused the same way; answers with the first "
+        "examples' loss masks (the tokens between `loss_open` and `loss_close` carry loss), "
+        "the token lengths, the method and the token rows that would be trained. Loads the "
+        "tokenizer only."
+    )
+    router.post(
+        f"/{kind}/dry_run",
+        response_model=DryRun,
+        responses=ERRORS,
+        openapi_extra=_dry_run_doc(kind),
+    )(dry_run)
+
 
 for _kind in objective_names():
     _objective = get_objective(_kind)
-    _submit_route(_kind, _objective.summary, _objective.data)
+    _objective_routes(_kind, _objective.summary, _objective.data)
+
+
+# --- compare methods --------------------------------------------------------------------------
+
+
+@router.post("/compare", status_code=202, response_model=TrainCompare, responses=ERRORS)
+async def compare_methods(
+    body: TrainCompareRequest, training: TrainingDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Train every method with the same objective, data and budget (one job each, one at a
+    time), register the results, then measure serving tok/s of 8 streams on each: follow it
+    with GET /train/compare/{id}; GET /train/compare/{id}/report is the HTML report."""
+    staging_root = settings.data_dir / "train-staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    if (body.data_path is None) == (body.data is None):
+        raise APIError(400, "give exactly one of data_path or data", param="data")
+    if (body.eval_path is None) == (body.eval_data is None):
+        raise APIError(
+            400,
+            "give exactly one of eval_path or eval_data: every method is evaluated on it",
+            param="eval_data",
+        )
+    with tempfile.TemporaryDirectory(dir=staging_root) as tmp:
+        staging = Path(tmp)
+        if body.data is not None:
+            data, label = _write_records(staging / "data.jsonl", body.data), "data"
+        else:
+            data, label = Path(body.data_path or "").expanduser(), body.data_path or "data_path"
+        if body.eval_data is not None:
+            ev, ev_label = _write_records(staging / "eval.jsonl", body.eval_data), "eval_data"
+        else:
+            ev, ev_label = Path(body.eval_path or "").expanduser(), body.eval_path or "eval_path"
+        with job_errors():
+            return await asyncio.to_thread(
+                training.compare.submit,
+                name=body.name,
+                methods=body.methods,
+                objective=body.objective,
+                config=body.config,
+                method_config=body.method_config,
+                data_path=data,
+                data_label=label,
+                eval_path=ev,
+                eval_label=ev_label,
+                register=body.register_,
+                replace=body.replace,
+            )
+
+
+@router.get("/compare", response_model=TrainCompareList)
+async def list_comparisons(training: TrainingDep) -> dict[str, Any]:
+    records = await asyncio.to_thread(training.compare.list)
+    return {"object": "list", "data": [training.compare.view(r) for r in records]}
+
+
+@router.get("/compare/{cmp_id}", response_model=TrainCompare, responses=ERRORS)
+async def get_comparison(cmp_id: str, training: TrainingDep) -> dict[str, Any]:
+    # on the event loop: a comparison whose jobs have all ended starts measuring here
+    with job_errors():
+        return training.compare.get(cmp_id)
+
+
+@router.get(
+    "/compare/{cmp_id}/report",
+    response_class=HTMLResponse,
+    responses={**ERRORS, 200: {"content": {"text/html": {}}}},
+)
+async def comparison_report(cmp_id: str, training: TrainingDep) -> HTMLResponse:
+    with job_errors():
+        return HTMLResponse(training.compare.report(cmp_id))
+
+
+@router.delete("/compare/{cmp_id}", response_model=TrainCompare, responses=ERRORS)
+async def cancel_comparison(cmp_id: str, training: TrainingDep) -> dict[str, Any]:
+    """Cancel every job of the comparison that has not ended."""
+    with job_errors():
+        return await asyncio.to_thread(training.compare.cancel, cmp_id)
 
 
 # --- follow and cancel ------------------------------------------------------------------------------
@@ -364,6 +382,14 @@ async def cancel_job(job_id: str, training: TrainingDep) -> dict[str, Any]:
     with job_errors():
         record = await asyncio.to_thread(training.manager.cancel, job_id)
     return training.view(record)
+
+
+@router.get("/jobs/{job_id}/card", response_model=dict[str, Any], responses=ERRORS)
+async def job_card(job_id: str, training: TrainingDep) -> dict[str, Any]:
+    """The adapter's card once the job has succeeded (409 before): base model, data,
+    hyper-parameters, library versions, loss history, eval numbers, wall time, memory."""
+    with job_errors():
+        return await asyncio.to_thread(training.card, job_id)
 
 
 @router.get(

@@ -1,5 +1,6 @@
-"""The real server, started as a user starts it (`python -m server.cli serve`), on the
-bundled Gemma 3 270M in NF4, on a loopback port."""
+"""The real server, started as a user starts it (`python -m server.cli serve`), on a
+bundled model in NF4, on a loopback port: Gemma 3 270M for most of these tests (the figures
+the README quotes were measured on it), SmolLM2-135M-Instruct (the default) for its own."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+GEMMA = "gemma3-270m"  # SWAPSERVE_BASE_MODEL of bundled_server
+SMOLLM2 = "smollm2-135m-instruct"
 
 
 class ServerProcess:
@@ -62,8 +65,22 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server on the bundled Gemma 3 270M."""
     data = tmp_path_factory.mktemp("bundled-data")
-    server = ServerProcess({"SWAPSERVE_DATA_DIR": str(data)}, data / "server.log")
+    env = {"SWAPSERVE_DATA_DIR": str(data), "SWAPSERVE_BASE_MODEL": GEMMA}
+    server = ServerProcess(env, data / "server.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server on the bundled SmolLM2-135M-Instruct (the default base)."""
+    data = tmp_path_factory.mktemp("smollm2-data")
+    env = {"SWAPSERVE_DATA_DIR": str(data), "SWAPSERVE_BASE_MODEL": SMOLLM2}
+    server = ServerProcess(env, data / "server.log")
     try:
         yield server.wait_ready()
     finally:

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter
+from tests.integration.conftest import GEMMA
 from trainer.base_model import resolve_base_model
 
 pytestmark = pytest.mark.integration
@@ -20,7 +21,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def bundled_adapters(tmp_path_factory):
-    config = json.loads((resolve_base_model(None) / "config.json").read_text())
+    config = json.loads((resolve_base_model(GEMMA) / "config.json").read_text())
     shapes = linear_shapes_from_config(config)
     root = tmp_path_factory.mktemp("bundled-adapters")
     return {

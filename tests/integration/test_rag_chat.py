@@ -78,9 +78,10 @@ def test_answer_cites_the_right_note(bundled_server, notes):
 
 
 def test_rag_with_an_adapter(bundled_server, notes, tmp_path):
+    from tests.integration.conftest import GEMMA
     from trainer.base_model import resolve_base_model
 
-    config = json.loads((resolve_base_model(None) / "config.json").read_text())
+    config = json.loads((resolve_base_model(GEMMA) / "config.json").read_text())
     # A tiny scale: the adapter changes the weights without drowning the model's language.
     path = random_lora_adapter(
         tmp_path / "styled", linear_shapes_from_config(config), r=8, scale=0.001

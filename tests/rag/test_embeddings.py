@@ -42,3 +42,25 @@ def test_count_tokens_sees_whole_long_text(real_embedder):
 def test_not_a_model_folder_is_refused(tmp_path):
     with pytest.raises(InvalidArgument, match="not a local sentence-transformers folder"):
         Embedder(tmp_path)
+
+
+def test_model_label_without_loading(tmp_path):
+    from rag.embeddings import model_label
+
+    assert model_label(None) == "all-MiniLM-L6-v2"
+    assert model_label(default_model_path()) == "all-MiniLM-L6-v2"
+    assert model_label(tmp_path / "my-embedder") == "my-embedder"
+
+
+def test_token_ids_embed_as_their_text(real_embedder):
+    """What /v1/embeddings' token arrays rely on: a text's own ids (special tokens left
+    out, then added by the embedder) give the text's vector, and are counted alike."""
+    texts = ["The reactor runs on frozen lemonade.", "Ünïcode and CAPS", "a"]
+    ids = [real_embedder.token_ids(t) for t in texts]
+    assert real_embedder.special_tokens == 2  # [CLS] and [SEP]
+    for t, i in zip(texts, ids, strict=True):
+        assert real_embedder.input_length(t) == len(i) + 2
+        assert all(0 <= x < real_embedder.vocab_size for x in i)
+    np.testing.assert_allclose(
+        real_embedder.embed_token_ids(ids), real_embedder.embed(texts), atol=1e-5
+    )

@@ -26,3 +26,29 @@ def test_env_prefix(monkeypatch):
     monkeypatch.setenv("SWAPSERVE_QUANTIZATION", "int3")
     with pytest.raises(ValidationError, match="quantization"):
         Settings()
+
+
+def test_vllm_engine_refuses_nf4_saying_what_to_change():
+    with pytest.raises(ValidationError, match="AWQ, GPTQ or compressed-tensors"):
+        Settings(engine="vllm", quantization="nf4")
+    with pytest.raises(ValidationError, match="SWAPSERVE_LM_HEAD"):
+        Settings(engine="vllm", lm_head="int8")
+    # nothing asked for: the vllm engine applies no quantization of its own
+    assert Settings(engine="vllm").quantization == "none"
+    assert Settings().quantization == "nf4"
+
+
+def test_parallel_settings_need_the_vllm_engine():
+    with pytest.raises(ValidationError, match="SWAPSERVE_ENGINE=vllm"):
+        Settings(tensor_parallel_size=2)
+    with pytest.raises(ValidationError, match="distributed_executor_backend=ray"):
+        Settings(distributed_executor_backend="ray")
+    s = Settings(engine="vllm", tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert (s.tensor_parallel_size, s.distributed_executor_backend) == (2, "ray")
+
+
+def test_vllm_engine_env(monkeypatch):
+    monkeypatch.setenv("SWAPSERVE_ENGINE", "vllm")
+    monkeypatch.setenv("SWAPSERVE_QUANTIZATION", "nf4")
+    with pytest.raises(ValidationError, match="quantization=nf4"):
+        Settings()

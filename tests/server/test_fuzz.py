@@ -11,8 +11,10 @@ other route is fuzzed: openai, adapters, rag, the rest of ab, train's reads, ops
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,15 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    positive_data_acceptance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.generation.modes import GenerationMode
 
 from tests.rag.fake_embedder import FakeEmbedder
@@ -68,6 +78,10 @@ def fuzz_server(tiny_model_path, tmp_path_factory) -> Iterator[LiveServer]:
         ):
             r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
             assert r.status_code in (200, 201), r.text
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            tf.add(adapter, arcname=ADAPTER)
+        server.fuzz_adapter = (adapter, buf.getvalue())  # type: ignore[attr-defined]
         yield server
         server.stop()
 
@@ -107,7 +121,22 @@ def openai_error_shape(ctx, response, case) -> bool | None:
     return True
 
 
-def steer(case, data: st.DataObject) -> None:
+# "no server error" and the schema-conformance checks: a schema-valid request is not
+# refused as malformed (400/422), an invalid one is, and every answer has a documented
+# status, content type, headers and body.
+CHECKS = [
+    not_a_server_error,
+    openai_error_shape,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+]
+
+
+def steer(case, data: st.DataObject, server: LiveServer) -> None:
     """Point most cases at things that exist. Random ids almost never name the base model,
     a collection or an adapter, so without this nearly every case would stop at a 404 and
     the code behind it (generation, retrieval, adapter use) would never be fuzzed."""
@@ -126,6 +155,16 @@ def steer(case, data: st.DataObject) -> None:
         rag["collection"] = COLLECTION
     if "lora_name" in body and data.draw(often):
         body["lora_name"] = ADAPTER
+    # What a schema cannot say: whether a folder on the server holds an adapter, or an
+    # upload's bytes are an archive of one. Schema-valid cases get a real one, or (paths)
+    # a path that does not exist, so that their refusals are about what the schema does say.
+    if case.meta is not None and case.meta.generation.mode.is_positive:
+        folder, archive = server.fuzz_adapter  # type: ignore[attr-defined]
+        if isinstance(body.get("file"), bytes | str):
+            body["file"] = archive
+        for key in ("path", "lora_path"):
+            if isinstance(body.get(key), str):
+                body[key] = data.draw(st.sampled_from([str(folder), "/nonexistent/adapter"]))
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
@@ -148,9 +187,9 @@ def test_openapi_fuzz(method: str, path: str, fuzz_server: LiveServer) -> None:
         suppress_health_check=list(HealthCheck),
     )
     def fuzz(case, data) -> None:
-        steer(case, data)
+        steer(case, data, fuzz_server)
         response = case.call(base_url=fuzz_server.url, timeout=60)
-        case.validate_response(response, checks=[not_a_server_error, openai_error_shape])
+        case.validate_response(response, checks=CHECKS)
         assert httpx.get(f"{fuzz_server.url}/health", timeout=10).status_code == 200
 
     fuzz()

@@ -40,7 +40,8 @@ def test_packed_lora_on_cuda_matches_peft_on_cpu(tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from server.engine.base import BASE_ADAPTER
-    from server.engine.lora import MultiLoRA, read_peft_lora
+    from server.engine.kinds.lora import read_peft_lora
+    from server.engine.multi_adapter import MultiAdapter
     from tests.tiny_model import build_lora_adapter
 
     paths = {
@@ -53,7 +54,7 @@ def test_packed_lora_on_cuda_matches_peft_on_cpu(tiny_model_path, tmp_path):
             base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
             ref[name] = PeftModel.from_pretrained(base, str(path)).eval()(ids).logits[0]
         model = AutoModelForCausalLM.from_pretrained(tiny_model_path).to("cuda").eval()
-        lora = MultiLoRA(model, torch.device("cuda"), torch.float32)
+        lora = MultiAdapter(model, torch.device("cuda"), torch.float32)
         for name, path in paths.items():
             lora.add(read_peft_lora(name, path))
         rows = ["g1", BASE_ADAPTER, "g2"]

@@ -4,7 +4,8 @@ A base model that never learned a chat template's end-of-turn token cannot be ta
 emit it by LoRA on the linear layers alone; training that token's embedding row does it.
 The engine applies such rows per row of the batch: the row's embedding of the token and,
 in a tied model, its logit for the token come from its own adapter. PEFT is the reference,
-row by row, on an untied and a tied model, with the trained tokens in the input.
+row by row, on an untied and a tied Gemma and a tied Llama (SmolLM2's architecture), with
+the trained tokens in the input.
 """
 
 from __future__ import annotations
@@ -16,22 +17,25 @@ import torch
 
 from server.adapter_validation import AdapterError, validate_adapter_dir
 from server.engine.base import BASE_ADAPTER
-from server.engine.lora import read_peft_lora
+from server.engine.kinds.lora import read_peft_lora
 from tests.support import load_causal_lm, model_with_adapters, multi_lora_logits
 from tests.tiny_model import build_lora_adapter, build_tiny_model
 
 ATOL = 1e-4
-END_OF_TURN, START_OF_TURN = 5, 4  # ids of the tiny tokenizer's special tokens
+# ids of the tiny tokenizers' turn markers: <end_of_turn>/<start_of_turn> in the Gemma one,
+# <|im_end|>/<|im_start|> in the Llama one
+END_OF_TURN, START_OF_TURN = 5, 4
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
+@pytest.fixture(scope="module", params=["gemma-untied", "gemma-tied", "llama-tied"])
 def setup(request, tmp_path_factory):
     """A tiny model (untied or tied), three adapters, and PEFT's logits for each."""
     from peft import PeftModel
 
     root = tmp_path_factory.mktemp(f"token-rows-{request.param}")
-    tied = request.param == "tied"
-    model_path = build_tiny_model(root / "model", tie_word_embeddings=tied)
+    arch, ties = request.param.split("-")
+    tied = ties == "tied"
+    model_path = build_tiny_model(root / "model", tie_word_embeddings=tied, arch=arch)
     adapters = {
         "eot": build_lora_adapter(
             model_path, root / "eot", r=4, seed=1, trainable_token_indices=[END_OF_TURN]
@@ -84,17 +88,19 @@ def test_removing_a_token_adapter_restores_the_base_rows(setup):
 
 
 def _validate(path: Path, model_path: Path):
-    from server.engine.hf import _linear_shapes, _token_modules
+    from server.engine.hf import _float_params, _linear_shapes, _token_modules
+    from server.engine.kinds.base import BaseModelShape
 
     model = load_causal_lm(model_path)
-    return validate_adapter_dir(
-        path,
-        base_linear_shapes=_linear_shapes(model),
-        base_names={model_path.name},
-        max_rank=64,
-        max_bytes=10**8,
-        base_token_modules=_token_modules(model),
+    base = BaseModelShape(
+        linear=_linear_shapes(model),
+        token_modules=_token_modules(model),
+        params=_float_params(model),
+        hidden_size=64,
+        num_layers=2,
+        names=frozenset({model_path.name}),
     )
+    return validate_adapter_dir(path, base=base, max_rank=64, max_bytes=10**8)
 
 
 def test_validation_reports_trained_tokens_and_refuses_bad_rows(setup, tmp_path):

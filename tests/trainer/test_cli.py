@@ -35,6 +35,19 @@ def test_flags_map_onto_the_job_config(tmp_path):
     assert config.use_rslora is False  # not given: the config default
 
 
+def test_base_defaults_to_the_servers(monkeypatch, tmp_path):
+    """--base, then the config file, then SWAPSERVE_BASE_MODEL (what the server serves)."""
+    argv = ["train", "sft", "--data", "d.jsonl", "--name", "n"]
+    monkeypatch.delenv("SWAPSERVE_BASE_MODEL", raising=False)
+    assert cli.config_from_args(parse(argv)).base_model is None  # the default bundled model
+    monkeypatch.setenv("SWAPSERVE_BASE_MODEL", "gemma3-270m")
+    assert cli.config_from_args(parse(argv)).base_model == "gemma3-270m"
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({"base_model": "/models/a"}))
+    assert cli.config_from_args(parse([*argv, "--config", str(cfg_file)])).base_model == "/models/a"
+    assert cli.config_from_args(parse([*argv, "--base", "/models/b"])).base_model == "/models/b"
+
+
 def test_default_output_root(monkeypatch, tmp_path):
     monkeypatch.setenv("SWAPSERVE_DATA_DIR", str(tmp_path))
     assert cli.default_data_dir() == tmp_path

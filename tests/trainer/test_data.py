@@ -44,7 +44,13 @@ def test_good_chat_file_loads_with_hash_and_counts(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"messages": [S, U, A, U, A]}, ""])
     data = load_jsonl(path, "sft")
     assert data.format == "chat"
-    assert data.counts() == {"examples": 2, "lines": 2, "format": "chat"}
+    assert data.counts() == {
+        "examples": 2,
+        "lines": 2,
+        "format": "chat",
+        "assistant_turns": 3,
+        "with_tools": 0,
+    }
     assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == dataset_hash(path)
     assert [e.line for e in data.examples] == [1, 2]
 

@@ -135,4 +135,8 @@ def test_kto_data_and_config_checks(tmp_path, sft_data):
     with pytest.raises(ConfigError) as err:
         KTOJobConfig(undesirable_weight=0)
     assert err.value.field == "undesirable_weight"
-    assert KTOJobConfig().learning_rate == pytest.approx(5e-5)  # a quarter of LoRA's 2e-4
+    # left to trainer.defaults: the method table's rate times KTO's LR_SCALE
+    from trainer.defaults import learning_rate_for
+
+    assert KTOJobConfig().learning_rate is None
+    assert learning_rate_for("qlora", "kto", 1000)[0] == pytest.approx(5e-5)  # 2e-4 / 4

@@ -124,15 +124,18 @@ def test_experiment_cancel_and_restart_marks_interrupted(server, tmp_path):
         },
     )
     exp_id = r.json()["id"]
+    # no max_tokens anywhere: both arms answer within the references' budget
+    assert r.json()["budget"]["arms"] == ["b", "t"]
+    assert [a["max_tokens"] for a in r.json()["arms"]] == [r.json()["budget"]["max_tokens"]] * 2
     r = httpx.delete(f"{server.url}/ab/experiments/{exp_id}")
     assert r.status_code == 200
     assert wait(server, exp_id)["status"] == "cancelled"
     # a record left "running" by a dead server comes back as interrupted
     record = server.app.state.ab_experiments.records[exp_id]
     stale = {**record, "id": "abx-stale", "status": "running"}
-    svc = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="base")  # type: ignore[arg-type]
+    svc = ExperimentService(tmp_path, serving=None, check_arm=None, base_model="base")  # type: ignore[arg-type]
     svc._save(stale)
-    svc2 = ExperimentService(tmp_path, serving=None, prepare=None, check_arm=None, base_model="b")  # type: ignore[arg-type]
+    svc2 = ExperimentService(tmp_path, serving=None, check_arm=None, base_model="b")  # type: ignore[arg-type]
     svc2.recover()
     assert svc2.records["abx-stale"]["status"] == "interrupted"
 

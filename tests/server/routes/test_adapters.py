@@ -399,7 +399,9 @@ def test_taken_and_unsafe_names(server, adapters, unchanged):
 
 
 def test_not_a_folder(server, tmp_path, unchanged):
-    assert_refused(server, register(server, "bad", tmp_path / "nowhere"), 400, "invalid_path")
+    assert_refused(server, register(server, "bad", tmp_path / "nowhere"), 404, "path_not_found")
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_refused(server, register(server, "bad", tmp_path / "a-file"), 400, "invalid_path")
 
 
 def test_unsafe_archives(server, adapters, tmp_path, unchanged):

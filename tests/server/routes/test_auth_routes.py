@@ -32,6 +32,7 @@ EXPECTED = {
     "/v1/chat/completions": INFERENCE,
     "/v1/completions": INFERENCE,
     "/v1/models": INFERENCE,
+    "/v1/embeddings": INFERENCE,
     "/adapters": ADMIN,
     "/adapters/{name}": ADMIN,
     "/v1/load_lora_adapter": ADMIN,
@@ -128,7 +129,10 @@ def test_openai_client_with_an_inference_key(server):
     assert r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens >= 1
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["base", "a", "b"]
+    assert ids == ["base", "all-MiniLM-L6-v2", "a", "b"]
+    # /v1/embeddings is an inference route too
+    embedded = client.embeddings.create(model="all-MiniLM-L6-v2", input="Hello world")
+    assert len(embedded.data[0].embedding) == 384
 
 
 def test_openai_client_without_or_with_a_wrong_key_gets_401(server, caplog):
@@ -227,7 +231,8 @@ def test_metrics_need_admin_and_probes_stay_open(server):
 
 def test_allow_list_limits_models_and_hides_the_rest(server):
     client = server.openai(api_key=server.limited_key)
-    assert [m.id for m in client.models.list().data] == ["base", "a"]
+    # the base and the embedder serve every key; adapters only those on its list
+    assert [m.id for m in client.models.list().data] == ["base", "all-MiniLM-L6-v2", "a"]
     r = client.completions.create(model="a", prompt="Hello", max_tokens=2)
     assert r.model == "a"
     assert client.completions.create(model="base", prompt="Hello", max_tokens=2).model == "base"

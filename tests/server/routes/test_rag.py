@@ -241,8 +241,9 @@ def md(name: str, data: bytes):
 
 
 REFUSED = {
-    "empty text": ({"json": {"documents": [DOCS[0], {"id": "e", "text": ""}]}}, 422, "text"),
-    "blank text": ({"json": {"documents": [{"id": "b", "text": "  \n "}]}}, 422, "text"),
+    # the schema says text is not blank: a 400 naming the document (a blank *file* is a 422)
+    "empty text": ({"json": {"documents": [DOCS[0], {"id": "e", "text": ""}]}}, 400, "documents.1.text"),
+    "blank text": ({"json": {"documents": [{"id": "b", "text": "  \n "}]}}, 400, "documents.0.text"),
     "no documents": ({"json": {"documents": []}}, 400, "documents"),
     "missing text": ({"json": {"documents": [{"id": "x"}]}}, 400, "documents.0.text"),
     "unknown field": ({"json": {"documents": [{"text": "hi", "body": "x"}]}}, 400, "documents.0.body"),

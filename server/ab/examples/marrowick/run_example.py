@@ -1,7 +1,8 @@
 """The A/B example end to end: retrieval vs fine-tuning vs both, on knowledge no model has seen.
 
 Marrowick is an invented island (kb/: 12 short Markdown notes). The script, on the bundled
-Gemma 3 270M (NF4) and nothing else:
+Gemma 3 270M (NF4) and nothing else (SWAPSERVE_BASE_MODEL names another base, e.g.
+smollm2-135m-instruct; the results/ here are Gemma's):
 
 1. ingests kb/ into a collection             `swapserve rag ingest marrowick kb/*.md --create`
 2. builds RAFT data from train_questions.jsonl `swapserve rag raft marrowick ...`
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "SWAPSERVE_DATA_DIR": str(data_dir),
+        # the trainer and the server read it: the adapter is trained on the base it is served on
+        "SWAPSERVE_BASE_MODEL": os.environ.get("SWAPSERVE_BASE_MODEL") or "gemma3-270m",
     }
     log(f"working in {work}")
     timings: dict[str, float] = {}

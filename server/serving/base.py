@@ -1,4 +1,11 @@
-"""OpenAI chat and completions on top of an Engine: validation, prompts, responses, SSE.
+"""The serving layer's shared base: what chat and completions (and, next, embeddings) have
+in common on top of an Engine.
+
+vLLM keeps `serving_chat`, `serving_completion` and `serving_embedding` side by side over
+one base class; so does this package. Request preparation (A/B split routing, retrieval,
+validation, the prompt's token ids) lives here and in its siblings, not in the routes: a
+route parses the body, calls `prepare`, then `create` or `stream`, and the A/B experiment
+runner calls the very same methods.
 
 No torch here: prompts become token ids through the engine, and outputs come back as
 plain `GenerationOutput`s.
@@ -11,42 +18,40 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server import request_fields
 from server.adapter_validation import AdapterError
+from server.auth import require_collection
 from server.engine.base import Engine, EngineError, GenerationOutput, GenerationRequest
 from server.engine.base import SamplingParams as EngineSampling
 from server.errors import APIError, error_body, from_engine_error
 from server.metrics import ServerMetrics
 from server.protocol import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Citation,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    DeltaMessage,
-    ResponseMessage,
+    RAGOptions,
     SamplingFields,
     Usage,
     new_id,
     now,
 )
 
+if TYPE_CHECKING:
+    from server.retrieval import RetrievalService
+
 logger = logging.getLogger(__name__)
 
 ModelResolver = Callable[[str], str | None]  # model id -> adapter name (None = base)
 # adapter name (None = base) -> pins it for one request, yields the engine's name for it
 AdapterLease = Callable[[str | None], AbstractAsyncContextManager[str | None]]
+
+# `model: "ab:<split>"` names an online A/B split, not a model (server/ab/splits.py)
+AB_PREFIX = "ab:"
 
 
 @contextlib.asynccontextmanager
@@ -72,6 +77,24 @@ class Prepared:
     ab_arm: str | None = None
     on_complete: Callable[[str], None] | None = None
 
+    @property
+    def n_choices(self) -> int:
+        return len(self.prompts) * self.sampling.n
+
+
+class Routed(Protocol):
+    """A request rewritten to one A/B arm (server/ab/splits.py's Routed)."""
+
+    request: Any
+
+    def attach(self, prep: Prepared) -> None: ...
+
+
+class SplitRouter(Protocol):
+    """What serving needs of the online A/B splits: `ab:<split>` -> one arm's request."""
+
+    def route(self, body: Any) -> Routed: ...
+
 
 class AbortFlag(Protocol):
     """What serving needs of the shutdown's abort flag (server/drain.py's Flag)."""
@@ -89,33 +112,67 @@ class GenerationAborted(Exception):
 ABORT = "abort"
 
 
-class OpenAIServing:
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        resolve_model: ModelResolver,
-        metrics: ServerMetrics,
-        max_model_len: int,
-        default_max_tokens: int,
-        max_n: int,
-        request_timeout_s: float,
-        lease: AdapterLease = _no_adapters,
-        abort: AbortFlag | None = None,
-    ):
-        self.engine = engine
-        # set at the end of the shutdown grace (server/drain.py): running generations end
-        # with finish_reason "abort"
-        self.abort = abort
-        self.lease = lease
-        self.resolve_model = resolve_model
-        self.metrics = metrics
-        self.max_model_len = max_model_len
-        self.default_max_tokens = default_max_tokens
-        self.max_n = max_n
-        self.request_timeout_s = request_timeout_s
+@dataclass
+class ServingContext:
+    """What every serving class shares: the engine, the model and adapter lookups, limits,
+    and the request-time services (retrieval, A/B splits) a request may call on."""
 
-    # --- validation -------------------------------------------------------------------------
+    engine: Engine
+    resolve_model: ModelResolver
+    metrics: ServerMetrics
+    max_model_len: int
+    default_max_tokens: int
+    max_n: int
+    request_timeout_s: float
+    lease: AdapterLease = _no_adapters
+    # set at the end of the shutdown grace (server/drain.py): running generations end
+    # with finish_reason "abort"
+    abort: AbortFlag | None = None
+    retrieval: RetrievalService | None = None
+    splits: SplitRouter | None = None
+    # positions of the context an adapter takes before every prompt (virtual tokens)
+    context_tokens: Callable[[str | None], int] = lambda adapter: 0
+
+
+class ServingBase:
+    """Validation, the engine run, usage and metrics, and the SSE skeleton; the endpoint
+    classes (chat.py, completion.py) add their preparation and response shapes."""
+
+    endpoint = ""  # the metrics' endpoint label
+    id_prefix = ""  # response ids: <prefix>-<hex>
+    chunk_object = ""  # `object` of a streamed chunk
+
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.metrics = ctx.metrics
+
+    def resolve_model(self, model: str) -> str | None:
+        return self.ctx.resolve_model(model)
+
+    # --- preparation shared by the endpoints ---------------------------------------------
+
+    def _route_split(self, body: Any) -> tuple[Any, Routed | None]:
+        """`ab:<split>` -> one arm's model (and its `rag`), before anything else looks at it."""
+        splits = self.ctx.splits
+        if splits is None or not body.model.startswith(AB_PREFIX):
+            return body, None
+        routed = splits.route(body)
+        return routed.request, routed
+
+    def _retrieval(self, body: ChatCompletionRequest | CompletionRequest) -> RetrievalService:
+        """Checks made before any retrieval: the model first, so an unknown model costs no
+        embedding; then the key's allow-list for the collection."""
+        assert body.rag is not None
+        self.resolve_model(body.model)
+        try:
+            require_collection(body.rag.collection)
+        except APIError as exc:
+            exc.param = "rag.collection"
+            raise
+        if self.ctx.retrieval is None:
+            raise APIError(400, "retrieval is not enabled on this server", param="rag")
+        return self.ctx.retrieval
 
     def _check_common(self, req: SamplingFields) -> str | None:
         if req.unknown_fields:
@@ -130,21 +187,27 @@ class OpenAIServing:
         )
         if refused is not None:
             raise APIError(400, refused.reason, param=refused.name, code="unsupported_field")
-        if req.n > self.max_n:
-            raise APIError(400, f"n must be at most {self.max_n}", param="n")
+        if req.n > self.ctx.max_n:
+            raise APIError(400, f"n must be at most {self.ctx.max_n}", param="n")
         if req.stream_options is not None and not req.stream:
             raise APIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
         return self.resolve_model(req.model)
 
-    def _sampling(self, req: SamplingFields, prompt_tokens: int, param: str) -> EngineSampling:
-        room = self.max_model_len - prompt_tokens
+    def _sampling(
+        self, req: SamplingFields, prompt_tokens: int, param: str, adapter: str | None = None
+    ) -> EngineSampling:
+        max_model_len = self.ctx.max_model_len
+        reserved = self.ctx.context_tokens(adapter) if adapter else 0
+        room = max_model_len - prompt_tokens - reserved
+        # the adapter's virtual tokens count as prompt: the model sees them as such
+        also = f" (and the adapter adds {reserved} virtual tokens)" if reserved else ""
         if room < 1:
             raise APIError(
                 400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your prompt has {prompt_tokens} tokens. Please shorten it.",
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"your prompt has {prompt_tokens} tokens{also}. Please shorten it.",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -154,16 +217,17 @@ class OpenAIServing:
             if req.max_tokens > room:
                 raise APIError(
                     400,
-                    f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, you requested {prompt_tokens + req.max_tokens} tokens "
-                    f"({prompt_tokens} in the prompt, {req.max_tokens} for the completion). "
+                    f"This model's maximum context length is {max_model_len} tokens. "
+                    f"However, you requested {prompt_tokens + reserved + req.max_tokens} tokens "
+                    f"({prompt_tokens} in the prompt{also}, {req.max_tokens} for the "
+                    "completion). "
                     "Please reduce the prompt or max_tokens.",
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
             max_tokens = req.max_tokens
         else:
-            max_tokens = min(self.default_max_tokens, room)
+            max_tokens = min(self.ctx.default_max_tokens, room)
         return EngineSampling(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -176,56 +240,6 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
         )
 
-    def prepare_chat(
-        self, req: ChatCompletionRequest, messages: list[dict[str, str]] | None = None
-    ) -> Prepared:
-        adapter = self._check_common(req)
-        if not req.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        if messages is None:
-            messages = chat_messages(req)
-        try:
-            prompt = self.engine.render_chat(messages)
-        except Exception as exc:  # a template that rejects the conversation
-            raise APIError(400, f"cannot format these messages: {exc}", param="messages") from exc
-        ids = self.engine.tokenize(prompt)
-        return Prepared(
-            model=req.model,
-            adapter=adapter,
-            prompts=[ids],
-            sampling=self._sampling(req, len(ids), "messages"),
-        )
-
-    def prepare_completion(
-        self, req: CompletionRequest, prompt_override: str | None = None
-    ) -> Prepared:
-        adapter = self._check_common(req)
-        prompts = completion_prompts(req.prompt)
-        if prompt_override is not None:
-            prompts = [prompt_override]
-        token_lists: list[list[int]] = []
-        vocab = self.engine.info.vocab_size
-        for p in prompts:
-            ids = self.engine.tokenize(p) if isinstance(p, str) else p
-            if not ids:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            if not isinstance(p, str) and vocab is not None:
-                bad = next((t for t in ids if not 0 <= t < vocab), None)
-                if bad is not None:
-                    # caught here: in the model it would fail the whole batch's step
-                    raise APIError(
-                        400,
-                        f"prompt holds token id {bad}, outside this model's vocabulary "
-                        f"(0 to {vocab - 1})",
-                        param="prompt",
-                    )
-            token_lists.append(ids)
-        longest = max(len(t) for t in token_lists)
-        sampling = self._sampling(req, longest, "prompt")
-        if len(token_lists) * req.n > self.max_n:
-            raise APIError(400, f"prompts x n must be at most {self.max_n}", param="prompt")
-        return Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)
-
     # --- running ----------------------------------------------------------------------------
 
     async def _outputs(self, prep: Prepared) -> AsyncIterator[GenerationOutput]:
@@ -234,11 +248,12 @@ class OpenAIServing:
         Raises GenerationAborted when `abort` is set (the server's shutdown grace is over);
         the engine's requests are cancelled and the adapter released before it does."""
         gen = self._leased_outputs(prep)
-        if self.abort is None:
+        abort = self.ctx.abort
+        if abort is None:
             async for out in gen:
                 yield out
             return
-        cut = asyncio.ensure_future(self.abort.wait())
+        cut = asyncio.ensure_future(abort.wait())
         step: asyncio.Future[GenerationOutput] | None = None
         try:
             while True:
@@ -260,7 +275,7 @@ class OpenAIServing:
             await gen.aclose()
 
     async def _leased_outputs(self, prep: Prepared) -> AsyncGenerator[GenerationOutput, None]:
-        async with self.lease(prep.adapter) as engine_adapter:
+        async with self.ctx.lease(prep.adapter) as engine_adapter:
             async for out in self._engine_outputs(prep, engine_adapter):
                 yield out
 
@@ -275,7 +290,7 @@ class OpenAIServing:
                     prompt_token_ids=ids,
                     sampling=prep.sampling,
                     adapter=engine_adapter,
-                    timeout_s=self.request_timeout_s,
+                    timeout_s=self.ctx.request_timeout_s,
                 )
             )
             for ids in prep.prompts
@@ -313,7 +328,6 @@ class OpenAIServing:
     def _observe(
         self,
         prep: Prepared,
-        endpoint: str,
         prompt_tokens: int,
         completion: int,
         first_token_at: float | None,
@@ -321,7 +335,7 @@ class OpenAIServing:
     ) -> None:
         label = prep.model
         m = self.metrics
-        m.requests.labels(label, endpoint, outcome).inc()
+        m.requests.labels(label, self.endpoint, outcome).inc()
         m.prompt_tokens.labels(label).inc(prompt_tokens)
         m.completion_tokens.labels(label).inc(completion)
         end = time.monotonic()
@@ -331,9 +345,15 @@ class OpenAIServing:
             if completion > 1 and end > first_token_at:
                 m.tokens_per_second.labels(label).observe((completion - 1) / (end - first_token_at))
 
-    async def collect(
-        self, prep: Prepared, endpoint: str
-    ) -> tuple[dict[int, str], dict[int, str], Usage]:
+    def _usage(self, prep: Prepared, completion: int) -> Usage:
+        prompt_tokens = sum(len(p) for p in prep.prompts)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+        )
+
+    async def collect(self, prep: Prepared) -> tuple[dict[int, str], dict[int, str], Usage]:
         """Run to completion: text and finish reason per choice, and usage."""
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
@@ -348,120 +368,53 @@ class OpenAIServing:
                 if out.finish_reason is not None:
                     finish[out.index] = out.finish_reason
         except EngineError as exc:
-            self._observe(prep, endpoint, 0, sum(tokens.values()), first, "error")
+            self._observe(prep, 0, sum(tokens.values()), first, "error")
             raise from_engine_error(exc) from exc
         except GenerationAborted:
             # the text so far, marked as cut: the caller gets an answer, not an error
-            for i in range(len(prep.prompts) * prep.sampling.n):
+            for i in range(prep.n_choices):
                 finish.setdefault(i, ABORT)
             outcome = "aborted"
         else:
             outcome = "ok"
-        completion = sum(tokens.values())
-        prompt_tokens = sum(len(p) for p in prep.prompts)
-        self._observe(prep, endpoint, prompt_tokens, completion, first, outcome)
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=prompt_tokens + completion,
-        )
+        usage = self._usage(prep, sum(tokens.values()))
+        self._observe(prep, usage.prompt_tokens, usage.completion_tokens, first, outcome)
         return {i: "".join(t) for i, t in texts.items()}, finish, usage
 
-    async def chat(self, prep: Prepared) -> ChatCompletion:
-        texts, finish, usage = await self.collect(prep, "chat")
-        if prep.on_complete is not None and ABORT not in finish.values():
-            prep.on_complete(texts.get(0, ""))
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ResponseMessage(content=texts.get(i, "")),
-                finish_reason=finish.get(i, "length"),  # type: ignore[arg-type]
-            )
-            for i in range(len(prep.prompts) * prep.sampling.n)
-        ]
-        return ChatCompletion(
-            id=prep.response_id or new_id("chatcmpl"),
-            created=now(),
-            model=prep.model,
-            choices=choices,
-            usage=usage,
-            citations=prep.citations,
-            ab_arm=prep.ab_arm,
-        )
+    # --- streaming ----------------------------------------------------------------------------
 
-    async def completion(self, prep: Prepared) -> Completion:
-        texts, finish, usage = await self.collect(prep, "completions")
-        if prep.on_complete is not None:
-            prep.on_complete(texts.get(0, ""))
-        choices = [
-            CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=finish.get(i, "length"))  # type: ignore[arg-type]
-            for i in range(len(prep.prompts) * prep.sampling.n)
-        ]
-        return Completion(
-            id=prep.response_id or new_id("cmpl"),
-            created=now(),
-            model=prep.model,
-            choices=choices,
-            usage=usage,
-            citations=prep.citations,
-            ab_arm=prep.ab_arm,
-        )
+    def _opening_chunks(self, prep: Prepared, rid: str, created: int) -> Iterator[dict[str, Any]]:
+        """Chunks sent before any token (chat: the role of each choice)."""
+        return iter(())
 
-    async def stream(
-        self, prep: Prepared, *, chat: bool, include_usage: bool
-    ) -> AsyncIterator[str]:
+    def _text_chunk(
+        self, prep: Prepared, rid: str, created: int, index: int, text: str, finish: str | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _end_chunk(
+        self, prep: Prepared, rid: str, created: int, index: int, finish: str
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _extensions(self, prep: Prepared, data: dict[str, Any]) -> dict[str, Any]:
+        """swapserve's fields on a chunk: `ab_arm` only on A/B traffic."""
+        if prep.ab_arm is not None:
+            data["ab_arm"] = prep.ab_arm
+        return data
+
+    async def stream(self, prep: Prepared, *, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events, OpenAI style, ending with `data: [DONE]`."""
-        rid = prep.response_id or new_id("chatcmpl" if chat else "cmpl")
+        rid = prep.response_id or new_id(self.id_prefix)
         created = now()
-        endpoint = "chat" if chat else "completions"
         first: float | None = None
-        n_choices = len(prep.prompts) * prep.sampling.n
         outcome = "cancelled"
         answer: list[str] = []  # choice 0's text, kept only for prep.on_complete
         finished: set[int] = set()
         tokens: dict[int, int] = {}  # completion tokens so far, per choice
-
-        def chunk(
-            index: int,
-            text: str | None,
-            finish: str | None,
-            role: bool = False,
-            citations: list[Citation] | None = None,
-        ) -> str:
-            body: BaseModel
-            if chat:
-                delta = DeltaMessage(role="assistant" if role else None, content=text)
-                body = ChatCompletionChunk(
-                    id=rid,
-                    created=created,
-                    model=prep.model,
-                    choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-                )
-            else:
-                body = Completion(
-                    id=rid,
-                    created=created,
-                    model=prep.model,
-                    choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)],  # type: ignore[arg-type]
-                )
-            data = body.model_dump(exclude_none=False, exclude={"citations", "ab_arm"})
-            if citations is not None:
-                data["citations"] = [c.model_dump() for c in citations]
-            if prep.ab_arm is not None:  # only A/B traffic carries the extension field
-                data["ab_arm"] = prep.ab_arm
-            return _sse(data)
-
         try:
-            # Citations ride on the FIRST chunk, a normal chunk of the normal object type,
-            # so clients that know nothing of them parse the stream unchanged (a separate
-            # event type breaks SDKs that parse every event as a chunk). Chat: the role
-            # chunk of choice 0; completions: an empty text chunk sent before any token.
-            if chat:
-                for i in range(n_choices):
-                    first_citations = prep.citations if i == 0 else None
-                    yield chunk(i, "", None, role=True, citations=first_citations)
-            elif prep.citations is not None:
-                yield chunk(0, "", None, citations=prep.citations)
+            for data in self._opening_chunks(prep, rid, created):
+                yield sse(data)
             aborted = False
             try:
                 async for out in self._outputs(prep):
@@ -471,30 +424,23 @@ class OpenAIServing:
                     if out.text:
                         if prep.on_complete is not None and out.index == 0:
                             answer.append(out.text)
-                        yield chunk(out.index, out.text, None)
+                        yield sse(self._text_chunk(prep, rid, created, out.index, out.text, None))
                     if out.finish_reason is not None:
                         finished.add(out.index)
-                        yield chunk(out.index, None if chat else "", out.finish_reason)
+                        yield sse(self._end_chunk(prep, rid, created, out.index, out.finish_reason))
             except GenerationAborted:
                 # Cut by the server's shutdown: each unfinished choice gets a final chunk
                 # that says so, then usage and [DONE] as usual: the stream ends, not torn.
                 aborted = True
-                for i in range(n_choices):
+                for i in range(prep.n_choices):
                     if i not in finished:
-                        yield chunk(i, None if chat else "", ABORT)
-            completion = sum(tokens.values())
-            prompt_tokens = sum(len(p) for p in prep.prompts)
+                        yield sse(self._end_chunk(prep, rid, created, i, ABORT))
             if include_usage:
-                usage = Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion,
-                    total_tokens=prompt_tokens + completion,
-                )
-                obj = "chat.completion.chunk" if chat else "text_completion"
-                yield _sse(
+                usage = self._usage(prep, sum(tokens.values()))
+                yield sse(
                     {
                         "id": rid,
-                        "object": obj,
+                        "object": self.chunk_object,
                         "created": created,
                         "model": prep.model,
                         "choices": [],
@@ -508,58 +454,40 @@ class OpenAIServing:
         except EngineError as exc:
             outcome = "error"
             err = from_engine_error(exc)
-            yield _sse(error_body(err.status, err.message, err.param, err.code))
+            yield sse(error_body(err.status, err.message, err.param, err.code))
             yield "data: [DONE]\n\n"
         except AdapterError as exc:  # e.g. unregistered while this request waited
             outcome = "error"
-            yield _sse(error_body(exc.status, exc.message, exc.param, exc.code))
+            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
             yield "data: [DONE]\n\n"
         except Exception:
             # a bug, not the caller's fault: still an ending the client can parse (the
             # response has started, so a 500 status can no longer be sent)
             outcome = "error"
             logger.exception("streamed generation failed")
-            yield _sse(error_body(500, "internal server error", None, "internal_error"))
+            yield sse(error_body(500, "internal server error", None, "internal_error"))
             yield "data: [DONE]\n\n"
         finally:
             self._observe(
-                prep,
-                endpoint,
-                sum(len(p) for p in prep.prompts),
-                sum(tokens.values()),
-                first,
-                outcome,
+                prep, sum(len(p) for p in prep.prompts), sum(tokens.values()), first, outcome
             )
 
 
-def _sse(obj: dict[str, Any]) -> str:
+def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    for i, message in enumerate(req.messages):
-        try:
-            text = message.text()
-        except ValueError as exc:
-            raise APIError(400, str(exc), param=f"messages.{i}.content") from exc
-        if (message.model_extra or {}).get("tool_calls"):
-            raise APIError(
-                400,
-                "assistant messages with tool_calls are not supported by this server yet",
-                param=f"messages.{i}.tool_calls",
-                code="unsupported_field",
-            )
-        role = {"developer": "system", "tool": "user"}.get(message.role, message.role)
-        out.append({"role": role, "content": text})
-    return out
-
-
-def completion_prompts(prompt: Any) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return list(prompt)
+@contextlib.contextmanager
+def passages_hint(opts: RAGOptions | None, citations: list[Citation] | None) -> Iterator[None]:
+    """A prompt over the context window because of retrieved passages: say so, or the
+    caller is told to shorten a prompt that they did not write."""
+    try:
+        yield
+    except APIError as exc:
+        if opts is None or not citations or exc.code != "context_length_exceeded":
+            raise
+        exc.message += (
+            f" The prompt includes {len(citations)} retrieved passages: lower rag.top_k "
+            "or max_tokens."
+        )
+        raise
