@@ -61,7 +61,7 @@ class CompareService:
             raise JobNotFound(f"no comparison {cmp_id!r}")
         return json.loads(path.read_text())
 
-    def list(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         if not self.root.is_dir():
             return []
         out = []

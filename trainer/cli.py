@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return train
 
 
-def field_flags(p: argparse.ArgumentParser, config_cls: Any, skip: set[str] = frozenset()) -> None:
+def field_flags(p: argparse.ArgumentParser, config_cls: Any, skip: Collection[str] = ()) -> None:
     """One flag per config field (dest = the field name), typed from its annotation."""
     from trainer.methods import method_names
 

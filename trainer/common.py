@@ -155,7 +155,9 @@ def load_base(config: JobConfig, base: LoadedBaseModel | None) -> LoadedBaseMode
             )
         return base
     return load_base_model(
-        config.base_model, quantization=config.quantization, device=config.device
+        config.base_model,
+        quantization=config.quantization,  # type: ignore[arg-type]  # resolved by the method
+        device=config.device,
     )
 
 

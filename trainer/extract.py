@@ -116,7 +116,7 @@ def extract_lora(reference: Any, trained: Any, config: Any) -> tuple[dict[str, A
     peft_model = get_peft_model(reference, lora)
     with torch.no_grad():
         for path, (a, b) in factors.items():
-            layer = peft_model.base_model.model.get_submodule(path)
+            layer: Any = peft_model.base_model.model.get_submodule(path)  # type: ignore[union-attr]
             layer.lora_A["default"].weight.copy_(a)  # (r, in)
             layer.lora_B["default"].weight.copy_(b)  # (out, r)
     peft_model.requires_grad_(False)

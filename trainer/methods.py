@@ -189,7 +189,7 @@ def _lora_peft(config: JobConfig, base: BaseStructure, tokens: TrainableTokens |
 
     return LoraConfig(
         r=config.r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # a float scales as well
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         use_rslora=config.use_rslora,

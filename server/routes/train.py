@@ -332,7 +332,7 @@ async def compare_methods(
 
 @router.get("/compare", response_model=TrainCompareList)
 async def list_comparisons(training: TrainingDep) -> dict[str, Any]:
-    records = await asyncio.to_thread(training.compare.list)
+    records = await asyncio.to_thread(training.compare.records)
     return {"object": "list", "data": [training.compare.view(r) for r in records]}
 
 

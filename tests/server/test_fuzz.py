@@ -3,7 +3,7 @@ uvicorn on a loopback port, tiny model, no API keys so that inputs reach the han
 rather than stopping at 401). Rules: no 5xx, every 4xx in the OpenAI error shape, and
 /health still answers after every case.
 
-Left out on purpose: POST /train/sft and /train/dpo (a valid body starts a real training
+Left out on purpose: POST /train/<objective> and /train/compare (a valid body starts real training
 process) and POST /ab/experiments (a valid body starts a background run of generations);
 their validation is covered by tests/server/routes/test_train.py and test_ab.py. Every
 other route is fuzzed: openai, adapters, rag, the rest of ab, train's reads, ops.
@@ -38,6 +38,7 @@ from schemathesis.generation.modes import GenerationMode
 from tests.rag.fake_embedder import FakeEmbedder
 from tests.support import LiveServer, start_live_server
 from tests.tiny_model import build_lora_adapter
+from trainer.objectives import objective_names
 
 # Examples per operation: the whole run stays around a minute on 2 shared cores. The
 # generating routes get fewer (each valid case decodes up to max_model_len tokens).
@@ -46,7 +47,12 @@ EXAMPLES = int(os.environ.get("SWAPSERVE_FUZZ_EXAMPLES", "6"))
 GENERATING_EXAMPLES = min(EXAMPLES, 4) if "SWAPSERVE_FUZZ_EXAMPLES" not in os.environ else EXAMPLES
 GENERATING = {"/v1/chat/completions", "/v1/completions"}
 COLLECTION, ADAPTER, SPLIT = "kb", "fz", "sp"
-EXCLUDED = [("POST", "/train/sft"), ("POST", "/train/dpo"), ("POST", "/ab/experiments")]
+# every objective's job route (sft, dpo, orpo, kto) and the method comparison
+EXCLUDED = [
+    *(("POST", f"/train/{kind}") for kind in objective_names()),
+    ("POST", "/train/compare"),
+    ("POST", "/ab/experiments"),
+]
 
 
 @pytest.fixture(scope="module")
