@@ -39,7 +39,7 @@ import openai  # noqa: E402
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
 from loadtests._server import free_port  # noqa: E402
-from trainer.base_model import resolve_base_model  # noqa: E402
+from trainer.base_model import bundled_model_id, resolve_base_model  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 MAX_MODEL_LEN = 1024
@@ -228,13 +228,15 @@ def main() -> None:
     args = parser.parse_args()
     targets = args.targets.split(",")
     model = resolve_base_model(None)  # the bundled model, converted once
+    base_name = bundled_model_id(model) or model.name
     config = json.loads((model / "config.json").read_text())
     shapes = linear_shapes_from_config(config.get("text_config", config))
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     paths = [
-        random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i) for i in range(args.streams)
+        random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i, base_name=base_name)
+        for i in range(args.streams)
     ]
-    random_lora_adapter(work / "fresh", shapes, r=16, seed=99)
+    random_lora_adapter(work / "fresh", shapes, r=16, seed=99, base_name=base_name)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     for target in targets:
@@ -251,7 +253,7 @@ def main() -> None:
         ("POST adapter to first token, s", "register_to_first_token_s", "{:.2f}"),
     ]
     print(
-        f"\nbundled Gemma 3 270M on {os.cpu_count()} CPU cores; {args.tokens} tokens per "
+        f"\n{base_name} on {os.cpu_count()} CPU cores; {args.tokens} tokens per "
         f"stream, rank-16 adapters on every linear layer\n"
     )
     print("| figure | " + " | ".join(targets) + " |")

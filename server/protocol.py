@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 # The error shape and the `rag` extension are declared with the bodies clients/ shares.
 from server.schemas import ErrorDetail, ErrorResponse, RAGOptions  # noqa: F401
@@ -67,6 +67,19 @@ class Citation(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "maxItems": MAX_STOP,
+        },
+        {"type": "null"},
+    ]
+}
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions requests."""
 
@@ -76,7 +89,9 @@ class SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    # the schema states what the validator below enforces, so a client generated from it
+    # never sends a stop list the server refuses
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     max_tokens: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -110,9 +125,9 @@ class SamplingFields(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -142,12 +157,36 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
+# What the completion route accepts (server/serving/completion.py refuses an empty prompt and
+# negative token ids): documented, so a client generated from /openapi.json sends neither.
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        _TOKENS,
+        {"type": "array", "items": _TOKENS, "minItems": 1},
+    ],
+    "title": "Prompt",
+}
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
+    # completions' logprobs: how many alternatives per token, as OpenAI's 0-5 widened to 20
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+    # vLLM's extension: structured outputs on completions too (chat's shape)
+    response_format: dict[str, Any] | None = None
     suffix: str | None = None
     best_of: int | None = None
     rag: RAGOptions | None = None  # swapserve extension: retrieval, see rag/
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class EmbeddingRequest(OpenAIModel):
@@ -155,9 +194,15 @@ class EmbeddingRequest(OpenAIModel):
     tokenizer (as vLLM takes them), not of OpenAI's tiktoken."""
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: (
+        _Text
+        | Annotated[list[_Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | _TokenIds
+        | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    ) = Field(
         description="A string, a list of strings, or token ids (one list, or a list of "
-        "lists) of the embedding model's own tokenizer."
+        "lists) of the embedding model's own tokenizer; none empty, at most "
+        f"{MAX_EMBEDDING_INPUTS} inputs. Each must fit the embedding model's input length."
     )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes."
@@ -169,22 +214,40 @@ class EmbeddingRequest(OpenAIModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _one_input_type(cls, value: Any) -> Any:
-        # one message naming `input`, rather than one per branch of the union
-        def ids(v: Any) -> bool:
-            return isinstance(v, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in v
-            )
+    def _check_input(cls, value: Any) -> Any:
+        # One message that names what is wrong, where the union's own errors would list a
+        # failure per branch ("input.str: ... (and 4 more problems)").
+        def token(t: Any) -> bool:  # JSON's integers, 7.0 included (as JSON Schema has it)
+            if isinstance(t, float):
+                return t.is_integer()
+            return isinstance(t, int) and not isinstance(t, bool)
 
-        if isinstance(value, str) or (
-            isinstance(value, list)
-            and (all(isinstance(v, str) for v in value) or ids(value) or all(map(ids, value)))
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and all(map(token, v))
+
+        if isinstance(value, str):
+            items: list[Any] = [value]
+        elif isinstance(value, list) and (
+            all(isinstance(v, str) for v in value) or all(map(ids, value))
         ):
-            return value
-        raise ValueError(
-            "must be a string, a list of strings, a list of token ids, or a list of lists of "
-            "token ids"
-        )
+            items = value
+        elif ids(value):
+            items = [value]
+        else:
+            raise ValueError(
+                "must be a string, a list of strings, a list of token ids, or a list of lists "
+                "of token ids"
+            )
+        if not items:
+            raise ValueError("must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"has {len(items)} items; at most {MAX_EMBEDDING_INPUTS}")
+        for i, item in enumerate(items):
+            if len(item) == 0:
+                raise ValueError(f"input[{i}] is empty; every input needs text or tokens")
+            if not isinstance(item, str) and min(item) < 0:
+                raise ValueError(f"input[{i}] holds a negative token id")
+        return value
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -204,16 +267,58 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "abort"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat's `choices[].logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' `choices[].logprobs` (the legacy shape lm-evaluation-harness reads)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length", "abort"] | None
-    logprobs: None = None
+    finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -229,16 +334,29 @@ class ChatCompletion(BaseModel):
     ab_arm: str | None = None  # swapserve extension: the A/B arm that served `ab:<split>`
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -254,8 +372,8 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length", "abort"] | None
-    logprobs: None = None
+    finish_reason: FinishReason | None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -36,16 +36,8 @@ class FieldRule:
     reason: str
 
 
-def _text_format(value: Any) -> bool:
-    return value is None or (isinstance(value, dict) and value.get("type") == "text")
-
-
 def _text_modalities(value: Any) -> bool:
     return value is None or value == ["text"]
-
-
-def _tool_choice_none(value: Any) -> bool:
-    return value is None or value == "none"
 
 
 def _default_tier(value: Any) -> bool:
@@ -54,24 +46,17 @@ def _default_tier(value: Any) -> bool:
 
 _NOT_YET = "is not supported by this server yet"
 
-# Shared by chat and completions.
-COMMON: tuple[FieldRule, ...] = (
-    FieldRule("logit_bias", _empty, f"logit_bias {_NOT_YET}"),
-    FieldRule("logprobs", _false, f"logprobs {_NOT_YET}"),
-)
+# Honoured, so in neither table: logit_bias, logprobs, top_logprobs, response_format
+# (text, json_object, json_schema), tools, tool_choice, parallel_tool_calls, completions'
+# echo.
 
 CHAT: tuple[FieldRule, ...] = (
-    *COMMON,
-    FieldRule("top_logprobs", _absent, f"top_logprobs {_NOT_YET}"),
+    FieldRule("functions", _empty, "functions (deprecated by OpenAI) is not supported: send tools"),
     FieldRule(
-        "response_format",
-        _text_format,
-        "response_format other than {'type': 'text'} (JSON mode, JSON schema) " + _NOT_YET,
+        "function_call",
+        _absent,
+        "function_call (deprecated by OpenAI) is not supported: send tool_choice",
     ),
-    FieldRule("tools", _empty, f"tools (function calling) {_NOT_YET}"),
-    FieldRule("tool_choice", _tool_choice_none, f"tool_choice other than 'none' {_NOT_YET}"),
-    FieldRule("functions", _empty, f"functions (deprecated function calling) {_NOT_YET}"),
-    FieldRule("function_call", _absent, f"function_call (deprecated) {_NOT_YET}"),
     FieldRule("audio", _absent, "audio output is not supported: this server generates text"),
     FieldRule(
         "modalities",
@@ -98,16 +83,18 @@ CHAT: tuple[FieldRule, ...] = (
 )
 
 COMPLETIONS: tuple[FieldRule, ...] = (
-    *COMMON,
-    FieldRule("echo", _false, f"echo {_NOT_YET}"),
-    FieldRule("suffix", _absent, f"suffix {_NOT_YET}"),
+    FieldRule(
+        "suffix",
+        _absent,
+        "suffix (text after the insertion point) is not supported: the served models have "
+        "no fill-in-the-middle format",
+    ),
     FieldRule("best_of", lambda v: v in (None, 1), f"best_of other than 1 {_NOT_YET}"),
 )
 
 # Accepted with no effect on the output, by design (the README's table says why):
 # `user`, `safety_identifier` and `metadata` label a request (logged with its id);
-# `prompt_cache_key`, `prompt_cache_options` and `prompt_cache_retention` are caching hints;
-# `parallel_tool_calls` only matters together with `tools`.
+# `prompt_cache_key`, `prompt_cache_options` and `prompt_cache_retention` are caching hints.
 ACCEPTED_HINTS = (
     "user",
     "safety_identifier",
@@ -115,7 +102,6 @@ ACCEPTED_HINTS = (
     "prompt_cache_key",
     "prompt_cache_options",
     "prompt_cache_retention",
-    "parallel_tool_calls",
 )
 
 

@@ -199,7 +199,15 @@ class TrainJobRequest(Open):
     )
     replace: bool = Field(False, description="Replace a registered adapter of the same name.")
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="allow",
+        populate_by_name=True,
+        # exactly one source of data; not both eval sources (the route refuses either)
+        json_schema_extra={
+            "oneOf": [{"required": ["data_path"]}, {"required": ["data"]}],
+            "not": {"required": ["eval_path", "eval_data"]},
+        },
+    )
 
 
 class TrainJobUpload(Strict):
@@ -360,9 +368,14 @@ class CreateCollection(Strict):
     """Chunking: `overlap` must stay below half of `chunk_tokens` (defaults 200 and 32)."""
 
     name: SafeName = Field(description="1-64 letters, digits, '.', '_' or '-'.")
-    chunk_tokens: int | None = Field(None, ge=8, description="Chunk length in embedder tokens.")
+    chunk_tokens: int | None = Field(
+        None, ge=8, le=1_000_000, description="Chunk length in embedder tokens."
+    )
     overlap: int | None = Field(
-        None, ge=0, description="Tokens shared by consecutive chunks (< chunk_tokens/2)."
+        None,
+        ge=0,
+        le=500_000,
+        description="Tokens shared by consecutive chunks (< chunk_tokens/2).",
     )
 
 

@@ -27,22 +27,47 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "none"]
 
+# Tools (OpenAI's `tools`), shown to the model in the first user turn, and the call format
+# the server's `hermes` parser reads (server/serving/tool_parsers/hermes.py).
+_TOOLS_PREFIX = (
+    "{% if tools %}"
+    "{% set ns = namespace(text='You can call these functions. To call one, answer with "
+    '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call> '
+    "(one per call).\n') %}"
+    "{% for tool in tools %}"
+    "{% set ns.text = ns.text ~ ((tool['function'] if tool['function'] is defined else tool)"
+    " | tojson) ~ '\n' %}"
+    "{% endfor %}"
+    "{% set first_user_prefix = ns.text ~ '\n' ~ first_user_prefix %}"
+    "{% endif %}"
+)
+# An assistant turn's calls, and a tool message's result
+_TOOL_CALLS = (
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "<tool_call>{{ {'name': fn['name'], 'arguments': fn['arguments']}"
+    " | tojson(separators=(',', ':')) }}</tool_call>"
+    "{% endfor %}"
+)
+
 # Gemma's turn format. Gemma has no system role: a system message is folded into the
-# first user turn, as Google's own template does.
+# first user turn, as Google's own template does; so are the tools. A tool message is a
+# user turn holding <tool_response>...</tool_response>.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] | trim ~ '\n\n' %}"
+    "{% set first_user_prefix = (messages[0]['content'] or '') | trim ~ '\n\n' %}"
     "{% set loop_messages = messages[1:] %}"
     "{% else %}"
     "{% set first_user_prefix = '' %}"
     "{% set loop_messages = messages %}"
-    "{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% endif %}" + _TOOLS_PREFIX + "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
     "<start_of_turn>{{ role }}\n"
     "{% if loop.first and role == 'user' %}{{ first_user_prefix }}{% endif %}"
-    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% if message['role'] == 'tool' %}"
+    "<tool_response>\n{{ (message['content'] or '') | trim }}\n</tool_response>"
+    "{% else %}{{ (message['content'] or '') | trim }}{% endif %}" + _TOOL_CALLS + "<end_of_turn>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
@@ -50,8 +75,10 @@ GEMMA_CHAT_TEMPLATE = (
 # A neutral template for models whose tokenizer has neither a template nor Gemma's markers.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token or '' }}"
+    "{% set first_user_prefix = '' %}" + _TOOLS_PREFIX + "{% if tools %}system: "
+    "{{ first_user_prefix | trim }}\n{% endif %}"
     "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] | trim }}\n"
+    "{{ message['role'] }}: {{ (message['content'] or '') | trim }}" + _TOOL_CALLS + "\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
@@ -331,7 +358,12 @@ def model_fingerprint(path: Path) -> str:
 
 def ensure_chat_template(tokenizer: Any) -> None:
     """Give the tokenizer a chat template when its model shipped none."""
-    if getattr(tokenizer, "chat_template", None):
+    current = getattr(tokenizer, "chat_template", None)
+    if current and "first_user_prefix" in current and "tool_call" not in current:
+        # this project's Gemma template from before tools, saved with a converted model
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        return
+    if current:
         return
     vocab = tokenizer.get_vocab()
     if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:

@@ -58,6 +58,30 @@ class EngineShutdownError(EngineError):
 
 
 @dataclass
+class StructuredOutput:
+    """What the output must match (constrained decoding, server/engine/grammar.py).
+
+    Exactly one field is set. Plain data, named as vLLM's `StructuredOutputsParams`
+    (`json=`, `json_object=True`, `grammar=`), so an engine on vLLM maps it one to one.
+    """
+
+    json_schema: dict[str, Any] | None = None  # a JSON schema the output must validate against
+    json_object: bool = False  # any JSON object (OpenAI's JSON mode)
+    # a Lark grammar in llguidance's dialect (may embed `%json {schema}`); tool calls use it
+    grammar: str | None = None
+
+    def key(self) -> str:
+        """A stable text for this spec: the compiled-grammar cache's key."""
+        import json
+
+        return json.dumps(
+            {"s": self.json_schema, "o": self.json_object, "g": self.grammar},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
@@ -68,6 +92,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     n: int = 1
     ignore_eos: bool = False  # benchmarks only: decode exactly max_tokens
+    # Every field below maps onto vLLM's SamplingParams field of the same name.
+    # The output must match this (None: free text).
+    structured_outputs: StructuredOutput | None = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Log probabilities of each generated token, with this many most likely alternatives
+    # (0: the chosen token's only; None: none). From the distribution the row sampled from:
+    # after its adapter, penalties, logit_bias and the grammar mask; before temperature and
+    # top_p.
+    logprobs: int | None = None
+    # The prompt's own token logprobs (completions' echo), with this many alternatives.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -80,6 +116,21 @@ class GenerationRequest:
 
 
 @dataclass
+class Logprob:
+    token_id: int
+    logprob: float | None  # None only for a prompt's first token: nothing comes before it
+    token_bytes: bytes  # the token's own bytes (may be part of one UTF-8 character)
+
+
+@dataclass
+class TokenLogprobs:
+    """One position: the token there, and the most likely tokens at it (most likely first)."""
+
+    chosen: Logprob
+    top: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
 class GenerationOutput:
     """One step's news for one choice of a request."""
 
@@ -89,6 +140,11 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" | "length" | None while running
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # with sampling.logprobs: one entry per id in token_ids (a stop token is in neither)
+    logprobs: list[TokenLogprobs] | None = None
+    # with sampling.prompt_logprobs, on a choice's first output: one per prompt token (the
+    # first one's logprob is None: nothing comes before it)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -118,8 +174,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for OpenAI-style messages, with the model's chat template."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text for OpenAI-style messages (and tools), with the chat template."""
         ...
 
     def tokenize(self, text: str) -> list[int]: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from server.engine.base import (
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.grammar import GrammarCompiler
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
 from server.engine.kinds.lora import base_weight
 from server.engine.lm_head import use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
+from server.engine.token_bytes import token_bytes_table
 from trainer.base_model import LoadedBaseModel
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,15 @@ class HFEngine:
         self.request_timeout_s = request_timeout_s
         self.runner = ModelRunner(loaded.model, pad_token_id=int(self.tokenizer.pad_token_id))
         self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
+        vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
+        self._vocab_size = vocab_size
+        self._token_table: tuple[list[bytes], list[int]] | None = None
+        self._token_table_lock = threading.Lock()
+        self.grammars = GrammarCompiler(
+            self.token_table,
+            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+            eos_token_id=int(self.tokenizer.eos_token_id),
+        )
         self.scheduler = Scheduler(
             self.runner,
             self._decode,
@@ -115,6 +127,7 @@ class HFEngine:
             max_num_seqs=max_num_seqs,
             max_queue=max_queue,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            token_bytes=lambda token: self.token_table()[0][token],
         )
         self._adapters: set[str] = set()  # on the compute device, in the adapter layers
         self._host: dict[str, Any] = {}  # off the device, kept in host memory
@@ -132,7 +145,7 @@ class HFEngine:
             weights_bytes=loaded.memory_bytes,
             fp32_bytes=num_parameters * 4,
             num_parameters=num_parameters,
-            vocab_size=int(loaded.model.get_input_embeddings().weight.shape[0]),
+            vocab_size=vocab_size,
         )
 
     @property
@@ -141,6 +154,15 @@ class HFEngine:
 
     async def start(self) -> None:
         self.scheduler.start()
+        # every token's bytes (log probabilities, grammars): built now, off the request path
+        threading.Thread(target=self.token_table, name="swapserve-vocab", daemon=True).start()
+
+    def token_table(self) -> tuple[list[bytes], list[int]]:
+        """(bytes of every token id, special token ids), built once."""
+        with self._token_table_lock:
+            if self._token_table is None:
+                self._token_table = token_bytes_table(self.tokenizer, self._vocab_size)
+            return self._token_table
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.scheduler.stop)
@@ -148,9 +170,11 @@ class HFEngine:
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -245,7 +269,17 @@ class HFEngine:
         def emit(item: GenerationOutput | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        seqs = new_sequences(request, emit, default_timeout_s=self.request_timeout_s)
+        grammar = None
+        spec = request.sampling.structured_outputs
+        if spec is not None:
+            # compiled (or found in the cache) off the scheduler thread: the first one
+            # also teaches the grammar library this model's vocabulary
+            first = await asyncio.to_thread(self.grammars.compile, spec)
+            copies = [first]
+            grammar = lambda: copies.pop() if copies else self.grammars.compile(spec)  # noqa: E731
+        seqs = new_sequences(
+            request, emit, default_timeout_s=self.request_timeout_s, grammar=grammar
+        )
         self.scheduler.submit(seqs)
         remaining = len(seqs)
         try:

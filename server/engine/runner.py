@@ -30,11 +30,22 @@ class PrefillGroup:
 
     prompts: list[list[int]]  # each row's input: virtual-token placeholders, then its prompt
     adapters: list[str]
+    # per row: how many alternatives to keep with the prompt's own token logprobs
+    # (completions' echo), None for a row that wants none
+    prompt_logprobs: list[int | None] = field(default_factory=list)
     # each row's KV prefix (prefix tuning): cache columns left of its input
     prefix: list[int] = field(default_factory=list)
     done: int = 0  # input columns already run
     cache: DynamicCache = field(default_factory=DynamicCache)
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (vocab,)
+    # row -> (token, logprob, top) for prompt tokens 1.. (token 0 has nothing before it)
+    prompt_lps: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return any(k is not None for k in self.prompt_logprobs)
 
     @property
     def lengths(self) -> list[int]:
@@ -54,6 +65,11 @@ class PrefillGroup:
         return max(self.prefix, default=0)
 
 
+# With prompt logprobs a chunk keeps logits for every position of every row: at most this
+# many (rows x columns), about 1 MB each for a 262k-token vocabulary.
+PROMPT_LOGPROB_POSITIONS = 128
+
+
 class ModelRunner:
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
@@ -64,14 +80,24 @@ class ModelRunner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def new_group(self, prompts: list[list[int]], adapters: list[str]) -> PrefillGroup:
+    def new_group(
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        prompt_logprobs: list[int | None] | None = None,
+    ) -> PrefillGroup:
         """A prefill group; rows whose adapter adds virtual tokens get placeholders for them."""
         inputs = []
         for prompt, adapter in zip(prompts, adapters, strict=True):
             virtual = self.adapters.virtual_tokens(adapter)
             inputs.append([self.pad_token_id] * virtual + list(prompt) if virtual else prompt)
         prefix = [self.adapters.prefix_tokens(a) for a in adapters]
-        return PrefillGroup(prompts=inputs, adapters=adapters, prefix=prefix)
+        return PrefillGroup(
+            prompts=inputs,
+            adapters=adapters,
+            prefix=prefix,
+            prompt_logprobs=prompt_logprobs or [None] * len(prompts),
+        )
 
     def _forward(self, adapters: list[str], input_start: int | None, **kwargs: Any) -> torch.Tensor:
         self.adapters.set_rows(adapters, input_start)
@@ -98,6 +124,8 @@ class ModelRunner:
         lengths = torch.tensor(group.lengths, device=device)
         prefix = torch.tensor(group.prefix or [0] * len(group.prompts), device=device)
         start = group.done
+        if group.wants_prompt_logprobs:
+            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(group.prompts)))
         end = min(group.total, start + chunk_tokens)
         rows = []
         for prompt in group.prompts:
@@ -114,7 +142,12 @@ class ModelRunner:
         wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
         keep = sorted(set(wanted.values()))
         # a chunk that ends no row's prompt still fills the cache; keep one column, unused
-        to_keep = torch.tensor(keep, dtype=torch.long, device=device) if keep else 1
+        to_keep: torch.Tensor | int = (
+            torch.tensor(keep, dtype=torch.long, device=device) if keep else 1
+        )
+        if group.wants_prompt_logprobs:
+            keep = list(range(end - start))
+            to_keep = 0  # every column
         logits = self._forward(
             group.adapters,
             start,
@@ -127,6 +160,13 @@ class ModelRunner:
         )  # (batch, len(keep) or 1, vocab)
         for row, col in wanted.items():
             group.last_logits[row] = logits[row, keep.index(col)].float()
+        for row, k in enumerate(group.prompt_logprobs):
+            if k is not None:
+                prompt = group.prompts[row]
+                # column c predicts prompt token start + c + 1
+                out = group.prompt_lps.setdefault(row, [])
+                for c in range(0, min(end, len(prompt) - 1) - start):
+                    out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
         group.done = end
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[KVBatch, torch.Tensor]:
@@ -154,6 +194,17 @@ class ModelRunner:
             logits_to_keep=1,
         )
         return logits[:, -1, :].float()  # (batch, vocab)
+
+
+def _logprobs_at(
+    logits: torch.Tensor, token: int, k: int
+) -> tuple[int, float, list[tuple[int, float]]]:
+    lp = torch.log_softmax(logits, dim=-1)  # (vocab,)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        values, ids = torch.topk(lp, k)
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return token, float(lp[token]), top
 
 
 def adapter_row_name(adapter: str | None) -> str:

@@ -25,12 +25,15 @@ from server.engine.base import (
     EngineShutdownError,
     GenerationOutput,
     GenerationRequest,
+    Logprob,
     QueueFullError,
     RequestTimeoutError,
+    TokenLogprobs,
 )
+from server.engine.grammar import RowGrammar
 from server.engine.kv import KVBatch
 from server.engine.runner import ModelRunner, PrefillGroup, adapter_row_name
-from server.engine.sampling import RowSampler, sample_rows
+from server.engine.sampling import RawLogprobs, RowSampler, sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class Sequence:
     finished: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # the prompt's own token logprobs (sampling.prompt_logprobs), sent with the first output
+    prompt_logprobs: list[RawLogprobs] | None = None
     # context positions the adapter takes before the prompt (virtual tokens, KV prefix)
     reserved: int = 0
 
@@ -90,9 +95,11 @@ class Scheduler:
         max_num_seqs: int = 16,
         max_queue: int = 64,
         prefill_chunk_tokens: int = 512,
+        token_bytes: Callable[[int], bytes] = lambda token: b"",
     ):
         self.runner = runner
         self.decode = decode
+        self.token_bytes = token_bytes  # a token's own bytes, for log probabilities
         self.stop_token_ids = set(stop_token_ids)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -235,7 +242,9 @@ class Scheduler:
                 return
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         group = self.runner.new_group(
-            [s.request.prompt_token_ids for s in seqs], [s.adapter_row for s in seqs]
+            [s.request.prompt_token_ids for s in seqs],
+            [s.adapter_row for s in seqs],
+            [s.request.sampling.prompt_logprobs for s in seqs],
         )
         for seq in seqs:
             seq.reserved = self.runner.adapters.context_tokens(seq.adapter_row)
@@ -249,6 +258,12 @@ class Scheduler:
             return
         self._prefill = None
         batch, logits = self.runner.finish_prefill(group)
+        for i, seq in enumerate(seqs):
+            if group.prompt_logprobs[i] is not None:
+                first: RawLogprobs = (seq.request.prompt_token_ids[0], None, [])
+                # a row's input starts with its adapter's virtual-token placeholders
+                virtual = len(group.prompts[i]) - len(seq.request.prompt_token_ids)
+                seq.prompt_logprobs = [first, *group.prompt_lps[i][virtual:]]
         self.stats.prompt_tokens += sum(group.lengths)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
         if self._batch is None:
@@ -290,6 +305,9 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         params = seq.request.sampling
+        if params.max_tokens == 0:  # the prompt's logprobs only (completions' echo)
+            self._emit(seq, GenerationOutput(index=seq.index, text="", token_ids=[]), "length")
+            return True
         self.stats.tokens_generated += 1
         finish: str | None = None
         if token in self.stop_token_ids and not params.ignore_eos:
@@ -298,6 +316,9 @@ class Scheduler:
         else:
             seq.generated.append(token)
             new_ids = [token]
+            grammar = seq.sampler.grammar
+            if grammar is not None and grammar.finished:
+                finish = "stop"  # the grammar is complete: nothing more may follow
         text = self.decode(seq.generated)
         end = len(text)
         if finish is None and params.stop:
@@ -316,21 +337,32 @@ class Scheduler:
         seq.sent_chars = max(end, seq.sent_chars)
         if finish is None and not delta and not new_ids:
             return False
-        seq.emit(
-            GenerationOutput(
-                index=seq.index,
-                text=delta,
-                token_ids=new_ids,
-                finish_reason=finish,
-                prompt_tokens=seq.prompt_tokens,
-                completion_tokens=len(seq.generated),
-            )
-        )
+        out = GenerationOutput(index=seq.index, text=delta, token_ids=new_ids)
+        raw = seq.sampler.last_logprobs
+        if new_ids and raw is not None:
+            out.logprobs = [self._logprobs(raw)]
+        return self._emit(seq, out, finish)
+
+    def _emit(self, seq: Sequence, out: GenerationOutput, finish: str | None) -> bool:
+        out.finish_reason = finish
+        out.prompt_tokens = seq.prompt_tokens
+        out.completion_tokens = len(seq.generated)
+        if seq.prompt_logprobs is not None:  # with the choice's first output only
+            out.prompt_logprobs = [self._logprobs(raw) for raw in seq.prompt_logprobs]
+            seq.prompt_logprobs = None
+        seq.emit(out)
         if finish is not None:
             seq.finished = True
             self.stats.requests_finished += 1
             return True
         return False
+
+    def _logprobs(self, raw: RawLogprobs) -> TokenLogprobs:
+        token, logprob, top = raw
+        return TokenLogprobs(
+            chosen=Logprob(token, logprob, self.token_bytes(token)),
+            top=[Logprob(t, lp, self.token_bytes(t)) for t, lp in top],
+        )
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cv:
@@ -375,15 +407,22 @@ def _holdback(text: str, stops: list[str]) -> int:
 
 
 def new_sequences(
-    request: GenerationRequest, emit: Emit, *, default_timeout_s: float
+    request: GenerationRequest,
+    emit: Emit,
+    *,
+    default_timeout_s: float,
+    grammar: Callable[[], RowGrammar] | None = None,
 ) -> list[Sequence]:
+    """One sequence per choice; `grammar` makes each choice's own grammar state."""
     deadline = time.monotonic() + (request.timeout_s or default_timeout_s)
     return [
         Sequence(
             request=request,
             index=i,
             emit=emit,
-            sampler=RowSampler.create(request.sampling, i),
+            sampler=RowSampler.create(
+                request.sampling, i, grammar=grammar() if grammar is not None else None
+            ),
             deadline=deadline,
         )
         for i in range(request.sampling.n)

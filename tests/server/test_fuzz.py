@@ -3,9 +3,11 @@ uvicorn on a loopback port, tiny model, no API keys so that inputs reach the han
 rather than stopping at 401). Rules: no 5xx, every 4xx in the OpenAI error shape, and
 /health still answers after every case.
 
-Left out on purpose: POST /train/<objective> and /train/compare (a valid body starts real training
-process) and POST /ab/experiments (a valid body starts a background run of generations);
-their validation is covered by tests/server/routes/test_train.py and test_ab.py. Every
+Left out on purpose: POST /train/<objective> (sft, dpo, orpo, kto) and /train/compare (a
+valid body starts a real training process), the objectives' dry runs (the same body:
+records the schema allows are rarely valid training data) and POST /ab/experiments (a valid
+body starts a background run of generations); their validation is covered by
+tests/server/routes/test_train.py, test_ab.py and tests/clients/test_client.py. Every
 other route is fuzzed: openai, adapters, rag, the rest of ab, train's reads, ops.
 """
 
@@ -47,9 +49,11 @@ EXAMPLES = int(os.environ.get("SWAPSERVE_FUZZ_EXAMPLES", "6"))
 GENERATING_EXAMPLES = min(EXAMPLES, 4) if "SWAPSERVE_FUZZ_EXAMPLES" not in os.environ else EXAMPLES
 GENERATING = {"/v1/chat/completions", "/v1/completions"}
 COLLECTION, ADAPTER, SPLIT = "kb", "fz", "sp"
-# every objective's job route (sft, dpo, orpo, kto) and the method comparison
+# every objective's job route (sft, dpo, orpo, kto), its dry run (the same body: schema-valid
+# records are not valid training data) and the method comparison
 EXCLUDED = [
     *(("POST", f"/train/{kind}") for kind in objective_names()),
+    *(("POST", f"/train/{kind}/dry_run") for kind in objective_names()),
     ("POST", "/train/compare"),
     ("POST", "/ab/experiments"),
 ]
@@ -130,6 +134,22 @@ def openai_error_shape(ctx, response, case) -> bool | None:
 # "no server error" and the schema-conformance checks: a schema-valid request is not
 # refused as malformed (400/422), an invalid one is, and every answer has a documented
 # status, content type, headers and body.
+# The generating routes also refuse schema-valid requests for reasons that depend on the
+# server, not on the request's shape: limits set at start-up (n <= max_n, prompt plus
+# max_tokens within the context window) and fields not implemented yet (400
+# `unsupported_field`, the table in server/request_fields.py). Those refusals name their
+# field; any other 400 to a schema-valid request still fails.
+SERVER_LIMITS = {"n", "max_tokens", "max_completion_tokens", "messages", "prompt", "best_of"}
+
+
+def accepted_or_server_limit(ctx, response, case) -> bool | None:
+    if case.path in GENERATING and response.status_code == 400:
+        error = json.loads(response.content).get("error") or {}
+        if error.get("code") == "unsupported_field" or error.get("param") in SERVER_LIMITS:
+            return True
+    return positive_data_acceptance(ctx, response, case)
+
+
 CHECKS = [
     not_a_server_error,
     openai_error_shape,
@@ -138,7 +158,7 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
     negative_data_rejection,
-    positive_data_acceptance,
+    accepted_or_server_limit,
 ]
 
 
@@ -155,7 +175,14 @@ def steer(case, data: st.DataObject, server: LiveServer) -> None:
     if not isinstance(body, dict):
         return
     if "model" in body and data.draw(often):
-        body["model"] = data.draw(st.sampled_from(["base", ADAPTER, f"ab:{SPLIT}"]))
+        if case.path == "/v1/embeddings":
+            body["model"] = server.app.state.rag.embedder.model_id  # the one model that embeds
+        else:
+            body["model"] = data.draw(st.sampled_from(["base", ADAPTER, f"ab:{SPLIT}"]))
+    # the embedder's size is the one `dimensions` it takes (the schema cannot know it)
+    if case.path == "/v1/embeddings" and isinstance(body.get("dimensions"), int):
+        if case.meta is not None and case.meta.generation.mode.is_positive:
+            body["dimensions"] = FakeEmbedder().dim
     rag = body.get("rag")
     if isinstance(rag, dict) and data.draw(often):
         rag["collection"] = COLLECTION
@@ -171,6 +198,15 @@ def steer(case, data: st.DataObject, server: LiveServer) -> None:
         for key in ("path", "lora_path"):
             if isinstance(body.get(key), str):
                 body[key] = data.draw(st.sampled_from([str(folder), "/nonexistent/adapter"]))
+        # rules across two fields, which JSON Schema cannot state (documented in words): a
+        # completion under a split or with `rag` takes one prompt string
+        if (str(body.get("model", "")).startswith("ab:") or body.get("rag")) and not isinstance(
+            body.get("prompt", ""), str
+        ):
+            body["prompt"] = "Hello"
+        chunk, overlap = body.get("chunk_tokens"), body.get("overlap")
+        if isinstance(overlap, int):
+            body["overlap"] = min(overlap, (chunk if isinstance(chunk, int) else 200) // 2 - 1)
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])

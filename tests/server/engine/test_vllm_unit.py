@@ -80,3 +80,27 @@ def test_token_rows_are_found_in_an_adapter(tmp_path):
     rows = build_lora_adapter(base, tmp_path / "rows", trainable_token_indices=[3, 5])
     assert _token_rows(plain) == []
     assert _token_rows(rows)  # refused at registration with a 400 (engine suite)
+
+
+def test_structured_output_and_logit_bias_map_and_logprobs_are_refused_by_name():
+    from server.engine.base import StructuredOutput
+    from server.engine.vllm import UnsupportedFieldError
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    ours = SamplingParams(
+        max_tokens=4, structured_outputs=StructuredOutput(json_schema=schema), logit_bias={5: 2.0}
+    )
+    theirs = to_vllm_sampling(ours, [1])
+    assert theirs.structured_outputs.json == schema and theirs.logit_bias == {5: 2.0}
+    mode = to_vllm_sampling(
+        SamplingParams(max_tokens=4, structured_outputs=StructuredOutput(json_object=True)), [1]
+    )
+    assert mode.structured_outputs.json_object
+    for params, field in [
+        (SamplingParams(max_tokens=4, logprobs=2), "logprobs"),
+        (SamplingParams(max_tokens=4, prompt_logprobs=0), "echo"),
+        (SamplingParams(max_tokens=4, structured_outputs=StructuredOutput(grammar="x")), "tools"),
+    ]:
+        with pytest.raises(UnsupportedFieldError) as err:
+            to_vllm_sampling(params, [1])
+        assert err.value.param == field and err.value.status == 400

@@ -73,7 +73,16 @@ def server(tiny_model_path, tmp_path_factory) -> Iterator[LiveServer]:
         if not BUNDLED:
             mp.setattr("server.retrieval.get_embedder", lambda path=None: FakeEmbedder())
             settings |= {"base_model": str(tiny_model_path), "quantization": "none"}
-        server = start_live_server(**settings)
+        if BUNDLED:  # loading the real model on a busy machine takes longer than the default
+            from server.app import create_app
+            from server.config import Settings
+            from tests.support import free_port
+
+            port = free_port()
+            server = LiveServer(create_app(Settings(port=port, **settings)), port)
+            server.start(timeout_s=1200)
+        else:
+            server = start_live_server(**settings)
         server.data_dir = data  # type: ignore[attr-defined]
         _wait_ready(server)
         # a collection to search, and an adapter to compare with the base

@@ -115,7 +115,13 @@ def test_sft_inline_trains_registers_and_serves_by_name(server, tiny_model_path)
     accepted = r.json()
     assert accepted["object"] == "train.job" and accepted["kind"] == "sft"
     assert accepted["state"] == "queued" and accepted["progress"] == 0.0
-    assert accepted["data_counts"] == {"examples": 8, "lines": 8, "format": "chat"}
+    assert accepted["data_counts"] == {
+        "examples": 8,
+        "lines": 8,
+        "format": "chat",
+        "assistant_turns": 8,
+        "with_tools": 0,
+    }
     # the server's base and quantization were filled in
     assert Path(accepted["config"]["base_model"]).resolve() == tiny_model_path.resolve()
     assert accepted["config"]["quantization"] == "none"
