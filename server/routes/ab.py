@@ -106,7 +106,7 @@ async def export_preferences(name: str, splits: SplitsDep) -> Response:
 @router.get(
     "/splits/{name}/kto.jsonl",
     response_class=Response,
-    responses={**ERRORS, 200: {"content": {"application/jsonl": {}}}},
+    responses={**error_responses(404), 200: {"content": {"application/jsonl": {}}}},
 )
 async def export_rated_answers(name: str, splits: SplitsDep) -> Response:
     """Every rated answer as KTO data ({prompt, completion, label}): `swapserve train kto`."""

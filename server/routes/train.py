@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
-from server.openapi import request_body
+from server.openapi import error_responses, request_body
 from server.schemas import (
     DryRun,
     ErrorResponse,
@@ -346,7 +346,8 @@ async def get_comparison(cmp_id: str, training: TrainingDep) -> dict[str, Any]:
 @router.get(
     "/compare/{cmp_id}/report",
     response_class=HTMLResponse,
-    responses={**ERRORS, 200: {"content": {"text/html": {}}}},
+    # errors are JSON in the one error shape, also on this HTML route
+    responses={**error_responses(404, 503), 200: {"content": {"text/html": {}}}},
 )
 async def comparison_report(cmp_id: str, training: TrainingDep) -> HTMLResponse:
     with job_errors():
