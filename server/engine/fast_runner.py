@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from server.engine.decoder import FastDecoder
-from server.engine.multi_adapter import MultiAdapter, compute_dtype
+from server.engine.multi_adapter import MultiAdapter, adapter_dtype, compute_dtype
 from server.engine.runner import (
     PROMPT_LOGPROB_POSITIONS,
     ModelRunner,
@@ -36,8 +36,8 @@ class FastModelRunner:
         self.model = model
         self.pad_token_id = pad_token_id
         self.decoder = FastDecoder(model)
-        self.dtype = compute_dtype(model)
-        self.adapters = MultiAdapter(model, self.device, self.dtype)
+        self.dtype = compute_dtype(model)  # the KV cache's
+        self.adapters = MultiAdapter(model, self.device, adapter_dtype(model, self.device))
 
     @property
     def device(self) -> torch.device:
