@@ -61,12 +61,19 @@ def _load(variant: str):
     from server.engine.int4 import repack_linear_layers
     from server.engine.lm_head import use_int8_lm_head
 
-    if variant == "int4":
+    if variant in ("int4", "int4-bf16-embedding"):
         model = load_base_model(BENCH_BASE, quantization="none", device="cpu").model
     else:  # int4 from nf4
         model = load_base_model(BENCH_BASE, quantization="nf4", device="cpu").model
     repack_linear_layers(model)
-    use_int8_lm_head(model, share_embedding=True)
+    if variant == "int4-bf16-embedding":
+        import torch
+
+        embedding = model.get_input_embeddings()
+        embedding.weight = torch.nn.Parameter(embedding.weight.detach().to(torch.bfloat16).float())
+        use_int8_lm_head(model, share_embedding=False)
+    else:
+        use_int8_lm_head(model, share_embedding=True)
     return model
 
 

@@ -22,7 +22,7 @@ from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
 from server.engine.kinds.lora import base_weight
-from server.engine.lm_head import use_int8_lm_head
+from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
@@ -173,10 +173,11 @@ class HFEngine:
         model = loaded.model
         num_parameters = _parameter_count(model)  # as loaded, before any re-packing
         quantization: str = loaded.quantization
+        share = int4_weights and table_is_most_of_the_model(model)  # as loaded
         if int4_weights:
             repack_linear_layers(model)
             quantization = "int4"
-        if int8_lm_head and use_int8_lm_head(model, share_embedding=int4_weights):
+        if int8_lm_head and use_int8_lm_head(model, share_embedding=share):
             logger.info("output layer in int8 (SWAPSERVE_LM_HEAD=native keeps it as loaded)")
         if int4_weights or int8_lm_head:
             release_freed_memory()

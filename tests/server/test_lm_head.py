@@ -29,6 +29,28 @@ def test_int8_logits_stay_close_to_full_precision():
     assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+def test_leading_logits_are_exact_for_the_int8_weights_not_rounded_to_bfloat16():
+    """Logits near 25 with gaps of a few hundredths, as a small instruction-tuned model's:
+    the kernel's bfloat16 output (steps of 0.125 there) ties or swaps the leaders; the head
+    recomputes them in float32, so its choice is the int8 weights' own."""
+    torch.manual_seed(1)
+    weight = torch.randn(4000, 96)
+    x = torch.randn(16, 96)
+    head = Int8LMHead(weight)
+    deq = head.weight_int8.float() * head.scale_f32[:, None]  # the int8 weights, exactly
+    x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))  # leading logit of each row at 25
+    want = x @ deq.t()
+    raw = torch._weight_int8pack_mm(x.to(torch.bfloat16), head.weight_int8, head.scale).float()
+    # the test means something: bfloat16 rounding alone changes some row's choice or ties it
+    top2 = raw.topk(2, dim=-1).values
+    assert ((raw.argmax(-1) != want.argmax(-1)) | (top2[:, 0] == top2[:, 1])).any()
+    out = head(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.argmax(-1), want.argmax(-1))
+    lead = want.topk(8, dim=-1)
+    torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
+
+
 def test_only_a_plain_linear_head_is_swapped():
     class WithBias(nn.Module):
         def __init__(self):
