@@ -26,6 +26,15 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) -> Iterator[str]:
+    with server_process(env, timeout_s) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def server_process(
+    env: dict[str, str] | None = None, timeout_s: float = 600
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The server's URL and its process (e.g. to read the CPU time it spent)."""
     port = free_port()
     child_env = {
         **os.environ,
@@ -60,7 +69,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become ready")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
