@@ -30,6 +30,15 @@ def running_server(
     env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
 ) -> Iterator[str]:
     """``python``: another interpreter (e.g. .venv-vllm's for the vLLM engine)."""
+    with server_process(env, timeout_s, python) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def server_process(
+    env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The server's URL and its process (e.g. to read the CPU time it spent)."""
     port = free_port()
     child_env = {
         **os.environ,
@@ -65,7 +74,7 @@ def running_server(
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become ready")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
