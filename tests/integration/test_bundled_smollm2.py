@@ -24,6 +24,7 @@ def test_ready_reports_the_llama_in_4_bits(smollm2_server):
     assert ready["runner"] == "fast"
     assert ready["quantization"] == "int4"
     assert ready["weights_format"]["linear"].startswith("int4")
+    assert ready["weights_format"]["embedding"] == "float32"  # its own table: 21 % of it
     assert ready["num_parameters"] > 100_000_000
     assert ready["weights_bytes"] < 0.6 * ready["fp32_weights_bytes"]
 

@@ -191,8 +191,9 @@ def test_fast_path_setting(tiny_model_path):
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"])
 def test_int4_engine_on_the_tiny_model(tmp_path, arch):
-    """nf4 on a CPU: linear layers in int4, the tied output layer and embedding share one
-    int8 table; the fast path decodes as the reference path on those same weights."""
+    """nf4 on a CPU: linear layers in int4, the tied output layer in int8 (the embedding
+    shares its table only where the table is most of the model: not in these tiny ones);
+    the fast path decodes as the reference path on those same weights."""
     from server.config import Settings
     from server.engine.factory import build_engine
     from server.engine.int4 import Int4Linear
@@ -207,8 +208,9 @@ def test_int4_engine_on_the_tiny_model(tmp_path, arch):
     linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(linears) == 2 * 7
     assert isinstance(model.lm_head, Int8LMHead)
-    assert isinstance(model.get_input_embeddings(), Int8Embedding)
-    assert info.weights_bytes < info.fp32_bytes / 3  # 4-bit layers, an 8-bit table
+    assert not isinstance(model.get_input_embeddings(), Int8Embedding)
+    assert info.weights_format["embedding"] == "float32"
+    assert info.weights_bytes < info.fp32_bytes / 2  # 4-bit layers, an 8-bit output table
     fast = _generate(engine.runner, PROMPTS, [BASE_ADAPTER] * 4, chunk=8)
     reference = ModelRunner(model, pad_token_id=0)
     forced = [x.argmax(-1).tolist() for x in fast]

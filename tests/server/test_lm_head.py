@@ -87,3 +87,24 @@ def test_auto_keeps_the_head_of_an_unquantized_model(tiny_model_path):
 
     engine = build_engine(Settings(base_model=str(tiny_model_path), quantization="none"))
     assert isinstance(engine.runner.model.lm_head, nn.Linear)
+
+
+def test_a_shared_table_serves_the_embedding_lookup(tmp_path):
+    """With share_embedding, a tied embedding looks its rows up in the output layer's int8
+    table (one table in memory), scaled as the model scales its embedding."""
+    from server.engine.lm_head import Int8Embedding
+    from tests.tiny_model import build_tiny_model
+    from trainer.base_model import load_base_model
+
+    path = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # Gemma: scaled
+    model = load_base_model(path, quantization="none", device="cpu").model
+    ids = torch.tensor([[1, 5, 17, 250, 399]])
+    with torch.inference_mode():
+        before = model.get_input_embeddings()(ids)
+        assert use_int8_lm_head(model, share_embedding=True)
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding, Int8Embedding)
+        assert embedding.weight_int8.data_ptr() == model.lm_head.weight_int8.data_ptr()
+        after = embedding(ids)
+    assert after.dtype == before.dtype
+    assert ((after - before).norm() / before.norm()) < 0.02
