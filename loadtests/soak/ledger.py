@@ -1,0 +1,171 @@
+"""What the churn did and when, and the checks of every answer and every acknowledged write.
+
+An adapter name's history is a list of spans: "name served variant v, possibly, from t_a
+to t_b". A write opens the new variant's span when it is sent and closes the old spans when
+it is acknowledged, so an answer given while a replace was in flight may come from either
+weights, and nothing else. A write whose outcome is unknown (the server died under it)
+opens its span without closing the old ones, until the state read after the restart
+settles it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+BASE = "base"
+
+
+@dataclass
+class Span:
+    variant: str
+    start: float
+    end: float | None = None
+
+
+@dataclass
+class AdapterHistory:
+    spans: dict[str, list[Span]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acked(self, name: str, variant: str | None, sent: float, acked: float) -> None:
+        """A write acknowledged: `variant` (None: deleted) from `sent` on, the rest ends."""
+        with self.lock:
+            spans = self.spans.setdefault(name, [])
+            for s in spans:
+                if s.end is None:
+                    s.end = acked
+            if variant is not None:
+                spans.append(Span(variant, sent))
+
+    def unknown(self, name: str, variant: str | None, sent: float) -> None:
+        """A write whose answer never came: the new state may hold from `sent` on."""
+        with self.lock:
+            if variant is not None:
+                self.spans.setdefault(name, []).append(Span(variant, sent))
+
+    def settle(self, name: str, variant: str | None, at: float) -> None:
+        """After a restart: what the server says it holds is what it holds."""
+        with self.lock:
+            spans = self.spans.setdefault(name, [])
+            kept = False
+            for s in spans:
+                if s.end is None:
+                    if s.variant == variant and not kept:
+                        kept = True
+                    else:
+                        s.end = at
+            if variant is not None and not kept:
+                spans.append(Span(variant, at))
+
+    def current(self, name: str) -> set[str | None]:
+        """The states the name may be in now (None: absent)."""
+        with self.lock:
+            open_ = {s.variant for s in self.spans.get(name, []) if s.end is None}
+        return open_ or {None}
+
+    def possible(self, name: str, t0: float, t1: float) -> set[str]:
+        if name == BASE:
+            return {BASE}
+        with self.lock:
+            return {
+                s.variant
+                for s in self.spans.get(name, [])
+                if s.start <= t1 and (s.end is None or s.end >= t0)
+            }
+
+
+@dataclass
+class AnswerCheck:
+    checked: int = 0
+    wrong: list[dict[str, Any]] = field(default_factory=list)
+    # (variant, kind, prompt) answered both streamed and non-streamed (both equal its marker)
+    pairs_seen: int = 0
+    structured_bad: list[dict[str, Any]] = field(default_factory=list)
+    structured_checked: int = 0
+
+
+def check_answers(
+    records: list[dict[str, Any]],
+    history: AdapterHistory,
+    expected: dict[str, dict[str, str]],
+) -> AnswerCheck:
+    """Every 2xx marker-checked answer equals the marker of a variant its name may have held
+    while it ran. `expected[variant]["kind/prompt_i"]` is the calibrated greedy answer."""
+    out = AnswerCheck()
+    seen: dict[tuple[str, str], set[bool]] = {}
+    for r in records:
+        kind = r.get("kind")
+        if kind in ("structured_check", "tool_check"):
+            out.structured_checked += 1
+            if not r.get("ok"):
+                out.structured_bad.append(r)
+            continue
+        if kind not in ("chat", "completion", "chat_rag") or r.get("status") != 200:
+            continue
+        key = f"{kind}/{r['prompt_i']}"
+        out.checked += 1
+        allowed = history.possible(r["model"], r["t0"], r["t1"])
+        text = r.get("text", "")
+        matches = [v for v in allowed if expected.get(v, {}).get(key) == text]
+        if not matches:
+            others = sorted(v for v, answers in expected.items() if answers.get(key) == text)
+            out.wrong.append({**r, "allowed": sorted(allowed), "matches_instead": others})
+            continue
+        if len(matches) == 1:
+            seen.setdefault((matches[0], key), set()).add(bool(r.get("stream")))
+    out.pairs_seen = sum(1 for modes in seen.values() if modes == {True, False})
+    return out
+
+
+@dataclass
+class WriteLedger:
+    """Acknowledged writes besides adapters: documents, job records, feedback."""
+
+    docs: dict[str, str] = field(default_factory=dict)  # doc id -> "present"/"absent"/"unknown"
+    jobs: set[str] = field(default_factory=set)
+    feedback_acked: int = 0
+    feedback_unknown: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def present_docs(self) -> list[str]:
+        with self.lock:
+            return [d for d, s in self.docs.items() if s == "present"]
+
+
+def verify_state(
+    *,
+    adapters: dict[str, str],
+    history: AdapterHistory,
+    names: list[str],
+    docs_on_server: set[str],
+    ledger: WriteLedger,
+    jobs_on_server: set[str],
+    feedback_on_server: int,
+) -> list[str]:
+    """Every acknowledged write is there: the lost ones, as sentences (empty: none lost).
+    `adapters` maps each registered name to the variant its source names."""
+    lost = []
+    for name in names:
+        allowed = history.current(name)
+        have = adapters.get(name)
+        if have not in allowed:
+            lost.append(
+                f"adapter {name}: server holds {have}, acknowledged {sorted(map(str, allowed))}"
+            )
+    with ledger.lock:
+        for doc, state in ledger.docs.items():
+            if state == "present" and doc not in docs_on_server:
+                lost.append(f"document {doc}: acknowledged, missing")
+            if state == "absent" and doc in docs_on_server:
+                lost.append(f"document {doc}: deletion acknowledged, still there")
+        for job in ledger.jobs - jobs_on_server:
+            lost.append(f"job {job}: acknowledged, no record")
+        if feedback_on_server < ledger.feedback_acked:
+            lost.append(
+                f"feedback: {ledger.feedback_acked} acknowledged, {feedback_on_server} stored"
+            )
+        if feedback_on_server > ledger.feedback_acked + ledger.feedback_unknown:
+            lost.append(f"feedback: {feedback_on_server} stored, more than was ever sent")
+    return lost
