@@ -208,6 +208,24 @@ def build_report(
                 ", ".join(f"{j}: {s}" for j, s in states.items()) or "no job recorded",
             )
         )
+    # how far apart the markers are: the most characters two weight sets' answers to one
+    # prompt share (small: any answer is traced to its weights from its first tokens)
+    keys = {k for m in expected.values() for k in m}
+    overlap = max(
+        (
+            _shared(a[k], b[k])
+            for k in keys
+            for i, a in enumerate(expected.values())
+            for b in list(expected.values())[i + 1 :]
+            if k in a and k in b
+        ),
+        default=0,
+    )
+    verdicts[0] = (
+        verdicts[0][0],
+        verdicts[0][1],
+        verdicts[0][2] + f"; two weight sets' markers share at most {overlap} leading characters",
+    )
     all_met = all(ok for _, ok, _ in verdicts)
 
     totals = {
@@ -256,6 +274,7 @@ def build_report(
         "marker_checked": check.checked,
         "drifted_answers": len(check.drifted),
         "drifted_examples": check.drifted[:10],
+        "markers": expected,
         "restarts": restarts,
         "churn_errors": events.get("churn_errors", [])[:20],
         "all_met": all_met,
@@ -265,6 +284,15 @@ def build_report(
         _html(totals, by_outcome, churn_outcomes, minute_rows, verdicts, samples, t_start)
     )
     return {**summary, "text": text}
+
+
+def _shared(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _round(v: float | None) -> float | None:

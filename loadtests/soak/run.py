@@ -228,7 +228,9 @@ class Soak:
         base_path = self._base_path()
         config = json.loads((base_path / "config.json").read_text())
         shapes = linear_shapes_from_config(config.get("text_config", config))
-        scale = self.cfg.adapter_scale or (0.3 if self.cfg.tiny else 0.02)
+        # strong enough that two weight sets' greedy answers part at the first tokens, so
+        # that any answer can be traced to the weights that wrote it (see ledger.py)
+        scale = self.cfg.adapter_scale or (0.3 if self.cfg.tiny else 0.06)
         for i in range(self.cfg.variants):
             self.variant_paths[f"v{i}"] = random_lora_adapter(
                 self.work / "variants" / f"v{i}", shapes, r=4, seed=100 + i, scale=scale,

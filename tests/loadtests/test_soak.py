@@ -22,7 +22,7 @@ from loadtests.soak.run import Config, Soak  # noqa: E402
 def soak(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     results = tmp_path_factory.mktemp("soak-results")
     cfg = Config(
-        duration_s=100,
+        duration_s=90,
         users=8,
         base_model=str(tiny_model_path),
         tiny=True,

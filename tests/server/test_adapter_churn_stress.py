@@ -23,7 +23,7 @@ from tests.tiny_model import build_lora_adapter
 NAME = "hot"
 WRITERS = 4
 READERS = 4
-SECONDS = 20
+SECONDS = 12
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
