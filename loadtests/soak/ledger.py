@@ -115,14 +115,8 @@ def check_answers(
         text = r.get("text", "")
         matches = [v for v in allowed if expected.get(v, {}).get(key) == text]
         if not matches:
-            # which weights wrote it: the marker sharing the longest prefix with the answer
-            shared = {
-                v: _common_prefix(answers[key], text)
-                for v, answers in expected.items()
-                if key in answers
-            }
-            best = max(shared.values(), default=0)
-            closest = sorted(v for v, n in shared.items() if n == best)
+            closest = trace(text, key, expected)
+            best = _common_prefix(expected[closest[0]][key], text) if closest else 0
             entry = {**r, "allowed": sorted(allowed), "closest": closest, "shared_chars": best}
             if allowed & set(closest):
                 out.drifted.append(entry)
@@ -185,6 +179,17 @@ def verify_state(
         if feedback_on_server > ledger.feedback_acked + ledger.feedback_unknown:
             lost.append(f"feedback: {feedback_on_server} stored, more than was ever sent")
     return lost
+
+
+def trace(text: str, key: str, expected: dict[str, dict[str, str]]) -> list[str]:
+    """The weights that wrote `text`: those whose marker for `key` it equals, else those
+    whose marker shares the longest prefix with it (markers part at the first tokens)."""
+    exact = sorted(v for v, answers in expected.items() if answers.get(key) == text)
+    if exact:
+        return exact
+    shared = {v: _common_prefix(a[key], text) for v, a in expected.items() if key in a}
+    best = max(shared.values(), default=0)
+    return sorted(v for v, n in shared.items() if n == best)
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -46,6 +46,7 @@ from loadtests.soak.ledger import (  # noqa: E402
     AdapterHistory,
     WriteLedger,
     check_answers,
+    trace,
     verify_state,
 )
 
@@ -521,15 +522,17 @@ class Soak:
             jobs_on_server=set(jobs),
             feedback_on_server=sum(split.get("feedback", {}).values()),
         )
-        # every registered adapter is whole: it answers with its own marker
+        # every registered adapter is whole: it answers with its own weights' marker (or
+        # drifts from it, never towards another's: see ledger.trace)
         now = time.time()
         for name in self.stable + self.churned:
             variant = adapters.get(name)
             if variant is None:
                 continue
             got = self._greedy(name, "chat", 0)
-            if got != self.expected.get(variant, {}).get("chat/0"):
-                lost.append(f"adapter {name}: answers {got!r}, not {variant}'s marker")
+            closest = trace(got, "chat/0", self.expected)
+            if variant not in closest:
+                lost.append(f"adapter {name}: answers {got!r}, like {closest}, not {variant}")
         # settle what the kill left unknown
         for name in self.churned:
             self.history.settle(name, adapters.get(name), now)
