@@ -19,7 +19,7 @@ BASE = "base"
 
 @dataclass
 class Span:
-    variant: str
+    variant: str | None  # None: the name is absent (deleted)
     start: float
     end: float | None = None
 
@@ -36,14 +36,13 @@ class AdapterHistory:
             for s in spans:
                 if s.end is None:
                     s.end = acked
-            if variant is not None:
-                spans.append(Span(variant, sent))
+            spans.append(Span(variant, sent))
 
     def unknown(self, name: str, variant: str | None, sent: float) -> None:
         """A write whose answer never came: the new state may hold from `sent` on."""
         with self.lock:
-            if variant is not None:
-                self.spans.setdefault(name, []).append(Span(variant, sent))
+            # a delete that may have happened counts as much as a register
+            self.spans.setdefault(name, []).append(Span(variant, sent))
 
     def settle(self, name: str, variant: str | None, at: float) -> None:
         """After a restart: what the server says it holds is what it holds."""
@@ -56,7 +55,7 @@ class AdapterHistory:
                         kept = True
                     else:
                         s.end = at
-            if variant is not None and not kept:
+            if not kept:
                 spans.append(Span(variant, at))
 
     def current(self, name: str) -> set[str | None]:
@@ -66,13 +65,14 @@ class AdapterHistory:
         return open_ or {None}
 
     def possible(self, name: str, t0: float, t1: float) -> set[str]:
+        """The weights the name may have served during [t0, t1]."""
         if name == BASE:
             return {BASE}
         with self.lock:
             return {
                 s.variant
                 for s in self.spans.get(name, [])
-                if s.start <= t1 and (s.end is None or s.end >= t0)
+                if s.variant is not None and s.start <= t1 and (s.end is None or s.end >= t0)
             }
 
 
@@ -85,6 +85,9 @@ class AnswerCheck:
     # greedy decoding flipped by the batch it ran in: 4-bit kernels on CPU are not
     # batch-invariant); counted apart, never as a wrong adapter
     drifted: list[dict[str, Any]] = field(default_factory=list)
+    # an answer that parts from every marker within the characters markers share among
+    # themselves (a near-tie at the first token): no weights can be named, none are blamed
+    untraceable: list[dict[str, Any]] = field(default_factory=list)
     # (variant, kind, prompt) answered both streamed and non-streamed (both equal its marker)
     pairs_seen: int = 0
     structured_bad: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +103,7 @@ def check_answers(
     while it ran. `expected[variant]["kind/prompt_i"]` is the calibrated greedy answer."""
     out = AnswerCheck()
     seen: dict[tuple[str, str], set[bool]] = {}
+    separation = marker_overlap(expected)
     for r in records:
         kind = r.get("kind")
         if kind in ("structured_check", "tool_check"):
@@ -118,7 +122,9 @@ def check_answers(
             closest = trace(text, key, expected)
             best = _common_prefix(expected[closest[0]][key], text) if closest else 0
             entry = {**r, "allowed": sorted(allowed), "closest": closest, "shared_chars": best}
-            if allowed & set(closest):
+            if best <= separation.get(key, 0):
+                out.untraceable.append(entry)
+            elif allowed & set(closest):
                 out.drifted.append(entry)
             else:
                 out.wrong.append(entry)
@@ -179,6 +185,17 @@ def verify_state(
         if feedback_on_server > ledger.feedback_acked + ledger.feedback_unknown:
             lost.append(f"feedback: {feedback_on_server} stored, more than was ever sent")
     return lost
+
+
+def marker_overlap(expected: dict[str, dict[str, str]]) -> dict[str, int]:
+    """Per prompt, the most leading characters two weight sets' markers share."""
+    out: dict[str, int] = {}
+    answers = list(expected.values())
+    for i, a in enumerate(answers):
+        for b in answers[i + 1 :]:
+            for key in a.keys() & b.keys():
+                out[key] = max(out.get(key, 0), _common_prefix(a[key], b[key]))
+    return out
 
 
 def trace(text: str, key: str, expected: dict[str, dict[str, str]]) -> list[str]:

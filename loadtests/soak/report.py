@@ -171,7 +171,8 @@ def build_report(
         ("0 answers from the wrong adapter", len(check.wrong) == 0,
          f"{len(check.wrong)} wrong of {check.checked} marker-checked answers; "
          f"{check.checked - len(check.wrong) - len(check.drifted)} equal to their marker, "
-         f"{len(check.drifted)} closest to their own marker but not equal (greedy near-tie); "
+         f"{len(check.drifted)} closest to their own marker but not equal (greedy near-tie), "
+         f"{len(check.untraceable)} parting from every marker at the first characters; "
          f"{check.pairs_seen} (weights, prompt) pairs answered both streamed and not, all equal"),
         ("0 acknowledged writes lost across the kill", not lost,
          f"{len(lost)} lost" + (f": {lost[:3]}" if lost else "")
@@ -274,6 +275,8 @@ def build_report(
         "marker_checked": check.checked,
         "drifted_answers": len(check.drifted),
         "drifted_examples": check.drifted[:10],
+        "untraceable_answers": len(check.untraceable),
+        "untraceable_examples": check.untraceable[:10],
         "markers": expected,
         "restarts": restarts,
         "churn_errors": events.get("churn_errors", [])[:20],
