@@ -170,7 +170,8 @@ def build_report(
     verdicts = [
         ("0 answers from the wrong adapter", len(check.wrong) == 0,
          f"{len(check.wrong)} wrong of {check.checked} marker-checked answers; "
-         f"{check.checked - len(check.wrong) - len(check.drifted)} equal to their marker, "
+         f"{check.checked - len(check.wrong) - len(check.drifted) - len(check.untraceable)} "
+         "equal to their marker, "
          f"{len(check.drifted)} closest to their own marker but not equal (greedy near-tie), "
          f"{len(check.untraceable)} parting from every marker at the first characters; "
          f"{check.pairs_seen} (weights, prompt) pairs answered both streamed and not, all equal"),
