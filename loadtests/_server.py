@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -25,7 +26,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) -> Iterator[str]:
+def running_server(
+    env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
+) -> Iterator[str]:
+    """``python``: another interpreter (e.g. .venv-vllm's for the vLLM engine)."""
+    with server_process(env, timeout_s, python) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def server_process(
+    env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The server's URL and its process (e.g. to read the CPU time it spent)."""
     port = free_port()
     child_env = {
         **os.environ,
@@ -35,7 +48,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
     }
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "server.cli",
             "serve",
@@ -45,6 +58,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
             "WARNING",
         ],
         env=child_env,
+        cwd=str(Path(__file__).resolve().parents[1]),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -60,7 +74,7 @@ def running_server(env: dict[str, str] | None = None, timeout_s: float = 600) ->
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become ready")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

@@ -26,6 +26,7 @@ reported, never asserted: they depend on how busy the machine is.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -49,13 +50,17 @@ GOAL = 0.8
 ANSWER_MARGIN_TOKENS = 8
 
 
-def train(task: str, data: Path, out_dir: Path, log: Path) -> dict:
-    """`swapserve train sft --data ... --name ...`, no tuning flag, in its own process."""
-    cmd = [sys.executable, "-m", "server.cli", "train", "sft", "--data", str(data),
-           "--name", task, "--output-dir", str(out_dir)]  # fmt: skip
+def train(task: str, data: Path, data_dir: Path, log: Path) -> dict:
+    """`swapserve train sft --data ... --name ...` and no other flag, in its own process; the
+    adapter goes where the CLI puts it, under $SWAPSERVE_DATA_DIR/trained/<name>."""
+    cmd = [sys.executable, "-m", "server.cli", "train", "sft", "--data", str(data), "--name", task]
+    env = {**os.environ, "SWAPSERVE_DATA_DIR": str(data_dir)}
+    out_dir = data_dir / "trained" / task
     started = time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
+        )
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"training {task} failed ({proc.returncode}); see {log}")
@@ -87,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-defaults-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    base = model = None
     for name in tasks:
         # one task at a time, each figure printed as soon as it is known (an hour or more
         # on a busy 2-core machine)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             TASKS[name], work, n_train=args.train, n_eval=args.eval, seed=args.seed
         )
         print(f"[{name}] swapserve train sft --data {train_path} --name {name}", flush=True)
-        t = train(name, train_path, work / f"{name}-adapter", work / f"{name}-train.log")
+        t = train(name, train_path, work / "data", work / f"{name}-train.log")
         results[name] = {"train": t}
         print(f"[{name}] trained: {t['steps']} steps in {t['wall_s']:.0f} s; {t['settings']}",
               flush=True)  # fmt: skip
@@ -104,15 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from trainer.base_model import load_base_model
 
-        if base is None:
-            base = load_base_model(None, quantization="nf4")
+        # a fresh base for each adapter: PEFT's trainable token rows of a second adapter on a
+        # tied embedding corrupted the first's base (seen on SmolLM2)
+        base = load_base_model(None, quantization="nf4")
         tok = base.tokenizer
-        path = str(work / f"{name}-adapter")
-        if model is None:
-            model = PeftModel.from_pretrained(base.model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
-        model.set_adapter(name)
+        model = PeftModel.from_pretrained(base.model, str(work / "data" / "trained" / name))
         held = read_eval(eval_path)
         prompts = [h["prompt"] for h in held]
         refs = [h["reference"] for h in held]
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['clean_stops']}/{b['n']} -> {a['clean_stops']}/{a['n']}", flush=True)  # fmt: skip
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))
+        del model, base
+        gc.collect()
 
     failed = []
     print()

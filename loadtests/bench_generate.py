@@ -1,23 +1,37 @@
-"""Decode tokens/s: the server path (HTTP + SSE, one request at a time) vs plain
-`model.generate` on the same 4-bit model, measured in one run on this machine.
+"""Single-stream decode tokens/s: swapserve against its peers, measured in turns in one run.
 
-    python loadtests/bench_generate.py [--tokens 64] [--runs 3]
+    python loadtests/bench_generate.py [--tokens 64] [--runs 3] [--no-generate]
 
-Prints both figures and their ratio (server / generate). The two are measured in turns
-(server, generate, server, generate, ...), never at once: the idle server uses no CPU
-while `generate` runs, and a machine whose load changes over time affects both alike.
+Peers, each decoding the same prompt greedily for exactly --tokens tokens, one request at
+a time, timed from the first token to the last:
+- server:     swapserve as a user starts it (`swapserve serve`, a child process; HTTP + SSE);
+- in-process: the same engine and settings driven through the Engine API in this
+              process, no HTTP (server / in-process = what the HTTP layer costs);
+- generate:   plain transformers `model.generate` on the bitsandbytes NF4 model (what a
+              user of transformers + bitsandbytes gets; --no-generate skips it);
+- llama.cpp:  llama-cpp-python on the bundled model's own GGUF (Q4_K_M) file, with as many
+              threads as this process may use (skipped, saying how to install it, when
+              absent);
+- vLLM:       swapserve's vLLM engine from .venv-vllm, when that exists (skipped otherwise).
+Every figure is printed with its ratio to llama.cpp. The peers are measured in turns
+(round after round), never at once: an idle server uses no CPU, and a machine whose load
+changes over time affects every peer alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests._peers import cpu_threads, llama_cpp, vllm_python  # noqa: E402
 from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -47,8 +61,41 @@ def server_decode_rate(client, tokens: int) -> float:
     return (completion - 1) / (last - first)
 
 
-def generate_decoder(tokens: int):
-    """A function timing plain `model.generate` on the same NF4 model, in this process."""
+def in_process_decoder(tokens: int) -> tuple[Callable[[], float], Callable[[], None]]:
+    """The server's engine, built from the same settings, driven without HTTP."""
+    from server.config import Settings
+    from server.engine.base import GenerationRequest, SamplingParams
+    from server.engine.factory import build_engine
+
+    engine = build_engine(Settings(base_model=BENCH_BASE))
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.start())
+    ids = engine.tokenize(PROMPT)
+
+    async def one(n: int) -> float:
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        first = last = None
+        count = 0
+        async for out in engine.generate(GenerationRequest("bench", ids, params)):
+            now = time.perf_counter()
+            if out.token_ids:
+                count += len(out.token_ids)
+                first = first or now
+                last = now
+        assert first is not None and last is not None and last > first
+        return (count - 1) / (last - first)
+
+    loop.run_until_complete(one(4))  # warm-up
+
+    def stop() -> None:
+        loop.run_until_complete(engine.shutdown())
+        loop.close()
+
+    return (lambda: loop.run_until_complete(one(tokens))), stop
+
+
+def generate_decoder(tokens: int) -> Callable[[], float]:
+    """Plain `model.generate` on the bitsandbytes NF4 model, in this process."""
     import torch
 
     from trainer.base_model import load_base_model
@@ -75,26 +122,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-generate", action="store_true", help="skip model.generate")
     args = parser.parse_args()
     import openai
 
-    with running_server() as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    peers: dict[str, Callable[[], float]] = {}
+    rates: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(running_server())
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600)
         server_decode_rate(client, 4)  # warm-up
-        plain_rate = generate_decoder(args.tokens)
-        served, plain = [], []
+        peers["server (HTTP, SSE)"] = lambda: server_decode_rate(client, args.tokens)
+        in_process, stop = in_process_decoder(args.tokens)
+        stack.callback(stop)
+        peers["in-process engine"] = in_process
+        if not args.no_generate:
+            peers["model.generate, NF4"] = generate_decoder(args.tokens)
+        llama = llama_cpp(BENCH_BASE)
+        if llama is not None:
+            llama.decode_rate(PROMPT, 4)  # warm-up
+            peers["llama.cpp"] = lambda: llama.decode_rate(PROMPT, args.tokens)
+        python = vllm_python()
+        if python is not None:
+            vllm_url = stack.enter_context(
+                running_server({"SWAPSERVE_ENGINE": "vllm"}, python=str(python))
+            )
+            vllm_client = openai.OpenAI(base_url=f"{vllm_url}/v1", api_key="x", timeout=600)
+            server_decode_rate(vllm_client, 4)  # warm-up
+            peers["vLLM engine (server)"] = lambda: server_decode_rate(vllm_client, args.tokens)
         for _ in range(args.runs):
-            served.append(server_decode_rate(client, args.tokens))
-            plain.append(plain_rate())
-    server, plain_median = statistics.median(served), statistics.median(plain)
-    ratios = [a / b for a, b in zip(served, plain, strict=True)]
-    print(f"decode tokens/s, one request at a time, {BENCH_BASE} in NF4, {args.tokens} tokens")
-    print(f"  server (HTTP, SSE):   {server:8.2f} tok/s (median of {args.runs})")
-    print(f"  plain model.generate: {plain_median:8.2f} tok/s (median of {args.runs})")
+            for name, rate in peers.items():
+                rates.setdefault(name, []).append(rate())
+
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    anchor = median.get("llama.cpp")
     print(
-        f"  ratio server/generate: {server / plain_median:.2f} "
-        f"(per pair: {', '.join(f'{r:.2f}' for r in ratios)})"
+        f"\ndecode tokens/s, one request at a time, {BENCH_BASE}, {args.tokens} tokens, "
+        f"median of {args.runs} rounds, {cpu_threads()} CPU threads"
     )
+    for name, value in median.items():
+        ratio = f"  {value / anchor:5.2f} of llama.cpp" if anchor else ""
+        runs = ", ".join(f"{v:.1f}" for v in rates[name])
+        print(f"  {name:<24} {value:8.2f} tok/s{ratio}   (runs: {runs})")
+    pairs = [
+        a / b for a, b in zip(rates["server (HTTP, SSE)"], rates["in-process engine"], strict=True)
+    ]
+    print(
+        f"  server / in-process: {median['server (HTTP, SSE)'] / median['in-process engine']:.2f}"
+        f" (per round: {', '.join(f'{r:.2f}' for r in pairs)}; goal >= 0.9)"
+    )
+    if anchor:
+        print(f"  server / llama.cpp:  {median['server (HTTP, SSE)'] / anchor:.2f}  (goal >= 0.7)")
 
 
 if __name__ == "__main__":

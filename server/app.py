@@ -252,9 +252,19 @@ async def _load(app: FastAPI, settings: Settings, factory: EngineFactory) -> Non
         )
     )
     app.state.engine = engine
+    if app.state.training is not None:
+        _install_compare_probe(app)
     logger.info(
         "ready: %s (%s, %s)", engine.info.model_id, engine.info.quantization, engine.info.device
     )
+
+
+def _install_compare_probe(app: FastAPI) -> None:
+    """Method comparisons measure serving through the same path as the chat route."""
+    from server.train_compare import make_throughput_probe
+
+    state = app.state
+    state.training.compare.measure = make_throughput_probe(lambda: state.serving)
 
 
 async def _stop_background_work(app: FastAPI) -> None:

@@ -34,8 +34,15 @@ class Settings(BaseSettings):
     lm_head: Literal["auto", "int8", "native"] = Field(
         "auto",
         description="Output layer: int8 (weight-only, one scale per vocabulary row) or as "
-        "loaded. auto = int8 with nf4 on a CPU without native bfloat16 matmuls, where the "
-        "bfloat16 output layer is half of a batched decode step.",
+        "loaded. auto = int8 with nf4 on a CPU: on the fast path (it then also serves a "
+        "tied input embedding), or where bfloat16 matmuls are not native.",
+    )
+    fast_path: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The hf engine's fast path on a CPU: decoder linear layers re-packed "
+        "for PyTorch's int4 kernel (with nf4), the output layer in int8, a lean decode "
+        "step over a preallocated KV cache. auto = on a CPU for the model families it "
+        "knows (Gemma 3, Llama); off = bitsandbytes NF4 and the model's own forward.",
     )
     engine: Literal["hf", "vllm"] = Field(
         "hf",

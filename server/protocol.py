@@ -31,14 +31,23 @@ class StreamOptions(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str  # any string here, so that an image part is refused by name (text() below)
     text: str | None = None
+
+
+# What the schema documents: text parts only (the models served read text). Other parts
+# (image_url, input_audio, file) are refused with a 400 naming their type.
+TEXT_PART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[Annotated[ContentPart, WithJsonSchema(TEXT_PART_SCHEMA)]] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -48,8 +57,10 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ValueError(f"content parts of type {part.type!r} are not supported")
+            if part.text is None:
+                raise ValueError("a text content part needs a string 'text'")
             parts.append(part.text)
         return "".join(parts)
 

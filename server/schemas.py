@@ -170,7 +170,7 @@ Record = dict[str, Any] | str
 
 
 class TrainJobRequest(Open):
-    """JSON body of POST /train/sft and /train/dpo (and their dry runs). Give exactly one
+    """JSON body of POST /train/{sft,dpo,orpo,kto} (and their dry runs). Give exactly one
     of `data_path` and `data`."""
 
     name: SafeName = Field(description="The adapter's name: the `model` id clients will use.")
@@ -188,8 +188,10 @@ class TrainJobRequest(Open):
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Hyper-parameters (the trainer's SFT/DPO config fields). base_model and "
-        "quantization default to the server's.",
+        description="Hyper-parameters: the trainer's config fields, `method` among them "
+        "(lora, qlora, ia3, prompt_tuning, prefix_tuning, p_tuning, ln_tuning, full). "
+        "base_model is the server's; quantization defaults to the server's where the method "
+        "allows it.",
     )
     # aliased: `register` would shadow BaseModel.register
     register_: bool = Field(
@@ -295,8 +297,68 @@ class DryRun(Open):
     loss_open: str
     loss_close: str
     legend: str
+    method: str | None = Field(None, description="The PEFT method the job would train.")
     trainable_tokens: str = Field(description="The token rows that will be trained, if any.")
     config: dict[str, Any] = Field(description="The resolved config the job would run with.")
+
+
+class TrainCompareRequest(Strict):
+    """JSON body of POST /train/compare: every method in `methods` trained with the same
+    objective, data and budget (`config`), one job each, named `<name>-<method>`. Give
+    exactly one of `data_path` and `data`, and one of `eval_path` and `eval_data`."""
+
+    name: SafeName = Field("cmp", description="Prefix of the adapters' names.")
+    methods: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Methods to compare (default: lora, qlora, ia3, prompt_tuning, "
+        "prefix_tuning, p_tuning, ln_tuning, full).",
+    )
+    objective: str = Field("sft", description="sft, dpo, orpo or kto.")
+    data_path: str | None = Field(None, min_length=1)
+    data: list[Record] | None = Field(None, min_length=1)
+    eval_path: str | None = Field(None, min_length=1)
+    eval_data: list[Record] | None = Field(None, min_length=1)
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The shared budget: the trainer's common config fields (max_steps, "
+        "batch_size, max_length, seed, ...); each method keeps its own learning rate and "
+        "base precision unless set here.",
+    )
+    method_config: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='Per-method fields, e.g. {"lora": {"r": 8}, "full": {"extract_rank": 16}}.',
+    )
+    # aliased: `register` would shadow BaseModel.register
+    register_: bool = Field(True, alias="register", description="Register each result.")
+    replace: bool = Field(False, description="Replace registered adapters of the same names.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TrainCompare(Open):
+    """A method comparison: its jobs, then one row per method (two for full: the model and
+    its extracted LoRA) and the base, with serving tok/s once every job has ended."""
+
+    id: str
+    object: str = "train.compare"
+    name: str
+    state: str = Field(description="running (jobs), measuring (serving tok/s), done")
+    objective: str
+    methods: list[str]
+    names: dict[str, str]
+    jobs: dict[str, str] = Field(description="method -> job id (GET /train/jobs/{id})")
+    job_states: dict[str, str | None] = Field(default_factory=dict)
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+    markdown: str = Field("", description="The table as Markdown.")
+    serving: dict[str, Any] = Field(default_factory=dict)
+    created_at: float | None = None
+    finished_at: float | None = None
+
+
+class TrainCompareList(BaseModel):
+    object: str = "list"
+    data: list[TrainCompare]
 
 
 # --- retrieval ----------------------------------------------------------------------------

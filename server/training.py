@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 from trainer.base_model import bundled_model
 from trainer.config import ConfigError
 from trainer.data import DataError, load_jsonl
-from trainer.jobs import JobConflict, JobManager, JobStateError, build_config
+from trainer.jobs import JobConflict, JobManager, JobStateError
+from trainer.methods import check_against_base, default_quantization, get_method
+from trainer.objectives import build_config, get_objective
 from trainer.records import TERMINAL
 from trainer.tokens import check_trainable_tokens
 
@@ -72,11 +74,16 @@ class TrainingService:
         self.served_model_name = served_model_name
         self.register_timeout_s = register_timeout_s
         self._tok: Any = None  # the base's tokenizer, for dry runs (loaded on the first)
+        from server.train_compare import CompareService
+
+        # method comparisons: their records beside the jobs' folder
+        self.compare = CompareService(self, root.parent / "train-compare")
         self.manager = JobManager(
             root,
             adapters_dir=adapters_dir,
             max_running=max_running,
             on_success=self._on_success,
+            on_finished=self.compare.job_finished,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -109,7 +116,12 @@ class TrainingService:
             )
         # The worker loads the very folder the server loaded (no second conversion).
         fields["base_model"] = str(self.base_path)
-        fields.setdefault("quantization", self.quantization)
+        if "quantization" not in fields:
+            # the server's own precision, unless the method fixes one (lora and full train
+            # on the unquantized folder, qlora on NF4)
+            quantization = default_quantization(fields.get("method"), self.quantization)
+            if quantization is not None:
+                fields["quantization"] = quantization
         fields.setdefault("device", self.device)
         if not self.serves_token_rows:
             tokens = fields.setdefault("trainable_tokens", "none")
@@ -121,6 +133,8 @@ class TrainingService:
                     "(the default on this engine), or train on a server with SWAPSERVE_ENGINE=hf",
                 )
         cfg = build_config(kind, fields)  # raises ConfigError now, not in the worker
+        # the method against the base's structure: module names, context, quantized folder
+        check_against_base(cfg, self.base_path)
         # an explicit token list is checked against this base's tokenizer (loaded once)
         check_trainable_tokens(cfg.trainable_tokens, self.base_path)
         return fields
@@ -150,21 +164,20 @@ class TrainingService:
         eval_label: str | None = None,
         register: bool = True,
         replace: bool = False,
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate everything, queue the job, return its record. Blocking (file reads):
-        call it from a thread."""
+        call it from a thread. ``meta`` is kept on the job record (a comparison's id)."""
         if register:
             # 400 for an unsafe/reserved name, 409 for a taken one (AdapterError).
             self.registry.check_new_name(name, replace=replace)
         fields = self.job_config(kind, config)
         if eval_path is not None:
             fields["eval_file"] = str(eval_path)
-        task = "dpo" if kind == "dpo" else "sft"
         # Validated here as well as in submit: a refused request must not have moved an
         # old adapter folder aside (below).
-        _load_labelled(data_path, task, data_label)
-        if fields.get("eval_file"):
-            _load_labelled(Path(fields["eval_file"]), task, eval_label or "eval_file")
+        eval_file = Path(fields["eval_file"]) if fields.get("eval_file") else None
+        self.check_data(kind, data_path, data_label, eval_file, eval_label)
         if replace:
             self._move_aside(name)
         job_id = self.manager.submit(
@@ -172,9 +185,23 @@ class TrainingService:
             fields,
             data_path,
             name,
-            meta={"register": register, "replace": replace},
+            meta={**(meta or {}), "register": register, "replace": replace},
         )
         return self.manager.get(job_id)
+
+    def check_data(
+        self,
+        kind: str,
+        data_path: Path,
+        data_label: str,
+        eval_path: Path | None = None,
+        eval_label: str | None = None,
+    ) -> None:
+        """The data's structure for this objective (DataError naming the user's file)."""
+        task = get_objective(kind).task
+        _load_labelled(data_path, task, data_label)
+        if eval_path is not None:
+            _load_labelled(eval_path, task, eval_label or "eval_file")
 
     def dry_run(
         self,
@@ -195,17 +222,18 @@ class TrainingService:
         fields = self.job_config(kind, config)
         if eval_path is not None:
             fields["eval_file"] = str(eval_path)
-        task = "dpo" if kind == "dpo" else "sft"
+        task = get_objective(kind).task
         _load_labelled(data_path, task, data_label)
         if eval_path is not None:
             _load_labelled(eval_path, task, eval_label or "eval_file")
         cfg = build_config(kind, fields)
+        method = get_method(str(cfg.method))
         tokenizer = self._tokenizer()
         try:
-            report = dry_run(data_path, tokenizer, cfg.max_length, task)  # type: ignore[arg-type]
+            report = dry_run(data_path, tokenizer, cfg.max_length, task, cfg.loss_turns)
         except DataError as exc:
             raise DataError(exc.problems, data_label) from None
-        tokens = _dry_run_tokens(cfg, tokenizer, self.base_path, data_path, kind)
+        tokens = _dry_run_tokens(cfg, tokenizer, self.base_path, data_path, task)
         report.pop("path", None)
         report.pop("sha256", None)
         return {
@@ -214,7 +242,10 @@ class TrainingService:
             "kind": kind,
             "loss_open": LOSS_OPEN,
             "loss_close": LOSS_CLOSE,
-            "trainable_tokens": tokens.describe(),
+            "method": method.name,
+            "trainable_tokens": tokens.describe()
+            if method.trains_token_rows
+            else f"trainable tokens: none (method {method.name} trains no embedding rows)",
             "config": {k: v for k, v in cfg.to_dict().items() if k != "eval_file"},
         }
 

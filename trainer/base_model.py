@@ -401,7 +401,7 @@ def native_bf16(device: str) -> bool:
         return False
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the float32 staging buffers of a quantizing load back to the OS.
 
     glibc keeps freed heap pages mapped; without this the process keeps ~0.5 GB of the
@@ -477,7 +477,7 @@ def load_base_model(
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _release_freed_memory()
+    release_freed_memory()
     name = bundled_model_id(path) or path.name
     max_pos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     logger.info(

@@ -9,18 +9,19 @@ mis-masked.
 
 Tools. A conversation with tools (a ``tools`` list, assistant ``tool_calls``, ``tool``
 messages) is rendered by the chat template with ``tools=`` when the template has a tool
-format (``template_renders_tools``). When it has none (a template that ignores ``tools`` and
-``tool_calls``), the conversation is rewritten into plain turns the template can render, in
-the Hermes format that many open models and vLLM's ``hermes`` tool parser use:
+format (``template_renders_tools``), as the bundled Gemma template does. When it has none
+(SmolLM2's ChatML template, most templates of small models), the conversation is rewritten
+into plain turns the template can render, with the bundled template's conventions, which
+are the Hermes format that the server's ``hermes`` parser and forced-call grammar use:
 
-- the tools are described in the system message (one is added when there is none):
-  ``# Tools`` + one JSON schema per line, and how to call them;
-- an assistant tool call becomes ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
-  in the assistant's text (after its content, if any), one block per call;
-- each run of ``tool`` messages becomes one user turn of
-  ``<tool_response>\\n...\\n</tool_response>`` blocks, in order.
+- the tools are described in the system message (one is added when there is none): how to
+  call, then one JSON schema per line;
+- an assistant tool call becomes ``<tool_call>{"name":...,"arguments":{...}}</tool_call>``
+  (compact JSON) in the assistant's text, after its content if any, one block per call;
+- each ``tool`` message becomes a user turn ``<tool_response>\n...\n</tool_response>``.
 
-The same rewrite renders the eval prompts, so training and eval see one format.
+Training, the trainer's eval and the server (``server/engine/hf.py``) all render through
+``render`` / ``render_prompt``, so an adapter sees its tools the same way in all three.
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_RESPONSE_OPEN = "<tool_response>"
 TOOL_RESPONSE_CLOSE = "</tool_response>"
+# the bundled Gemma template's words (trainer/base_model.py), for templates without tools
 FALLBACK_TOOLS_HEADER = (
-    "# Tools\n\nYou may call one or more functions to help with the user's request. "
-    "The functions are described below, one JSON schema per line:\n"
-)
-FALLBACK_TOOLS_FOOTER = (
-    "\nTo call a function, answer with one block per call:\n"
-    f'{TOOL_CALL_OPEN}\n{{"name": <function name>, "arguments": <arguments object>}}\n'
-    f"{TOOL_CALL_CLOSE}"
+    f"You can call these functions. To call one, answer with "
+    f'{TOOL_CALL_OPEN}{{"name": <function name>, "arguments": <arguments object>}}'
+    f"{TOOL_CALL_CLOSE} (one per call).\n"
 )
 
 _PROBE_TOOL = "swapserve_probe_tool"
@@ -104,15 +102,19 @@ def template_renders_tools(tokenizer: Any) -> bool:
 
 
 def tool_call_text(call: dict[str, Any]) -> str:
-    """One tool call in the fallback format."""
+    """One tool call in the fallback format (the bundled template's, compact JSON)."""
     fn = call["function"]
-    body = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+    body = json.dumps(
+        {"name": fn["name"], "arguments": fn["arguments"]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
 
 
 def tools_system_text(tools: list[dict]) -> str:
     lines = [json.dumps(t.get("function", t), ensure_ascii=False) for t in tools]
-    return FALLBACK_TOOLS_HEADER + "\n".join(lines) + "\n" + FALLBACK_TOOLS_FOOTER
+    return FALLBACK_TOOLS_HEADER + "".join(line + "\n" for line in lines)
 
 
 def fallback_messages(
@@ -123,7 +125,7 @@ def fallback_messages(
     out: list[Message] = []
     flags: list[bool] = []
     if tools:
-        block = tools_system_text(tools)
+        block = tools_system_text(tools).strip()
         if messages and messages[0]["role"] == "system":
             out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{block}"})
             messages, trained = messages[1:], trained[1:]
@@ -133,22 +135,17 @@ def fallback_messages(
     for msg, flag in zip(messages, trained, strict=True):
         role = msg["role"]
         if role == "tool":
-            text = f"{TOOL_RESPONSE_OPEN}\n{msg.get('content') or ''}\n{TOOL_RESPONSE_CLOSE}"
-            if out and out[-1].get("_tool_responses"):
-                out[-1]["content"] += "\n" + text
-            else:
-                out.append({"role": "user", "content": text, "_tool_responses": True})
-                flags.append(False)
-            continue
-        if role == "assistant" and msg.get("tool_calls"):
-            parts = [msg["content"].strip()] if msg.get("content") else []
-            parts += [tool_call_text(c) for c in msg["tool_calls"]]
-            out.append({"role": "assistant", "content": "\n".join(parts)})
+            text = (
+                f"{TOOL_RESPONSE_OPEN}\n{(msg.get('content') or '').strip()}\n{TOOL_RESPONSE_CLOSE}"
+            )
+            out.append({"role": "user", "content": text})
+        elif role == "assistant" and msg.get("tool_calls"):
+            text = (msg.get("content") or "").strip()
+            text += "".join(tool_call_text(c) for c in msg["tool_calls"])
+            out.append({"role": "assistant", "content": text})
         else:
             out.append({"role": role, "content": msg.get("content") or ""})
         flags.append(flag)
-    for msg in out:
-        msg.pop("_tool_responses", None)
     return out, flags
 
 

@@ -1,20 +1,39 @@
-"""`swapserve train sft|dpo`: train an adapter in the foreground, no server needed.
+"""`swapserve train sft|dpo|orpo|kto|compare`: train in the foreground, no server needed.
 
-The main CLI (server/cli.py) calls ``register(subparsers)``. ``--server URL`` registers the
-result with a running server afterwards (POST URL/adapters). ``--dry-run`` validates the
-data and prints the loss mask of the first example, before any weights are loaded.
+The main CLI (server/cli.py) calls ``register(subparsers)``. One subcommand per objective
+(``trainer.objectives``); its flags are generated from that objective's config dataclass, so
+every field (the method table's included: ``--method``, ``--num-virtual-tokens``, ...) has a
+flag with the field's own help. ``--server URL`` registers the result with a running server
+afterwards (POST URL/adapters). ``--dry-run`` validates the data and the method against the
+base and prints the loss mask of the first example, before any weights are loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from trainer.config import QUANTIZATIONS, ConfigError
+
+# Short flags kept from before the flags were generated from the config fields.
+FLAG_ALIASES = {
+    "base_model": "--base",
+    "r": "--rank",
+    "lora_alpha": "--alpha",
+    "lora_dropout": "--dropout",
+    "use_rslora": "--rslora",
+    "use_dora": "--dora",
+    "learning_rate": "--lr",
+    "gradient_accumulation_steps": "--grad-accum",
+}
+# Comma-separated lists on the command line.
+LIST_FIELDS = {"target_modules", "feedforward_modules", "trainable_tokens"}
 
 
 def default_data_dir() -> Path:
@@ -24,78 +43,69 @@ def default_data_dir() -> Path:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``train sft`` and ``train dpo`` to an argparse subparsers object."""
-    train = subparsers.add_parser("train", help="train a LoRA adapter (SFT or DPO) from JSONL data")
-    methods = train.add_subparsers(dest="train_method", metavar="{sft,dpo}", required=True)
-    for method, help_text in (
-        ("sft", "supervised fine-tuning on chat or prompt/completion data"),
-        ("dpo", "direct preference optimisation on prompt/chosen/rejected pairs"),
-    ):
-        p = methods.add_parser(method, help=help_text, description=help_text)
-        _add_arguments(p, method)
-        p.set_defaults(func=run_command, train_kind=method)
+    """Add ``train <objective>`` and ``train compare`` to an argparse subparsers object."""
+    from trainer.objectives import get_objective, objective_names
+
+    names = objective_names()
+    train = subparsers.add_parser(
+        "train", help=f"train an adapter ({', '.join(names)}) from JSONL data, or compare methods"
+    )
+    methods = train.add_subparsers(
+        dest="train_method", metavar="{" + ",".join([*names, "compare"]) + "}", required=True
+    )
+    for name in names:
+        objective = get_objective(name)
+        help_text = f"{objective.summary}; data: {objective.data}"
+        p = methods.add_parser(name, help=objective.summary, description=help_text)
+        _add_arguments(p, objective.config_class)
+        p.set_defaults(func=run_command, train_kind=name)
+    from trainer.compare import register_compare
+
+    register_compare(methods)
     return train
 
 
-def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
-    from trainer.jobs import config_class
+def field_flags(p: argparse.ArgumentParser, config_cls: Any, skip: Collection[str] = ()) -> None:
+    """One flag per config field (dest = the field name), typed from its annotation."""
+    from trainer.methods import method_names
 
-    helps = config_class(method).field_help()
+    helps = config_cls.field_help()
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = FLAG_ALIASES.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = str(f.type)
+        help_text = helps[f.name]
+        if f.name == "method":
+            p.add_argument(flag, dest=f.name, choices=method_names(), default=None, help=help_text)
+        elif f.name == "quantization":
+            p.add_argument(flag, dest=f.name, choices=QUANTIZATIONS, default=None, help=help_text)
+        elif f.name in LIST_FIELDS:
+            p.add_argument(flag, dest=f.name, default=None, help=help_text + " (comma-separated)")
+        elif kind == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        elif kind.startswith("bool"):
+            p.add_argument(flag, dest=f.name, type=_parse_bool, default=None, help=help_text)
+        elif kind.startswith("int"):
+            p.add_argument(flag, dest=f.name, type=int, default=None, help=help_text)
+        elif kind.startswith("float"):
+            p.add_argument(flag, dest=f.name, type=float, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: use true or false")
+
+
+def _add_arguments(p: argparse.ArgumentParser, config_cls: Any) -> None:
     p.add_argument("--data", required=True, type=Path, help="training data, JSONL")
     p.add_argument("--name", required=True, help="adapter name (letters, digits, . _ -)")
-    p.add_argument(
-        "--base",
-        default=None,
-        help=helps["base_model"] + " Default: $SWAPSERVE_BASE_MODEL (the server's base) if set.",
-    )
-    p.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default=None, help=helps["quantization"]
-    )
-    p.add_argument("--device", default=None, help=helps["device"])
-    p.add_argument("--rank", type=int, default=None, help=helps["r"])
-    p.add_argument("--alpha", type=float, default=None, help=helps["lora_alpha"])
-    p.add_argument("--dropout", type=float, default=None, help=helps["lora_dropout"])
-    p.add_argument(
-        "--target-modules",
-        default=None,
-        help="'all-linear' or a comma-separated list of module names",
-    )
-    p.add_argument(
-        "--trainable-tokens",
-        default=None,
-        help="'auto', 'none', or a comma-separated list of token strings or ids "
-        "(e.g. '<end_of_turn>' or '106'). " + helps["trainable_tokens"],
-    )
-    p.add_argument("--rslora", action="store_true", default=None, help=helps["use_rslora"])
-    p.add_argument("--dora", action="store_true", default=None, help=helps["use_dora"])
-    p.add_argument("--lr", type=float, default=None, help=helps["learning_rate"])
-    p.add_argument("--epochs", type=float, default=None, help=helps["epochs"])
-    p.add_argument("--max-steps", type=int, default=None, help=helps["max_steps"])
-    p.add_argument("--batch-size", type=int, default=None, help=helps["batch_size"])
-    p.add_argument(
-        "--grad-accum", type=int, default=None, help=helps["gradient_accumulation_steps"]
-    )
-    p.add_argument("--max-length", type=int, default=None, help=helps["max_length"])
-    p.add_argument("--warmup-steps", type=int, default=None, help=helps["warmup_steps"])
-    p.add_argument("--eval-steps", type=int, default=None, help=helps["eval_steps"])
-    p.add_argument(
-        "--early-stopping-patience",
-        type=int,
-        default=None,
-        help=helps["early_stopping_patience"],
-    )
-    if method == "sft":
-        p.add_argument(
-            "--loss-turns", choices=("all", "last"), default=None, help=helps["loss_turns"]
-        )
-    p.add_argument("--eval-fraction", type=float, default=None, help=helps["eval_fraction"])
-    p.add_argument("--eval-file", default=None, help=helps["eval_file"])
-    p.add_argument("--seed", type=int, default=None, help=helps["seed"])
-    if method == "dpo":
-        p.add_argument("--beta", type=float, default=None, help=helps["beta"])
-        p.add_argument(
-            "--sft-weight", type=float, default=None, help=helps["sft_weight"], dest="sft_weight"
-        )
+    field_flags(p, config_cls)
     p.add_argument(
         "--config",
         type=Path,
@@ -110,6 +120,13 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
         help="where the adapter folder goes (default: $SWAPSERVE_DATA_DIR/trained/<name>)",
     )
     p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="method full: where the fine-tuned model folder goes (default: "
+        "$SWAPSERVE_DATA_DIR/models/<name>); usable as SWAPSERVE_BASE_MODEL",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the data, print the loss mask of the first examples and the settings "
@@ -119,52 +136,33 @@ def _add_arguments(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--api-key", default=os.environ.get("SWAPSERVE_API_KEY"), help="bearer token")
 
 
-_FLAG_TO_FIELD = {
-    "base": "base_model",
-    "quantization": "quantization",
-    "device": "device",
-    "rank": "r",
-    "alpha": "lora_alpha",
-    "dropout": "lora_dropout",
-    "rslora": "use_rslora",
-    "dora": "use_dora",
-    "lr": "learning_rate",
-    "epochs": "epochs",
-    "max_steps": "max_steps",
-    "batch_size": "batch_size",
-    "grad_accum": "gradient_accumulation_steps",
-    "max_length": "max_length",
-    "warmup_steps": "warmup_steps",
-    "eval_steps": "eval_steps",
-    "early_stopping_patience": "early_stopping_patience",
-    "loss_turns": "loss_turns",
-    "eval_fraction": "eval_fraction",
-    "eval_file": "eval_file",
-    "seed": "seed",
-    "beta": "beta",
-    "sft_weight": "sft_weight",
-}
-
-
-def config_from_args(args: argparse.Namespace) -> Any:
-    from trainer.jobs import build_config
-
+def fields_from_args(args: argparse.Namespace, config_cls: Any) -> dict[str, Any]:
+    """The config fields given as flags (and in --config), as a JSON-shaped dict."""
     fields: dict[str, Any] = {}
-    if args.config is not None:
+    if getattr(args, "config", None) is not None:
         fields.update(json.loads(args.config.read_text()))
-    for flag, field_name in _FLAG_TO_FIELD.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            fields[field_name] = value
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "trainable_tokens":
+            value = parse_trainable_tokens(value)
+        elif f.name == "target_modules":
+            value = value if value == "all-linear" else [s.strip() for s in value.split(",")]
+        elif f.name in LIST_FIELDS:
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        fields[f.name] = value
     # the server's base unless told otherwise, so the adapter fits the server it goes to
     if fields.get("base_model") is None and os.environ.get("SWAPSERVE_BASE_MODEL"):
         fields["base_model"] = os.environ["SWAPSERVE_BASE_MODEL"]
-    if args.target_modules:
-        tm = args.target_modules
-        fields["target_modules"] = tm if tm == "all-linear" else [s.strip() for s in tm.split(",")]
-    if args.trainable_tokens is not None:
-        fields["trainable_tokens"] = parse_trainable_tokens(args.trainable_tokens)
-    return build_config(args.train_kind, fields)
+    return fields
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from trainer.objectives import build_config, get_objective
+
+    cls = get_objective(args.train_kind).config_class
+    return build_config(args.train_kind, fields_from_args(args, cls))
 
 
 def parse_trainable_tokens(value: str) -> str | list[str | int]:
@@ -200,9 +198,14 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
     path = resolve_base_model(config.base_model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ensure_chat_template(tokenizer)
-    loss_turns = getattr(config, "loss_turns", "all")
-    report = dry_run(args.data, tokenizer, config.max_length, args.train_kind, loss_turns)
-    tokens = _dry_run_tokens(config, tokenizer, path, args.data, args.train_kind)
+    from trainer.methods import check_against_base, get_method
+    from trainer.objectives import get_objective
+
+    task = get_objective(args.train_kind).task
+    method = get_method(config.method)
+    check_against_base(config, path)  # module names, context: refused now, not after loading
+    report = dry_run(args.data, tokenizer, config.max_length, task, config.loss_turns)
+    tokens = _dry_run_tokens(config, tokenizer, path, args.data, task)
     lengths = report["lengths"]
     print(f"data: {report['path']} (sha256 {report['sha256'][:16]}...)")
     print(f"examples: {report['counts']['examples']} ({report['counts']['format']})")
@@ -217,7 +220,12 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
             "note: the chat template has no tool format; tools, tool calls and tool results "
             "are rendered as plain turns in the Hermes format (trainer/chat.py)"
         )
-    print(tokens.describe())
+    print(f"method: {method.name} ({method.summary}); base {config.quantization}")
+    print(
+        tokens.describe()
+        if method.trains_token_rows
+        else f"trainable tokens: none (method {method.name} trains no embedding rows)"
+    )
     for line in _chosen_settings(args, config).describe():
         print(line)
     return 0
@@ -225,26 +233,26 @@ def _dry_run(args: argparse.Namespace, config: Any) -> int:
 
 def _chosen_settings(args: argparse.Namespace, config: Any) -> Any:
     """What trainer.defaults makes of this config and data: the same call training makes."""
-    from trainer.data import Task, load_jsonl
+    from trainer.data import load_jsonl
     from trainer.defaults import resolve_for_data
+    from trainer.objectives import get_objective
 
-    task: Task = "dpo" if args.train_kind == "dpo" else "sft"
+    task = get_objective(args.train_kind).task
     data = load_jsonl(args.data, task)
     eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
     return resolve_for_data(config, args.train_kind, data, eval_data)[1]
 
 
-def _dry_run_tokens(config: Any, tokenizer: Any, path: Path, data_path: Path, kind: str) -> Any:
+def _dry_run_tokens(config: Any, tokenizer: Any, path: Path, data_path: Path, task: Any) -> Any:
     """What ``config.trainable_tokens`` resolves to, as training will resolve it: over the
     training split (after the eval hold-out), with the model's stop tokens."""
     from transformers import GenerationConfig
 
     from trainer.base_model import stop_token_ids
     from trainer.common import split_eval
-    from trainer.data import Task, load_jsonl
+    from trainer.data import load_jsonl
     from trainer.tokens import config_vocab_size, resolve_trainable_tokens
 
-    task: Task = "dpo" if kind == "dpo" else "sft"
     data = load_jsonl(data_path, task)
     eval_data = load_jsonl(config.eval_file, task) if config.eval_file else None
     train_examples, _ = split_eval(data, config, eval_data)
@@ -269,6 +277,8 @@ def _train(args: argparse.Namespace, config: Any) -> int:
 
     if not NAME_RE.match(args.name):
         raise ConfigError("name", f"{args.name!r}: use letters, digits, '.', '_' or '-'")
+    if config.method == "full" and args.model_dir is None:
+        args.model_dir = default_data_dir() / "models" / args.name
     if not isinstance(config.trainable_tokens, str):
         from trainer.base_model import resolve_base_model
         from trainer.tokens import check_trainable_tokens
@@ -293,23 +303,46 @@ def _train(args: argparse.Namespace, config: Any) -> int:
             eval_bar.update((update.eval_done or 0) - eval_bar.n)
             return
         if bar is None:
-            bar = tqdm(total=update.total_steps, desc=f"train {args.train_kind}", unit="step")
+            bar = tqdm(
+                total=update.total_steps,
+                desc=f"train {args.train_kind}/{config.method}",
+                unit="step",
+            )
         bar.update(update.step - bar.n)
         if update.loss is not None:
             bar.set_postfix(loss=f"{update.loss:.4f}")
 
-    if args.train_kind == "sft":
-        from trainer.sft import run_sft as runner
-    else:
-        from trainer.dpo import run_dpo as runner
+    from trainer.train import train
+
     try:
-        result = runner(config, args.data, output_dir, progress=progress, name=args.name)
+        result = train(
+            config,
+            args.data,
+            output_dir,
+            progress=progress,
+            name=args.name,
+            model_dir=args.model_dir,
+        )
     finally:
         for b in (bar, eval_bar):
             if b is not None:
                 b.close()
-    print(f"adapter: {result.output_dir}")
+    card = result.card
+    params = card["method"]["parameters"]
+    print(f"adapter: {result.output_dir} ({card['method']['name']}, {card['adapter_bytes']} bytes)")
+    print(
+        f"trainable parameters: {params['trainable']:,} ({params['trainable_pct']:.3f}% of "
+        f"{params['base']:,})"
+    )
     print(f"final loss: {result.final_loss}")
+    extraction = card.get("extraction")
+    if extraction:
+        print(f"full model: {extraction['model_dir']}")
+        print(
+            f"extracted LoRA: ranks {extraction['ranks']}, relative error "
+            f"{extraction['relative_error']:.4f}, the linear layers hold "
+            f"{100 * extraction['linear_share']:.1f}% of the weight change"
+        )
     stopping = (result.card.get("defaults") or {}).get("early_stopping")
     if stopping and stopping.get("best_step"):
         how = (
@@ -322,12 +355,22 @@ def _train(args: argparse.Namespace, config: Any) -> int:
             f"(eval loss {stopping['best_eval_loss']:.4f})"
         )
     if result.eval:
-        for arm in ("base", "adapter"):
+        labels = {"base": "base", "adapter": "full model" if extraction else "adapter"}
+        for arm, label in labels.items():
             if arm in result.eval:
                 m = result.eval[arm]
                 print(
-                    f"eval {arm}: exact_match {m['exact_match']:.3f}, token_f1 {m['token_f1']:.3f}"
+                    f"eval {label}: exact_match {m['exact_match']:.3f}, "
+                    f"token_f1 {m['token_f1']:.3f}"
                 )
+        ex = result.eval.get("extracted")
+        if ex and "adapter" in ex:
+            loss = ex.get("eval_loss")
+            print(
+                f"eval extracted adapter: exact_match {ex['adapter']['exact_match']:.3f}, "
+                f"token_f1 {ex['adapter']['token_f1']:.3f}"
+                + (f", eval loss {loss:.4f}" if loss is not None else "")
+            )
     if not result.card["mixed_batch_servable"]:
         print("note: DoRA adapter; it cannot be served in a mixed-adapter batch")
     if args.server:

@@ -1,8 +1,10 @@
-"""Pieces shared by run_sft and run_dpo: model preparation, progress/cancel callback,
-eval (loss + generated answers, base vs adapter), and the atomic adapter + card output."""
+"""Pieces of the job skeleton (trainer/train.py): model preparation, progress/cancel
+callback, eval (loss + generated answers, base vs trained), and the atomic adapter + card
+output."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -153,14 +155,18 @@ def load_base(config: JobConfig, base: LoadedBaseModel | None) -> LoadedBaseMode
             )
         return base
     return load_base_model(
-        config.base_model, quantization=config.quantization, device=config.device
+        config.base_model,
+        quantization=config.quantization,  # type: ignore[arg-type]  # resolved by the method
+        device=config.device,
     )
 
 
 def use_gradient_checkpointing(config: JobConfig, device: str) -> bool:
+    from trainer.methods import get_method
+
     if config.gradient_checkpointing is not None:
         return config.gradient_checkpointing
-    return device.startswith("cuda")
+    return device.startswith("cuda") and get_method(str(config.method)).gradient_checkpointing
 
 
 def fast_bf16(device: str) -> bool:
@@ -218,24 +224,6 @@ def trainable_tokens_for(
     )
     logger.info("%s", tokens.describe())
     return tokens
-
-
-def lora_config(config: JobConfig, tokens: TrainableTokens | None = None) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        # Only these rows of the input embedding are trained (and, for a tied model, the
-        # same rows of the output layer); None keeps a plain LoRA, with no key in the file.
-        trainable_token_indices=list(tokens.ids) if tokens and tokens.ids else None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def fit_output_layer_to_fused_head(peft_model: Any) -> None:
@@ -514,24 +502,33 @@ def eval_generation(
     examples: list[Example],
     config: JobConfig,
     phase: EvalPhase | None = None,
+    *,
+    base_model: Any = None,
+    skip_base: bool = False,
 ) -> dict[str, Any]:
-    """Exact match and token F1 of greedy answers, adapter disabled vs enabled.
-    ``phase`` (optional) gets progress after each batch and can cancel mid-answer."""
+    """Exact match and token F1 of greedy answers, base vs trained. The base is
+    ``base_model`` when given (a full fine-tune's frozen copy), else ``model`` with its
+    adapter disabled; ``skip_base`` answers with ``model`` only. ``phase`` (optional) gets
+    progress after each batch and can cancel mid-answer."""
     chosen = examples[: config.eval_max_examples]
     if not chosen:
         return {}
     refs = [e.reference_answer(base.tokenizer) for e in chosen]
     n = len(chosen)
     budget = eval_token_budget(config, base.tokenizer, refs)
+    start = phase.done if phase is not None else 0
 
     def hooks(offset: int) -> dict[str, Any]:
         if phase is None:
             return {}
-        return {"check": phase.check, "after_batch": lambda done: phase.report(offset + done)}
+        return {
+            "check": phase.check,
+            "after_batch": lambda done: phase.report(start + offset + done),
+        }
 
-    def answers(offset: int) -> list[str]:
+    def answers(which: Any, offset: int) -> list[str]:
         return generate_answers(
-            model,
+            which,
             base.tokenizer,
             chosen,
             budget,
@@ -543,21 +540,30 @@ def eval_generation(
     was_training = model.training
     model.eval()
     try:
-        with model.disable_adapter():
-            base_answers = answers(0)
-        adapter_answers = answers(n)
+        base_answers: list[str] | None = None
+        if skip_base:
+            pass
+        elif base_model is not None:
+            base_answers = answers(base_model, 0)
+        else:
+            with model.disable_adapter():
+                base_answers = answers(model, 0)
+        adapter_answers = answers(model, 0 if skip_base else n)
     finally:
         model.train(was_training)
     samples = [
-        {"line": e.line, "reference": r, "base": b, "adapter": a}
-        for e, r, b, a in zip(chosen, refs, base_answers, adapter_answers, strict=True)
+        {"line": e.line, "reference": r, "adapter": a}
+        | ({"base": base_answers[i]} if base_answers else {})
+        for i, (e, r, a) in enumerate(zip(chosen, refs, adapter_answers, strict=True))
     ][:5]
-    return {
-        "base": aggregate(base_answers, refs),
+    out: dict[str, Any] = {
         "adapter": aggregate(adapter_answers, refs),
         "max_new_tokens": budget,
         "samples": samples,
     }
+    if base_answers is not None:
+        out["base"] = aggregate(base_answers, refs)
+    return out
 
 
 def build_card(
@@ -576,18 +582,35 @@ def build_card(
     wall_time_s: float,
     name: str,
     tokens: TrainableTokens | None = None,
+    peft_config: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    train_time_s: float | None = None,
+    extraction: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    from trainer.methods import get_method
+
+    method = get_method(str(config.method))
     final = loss_history[-1]["loss"] if loss_history else None
-    hyperparameters = config.to_dict()
+    hyperparameters = config.method_dict()
     # What "auto" (or the list) became for this base and data: the rows the file holds.
     resolved = tokens.to_dict() if tokens else {"ids": [], "tokens": []}
     hyperparameters["trainable_token_ids"] = resolved["ids"]
     hyperparameters["trainable_token_strings"] = resolved["tokens"]
-    return {
+    card: dict[str, Any] = {
         "card_version": CARD_VERSION,
         "name": name,
         "kind": kind,
+        "objective": kind,
+        "method": {
+            "name": method.name,
+            # the adapter file's kind: a full fine-tune registers its extracted LoRA
+            "peft_type": method.peft_type or "LORA",
+            "summary": method.summary,
+            "parameters": parameters,
+            # the adapter's own PEFT config, as written to adapter_config.json
+            "peft_config": peft_config,
+        },
         "base_model": {
             "id": base.model_id,
             "path": str(base.path),
@@ -607,26 +630,39 @@ def build_card(
         "hyperparameters": hyperparameters,
         # which settings trainer.defaults chose from the data, and why
         "defaults": defaults,
-        "lora": {
+    }
+    if method.peft_type == "LORA":
+        card["lora"] = {
             "r": config.r,
             "alpha": config.lora_alpha,
             "target_modules": config.target_modules,
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
             "trainable_token_indices": resolved["ids"],
-        },
-        "mixed_batch_servable": config.mixed_batch_servable,
-        "serving_note": None
-        if config.mixed_batch_servable
-        else "DoRA adapters cannot share a mixed-adapter batch (PEFT adapter_names raises); "
-        "serve in a lane of their own",
-        "libraries": library_versions(),
-        "train": {"steps": steps, "final_loss": final, "loss_history": loss_history},
-        "eval": eval_results,
-        "wall_time_s": round(wall_time_s, 3),
-        "memory": peak_memory(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        }
+    if extraction is not None:
+        card["extraction"] = extraction
+    card.update(
+        {
+            "mixed_batch_servable": config.mixed_batch_servable,
+            "serving_note": None
+            if config.mixed_batch_servable
+            else "DoRA adapters cannot share a mixed-adapter batch (PEFT adapter_names raises); "
+            "serve in a lane of their own",
+            "libraries": library_versions(),
+            "train": {
+                "steps": steps,
+                "final_loss": final,
+                "loss_history": loss_history,
+                "train_time_s": round(train_time_s, 3) if train_time_s is not None else None,
+            },
+            "eval": eval_results,
+            "wall_time_s": round(wall_time_s, 3),
+            "memory": peak_memory(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    return card
 
 
 def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
@@ -646,6 +682,8 @@ def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
         missing = [f for f in ADAPTER_FILES if not (tmp / f).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {', '.join(missing)}")
+        card["adapter_bytes"] = (tmp / ADAPTER_FILES[1]).stat().st_size
+        card["adapter_parameters"] = _tensor_elements(tmp / ADAPTER_FILES[1])
         # the folder is renamed into place whole below; the card is written durably first
         write_json_atomic(tmp / CARD_NAME, card, indent=2)
         check_output_dir(output_dir)
@@ -654,6 +692,21 @@ def write_output(model: Any, card: dict[str, Any], output_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _tensor_elements(path: Path) -> int:
+    """Values stored in a safetensors file (what the adapter holds on disk; for P-tuning
+    the virtual tokens its encoder produced, not the encoder)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            n = 1
+            for dim in fh.get_slice(key).get_shape():
+                n *= dim
+            total += n
+    return total
 
 
 def scratch_dir(output_dir: Path) -> tempfile.TemporaryDirectory:
@@ -681,12 +734,21 @@ def finish_run(
     should_stop: StopFn | None,
     name: str | None,
     tokens: TrainableTokens | None = None,
+    parameters: dict[str, Any] | None = None,
+    train_time_s: float | None = None,
+    extraction: dict[str, Any] | None = None,
+    full_model: tuple[Any, Any, Path] | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """The end both methods share: last cancel check, card, adapter folder, result."""
+    """The end every job shares: last cancel check, card, [full model folder], adapter
+    folder, result. The model folder is written first and removed again if the adapter
+    cannot be: a job leaves both or neither."""
     if should_stop is not None and should_stop():
         raise TrainingCancelled("cancelled after training, before writing")
     wall = time.monotonic() - started
+    peft_config = (
+        peft_model.peft_config["default"].to_dict() if hasattr(peft_model, "peft_config") else None
+    )
     card = build_card(
         kind=kind,
         config=config,
@@ -702,9 +764,24 @@ def finish_run(
         wall_time_s=wall,
         name=name or output_dir.name,
         tokens=tokens,
+        peft_config=_jsonable(peft_config),
+        parameters=parameters,
+        train_time_s=train_time_s,
+        extraction=extraction,
         defaults=defaults,
     )
-    write_output(peft_model, card, output_dir)
+    model_dir = None
+    if full_model is not None:
+        from trainer.extract import save_full_model
+
+        model, tokenizer, model_dir = full_model
+        save_full_model(model, tokenizer, model_dir, card)
+    try:
+        write_output(peft_model, card, output_dir)
+    except BaseException:
+        if model_dir is not None:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
     logger.info("%s adapter written to %s in %.1f s", kind.upper(), output_dir, wall)
     return TrainResult(
         output_dir=output_dir,
@@ -715,4 +792,11 @@ def finish_run(
         wall_time_s=wall,
         eval=eval_results,
         model=peft_model,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """A PEFT config dict as plain JSON (sets become sorted lists, enums their values)."""
+    return json.loads(
+        json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     )

@@ -1,8 +1,14 @@
-"""The job configuration shared by SFT and DPO: base model, LoRA section, training loop, eval.
+"""The job configuration every objective shares: base model, method, the methods' own
+sections, training loop, eval.
 
-One config object drives the CLI, the HTTP job request (``from_dict``) and the job record
-(``to_dict``). Every field is documented in ``metadata["help"]`` and checked in
+One config object drives the CLI, the HTTP job request (``from_dict``), the job record
+(``to_dict``) and the card. Every field is documented in ``metadata["help"]`` and checked in
 ``__post_init__``, so a bad value fails when the config is built, not minutes into a job.
+
+Which fields a PEFT method reads, its defaults and its checks live in the method table
+(``trainer.methods``); an objective (``trainer.sft``, ``trainer.dpo``, ...) subclasses
+``JobConfig`` with its own fields. A method's field set to anything but its default on a job
+of another method is refused: a value the job would ignore is a mistake to report.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 QUANTIZATIONS = ("nf4", "none")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -29,6 +35,12 @@ class ConfigError(ValueError):
         super().__init__(f"{field_name}: {message}")
 
 
+def _methods_phrase(names: list[str]) -> str:
+    if len(names) == 1:
+        return f"method {names[0]}"
+    return f"methods {', '.join(names[:-1])} and {names[-1]}"
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -41,7 +53,7 @@ def is_number(value: Any) -> bool:
 class JobConfig:
     """Fields common to every training method. Subclasses add their own."""
 
-    # -- base model
+    # -- base model and method
     base_model: str | None = field(
         default=None,
         metadata={
@@ -50,18 +62,26 @@ class JobConfig:
             "default bundled smollm2-135m-instruct. Never downloaded."
         },
     )
-    quantization: str = field(
-        default="nf4",
+    method: str | None = field(
+        default=None,
         metadata={
-            "help": "'nf4' loads the base in 4-bit NF4 and trains LoRA on top (QLoRA); "
-            "'none' keeps the base unquantized (plain LoRA)."
+            "help": "What trains: lora, qlora, ia3, prompt_tuning, prefix_tuning, p_tuning, "
+            "ln_tuning or full (see the method table). Default: qlora on a 4-bit base "
+            "(quantization 'nf4' or unset), lora with quantization 'none'."
+        },
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "'nf4' loads the base in 4-bit NF4, 'none' unquantized. Default: the "
+            "method's (qlora: nf4; lora and full: none; the others: nf4)."
         },
     )
     device: str = field(
         default="auto",
         metadata={"help": "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:N]'."},
     )
-    # -- LoRA section
+    # -- lora / qlora
     r: int = field(default=16, metadata={"help": f"LoRA rank, 1..{MAX_RANK}."})
     lora_alpha: float = field(
         default=32.0,
@@ -70,11 +90,14 @@ class JobConfig:
     lora_dropout: float = field(
         default=0.05, metadata={"help": "Dropout on the LoRA input, 0 <= dropout < 1."}
     )
-    target_modules: str | list[str] = field(
-        default="all-linear",
+    target_modules: str | list[str] | None = field(
+        default=None,
         metadata={
-            "help": "Modules that get LoRA: 'all-linear' (every linear layer but the output "
-            "head) or a list of module names such as ['q_proj', 'v_proj']."
+            "help": "Modules the method adapts (lora, qlora, ia3, ln_tuning): a list of module "
+            "names such as ['q_proj', 'v_proj'], a regex over module paths, or 'all-linear' "
+            "(every linear layer but the output head). Default: 'all-linear' for LoRA; PEFT's "
+            "modules for the base's model type for IA3 (e.g. q_proj, v_proj, down_proj) and "
+            "ln_tuning (every norm layer)."
         },
     )
     use_rslora: bool = field(
@@ -95,7 +118,67 @@ class JobConfig:
             "them when the model ties its embeddings): 'auto' trains the model's stop tokens "
             "that carry loss in the data (e.g. <end_of_turn> for chat data), so the adapter "
             "learns to stop; 'none' trains no rows (a plain LoRA); or a list of at most "
-            f"{MAX_TRAINABLE_TOKENS} token strings (as the tokenizer spells them) or ids."
+            f"{MAX_TRAINABLE_TOKENS} token strings (as the tokenizer spells them) or ids. "
+            "LoRA methods only: for the others 'auto' trains no rows."
+        },
+    )
+    # -- ia3
+    feedforward_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "IA3: the target modules whose input (not output) is scaled, as IA3 does "
+            "for feed-forward layers. Default: PEFT's for the model type, among the targets."
+        },
+    )
+    # -- prompt_tuning, prefix_tuning, p_tuning
+    num_virtual_tokens: int = field(
+        default=20,
+        metadata={
+            "help": "Virtual tokens (prompt methods), 1..512; with max_length they must fit "
+            "the base model's context."
+        },
+    )
+    prompt_tuning_init_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompt_tuning: start the virtual tokens from this text's embeddings "
+            "(repeated or cut to num_virtual_tokens); null starts them at random."
+        },
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={
+            "help": "prefix_tuning: train the prefixes through a two-layer MLP "
+            "(reparameterisation), saved as the prefixes it produces."
+        },
+    )
+    encoder_hidden_size: int = field(
+        default=128, metadata={"help": "p_tuning: hidden size of the prompt encoder."}
+    )
+    encoder_reparameterization_type: str = field(
+        default="MLP", metadata={"help": "p_tuning: the prompt encoder, 'MLP' or 'LSTM'."}
+    )
+    # -- full
+    extract_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "full: rank of the LoRA extracted from each linear layer's weight change "
+            "(truncated SVD), 1..256. Null: per layer, the smallest rank that keeps "
+            "extract_energy of the change, at most extract_max_rank."
+        },
+    )
+    extract_energy: float = field(
+        default=0.9,
+        metadata={
+            "help": "full: share of each layer's squared singular values the extracted LoRA "
+            "keeps when extract_rank is null, in (0, 1]."
+        },
+    )
+    extract_max_rank: int = field(
+        default=64,
+        metadata={
+            "help": "full: the highest per-layer rank extract_energy may pick (the server's "
+            "default max_lora_rank is 64)."
         },
     )
     # -- training loop
@@ -103,7 +186,8 @@ class JobConfig:
         default=None,
         metadata={
             "help": "Peak learning rate of AdamW, in (0, 1). Default: chosen from the method "
-            "and the run's length (trainer/defaults.py)."
+            "(its rate in the method table), the objective and the run's length "
+            "(trainer/defaults.py)."
         },
     )
     epochs: float | None = field(
@@ -197,31 +281,44 @@ class JobConfig:
         },
     )
 
+    # Scales the method's default learning rate (objectives override it; trainer.defaults
+    # applies it when learning_rate is left unset).
+    LR_SCALE: ClassVar[float] = 1.0
+    # The objective this config belongs to (objectives override it).
+    OBJECTIVE: ClassVar[str] = "sft"
+
     def __post_init__(self) -> None:
+        from trainer import methods
+
+        method = methods.resolve(self)
+        self._refuse_fields_of_other_methods(method.name, method.fields)
+        methods.check_objective(method, self.OBJECTIVE)
+        self._validate_trainable_tokens()
         self._validate_common()
+        method.check(self)
+
+    def _refuse_fields_of_other_methods(self, method: str, own: tuple[str, ...]) -> None:
+        from trainer import methods
+
+        for name in sorted(methods.method_owned_fields() - set(own)):
+            if getattr(self, name) != self.field_default(name):
+                raise ConfigError(
+                    name,
+                    f"only used by {_methods_phrase(methods.owners(name))}; this job's "
+                    f"method is {method!r}: leave it out, or pick one of those methods",
+                )
 
     def _validate_common(self) -> None:
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ConfigError("base_model", "must be a folder path string or null")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(
-                "quantization",
-                f"{self.quantization!r} is not supported: use 'nf4' (QLoRA) or 'none' (LoRA)",
-            )
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu") or self.device.startswith("cuda")
         ):
             raise ConfigError("device", f"{self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
-        if not is_int(self.r) or not 1 <= self.r <= MAX_RANK:
-            raise ConfigError("r", f"{self.r!r} is out of range: set an integer in 1..{MAX_RANK}")
-        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ConfigError("lora_alpha", f"{self.lora_alpha!r}: must be a number > 0")
-        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
-            raise ConfigError(
-                "lora_dropout", f"{self.lora_dropout!r}: must satisfy 0 <= dropout < 1"
-            )
         tm = self.target_modules
-        if isinstance(tm, str):
+        if tm is None:
+            pass
+        elif isinstance(tm, str):
             if not tm:
                 raise ConfigError("target_modules", "empty: use 'all-linear' or a list of names")
         elif isinstance(tm, list | tuple):
@@ -232,10 +329,6 @@ class JobConfig:
             self.target_modules = list(tm)
         else:
             raise ConfigError("target_modules", "must be 'all-linear' or a list of module names")
-        self._validate_trainable_tokens()
-        for name in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, "must be true or false")
         if self.learning_rate is not None and (
             not is_number(self.learning_rate) or not 0 < self.learning_rate < 1
         ):
@@ -351,7 +444,24 @@ class JobConfig:
         """Field name -> help text, for CLI help and API docs."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def field_default(cls, name: str) -> Any:
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+                return f.default
+        raise KeyError(name)
+
+    def method_dict(self) -> dict[str, Any]:
+        """The fields that configure this job: the common ones, its method's and its
+        objective's (what the card records; other methods' fields are left out)."""
+        from trainer import methods
+
+        others = methods.method_owned_fields() - set(methods.get_method(str(self.method)).fields)
+        return {k: v for k, v in self.to_dict().items() if k not in others}
+
     @property
     def mixed_batch_servable(self) -> bool:
         # PEFT's adapter_names (mixed batches) raises for DoRA.
-        return not self.use_dora
+        return not (self.method in ("lora", "qlora") and self.use_dora)

@@ -17,7 +17,10 @@ conversation (or, for plain prompt/completion text, a prompt and a completion):
 - Alpaca: ``{"instruction": str, "input"?: str, "output": str, "system"?: str,
   "history"?: [[instruction, output], ...]}``: the user turn is the instruction, then a blank
   line and the input when there is one; the output is the assistant turn.
-- preference (DPO): ``{"prompt": str | messages, "chosen": str | [msg], "rejected": ...}``.
+- preference (DPO, ORPO, KTO): ``{"prompt": str | messages, "chosen": str | [msg],
+  "rejected": ...}``.
+- unpaired (KTO): ``{"prompt": str | messages, "completion": str | [msg], "label": bool}``:
+  one rated answer per line (thumbs up = true), as ``POST /ab/feedback`` collects them.
 
 Loss is carried by the assistant turns (with their end-of-turn token, so the model learns
 to stop): every one of them by default, or only the last (``loss_turns="last"``), never one
@@ -161,7 +164,8 @@ def dataset_hash(path: str | Path) -> str:
 def load_jsonl(path: str | Path, task: Task | None = None) -> LoadedData:
     """Read and validate a JSONL file; raise DataError listing every problem found.
 
-    ``task`` "sft" accepts every format but preference pairs, "dpo" preference pairs only.
+    ``task`` "sft" accepts every format but preference pairs and rated answers, "dpo"
+    preference pairs only, "kto" rated answers (``label``) and preference pairs.
     """
     path = Path(path)
     if not path.is_file():
@@ -285,24 +289,28 @@ def tokenize_sft(example: Example, tokenizer: Any, loss_turns: LossTurns = "all"
     raise ValueError(f"line {example.line}: {example.format} data is not SFT data")
 
 
+def _tokenize_answer(example: Example, answer: str, tokenizer: Any) -> Tokenized:
+    """The example's prompt as chat turns, then ``answer`` as the assistant's, masked to it."""
+    assert example.prompt is not None
+    prompt = as_chat_prompt(example.prompt)
+    messages = prompt + [{"role": "assistant", "content": answer}]
+    flags = [False] * len(prompt) + [True]
+    try:
+        rendered = chat.render(tokenizer, messages, flags)
+    except chat.TemplateError as exc:
+        raise ValueError(str(exc)) from exc
+    return _tokenize_spans(
+        tokenizer, rendered.text, rendered.spans, example.line, add_special_tokens=False
+    )
+
+
 def tokenize_preference(example: Example, tokenizer: Any) -> tuple[Tokenized, Tokenized]:
     """Chosen and rejected sequences of a preference pair, each masked to its answer."""
-    assert example.prompt is not None and example.chosen is not None
-    prompt = as_chat_prompt(example.prompt)
-    out = []
-    for answer in (example.chosen, example.rejected):
-        messages = prompt + [{"role": "assistant", "content": answer or ""}]
-        flags = [False] * len(prompt) + [True]
-        try:
-            rendered = chat.render(tokenizer, messages, flags)
-        except chat.TemplateError as exc:
-            raise ValueError(str(exc)) from exc
-        out.append(
-            _tokenize_spans(
-                tokenizer, rendered.text, rendered.spans, example.line, add_special_tokens=False
-            )
-        )
-    return out[0], out[1]
+    assert example.chosen is not None
+    return (
+        _tokenize_answer(example, example.chosen, tokenizer),
+        _tokenize_answer(example, example.rejected or "", tokenizer),
+    )
 
 
 def prompt_for_generation(example: Example, tokenizer: Any) -> tuple[str, bool]:
@@ -311,7 +319,7 @@ def prompt_for_generation(example: Example, tokenizer: Any) -> tuple[str, bool]:
     conversation = example.conversation
     if conversation is not None:
         return chat.render_prompt(tokenizer, conversation[:-1], example.tools), True
-    if example.format == "preference":
+    if example.format in ("preference", "unpaired"):
         assert example.prompt is not None
         return chat.render_prompt(tokenizer, as_chat_prompt(example.prompt)), True
     return str(example.prompt), False
@@ -324,6 +332,8 @@ def tokenize_example(
     or both answers of a preference pair (DPO's loss runs over chosen and rejected)."""
     if example.format == "preference":
         return tokenize_preference(example, tokenizer)
+    if example.format == "unpaired":  # one rated answer (KTO)
+        return (_tokenize_answer(example, str(example.completion), tokenizer),)
     return (tokenize_sft(example, tokenizer, loss_turns),)
 
 
@@ -448,11 +458,12 @@ def dry_run(
             )
             n_tokens, n_loss = len(chosen.input_ids), chosen.n_loss_tokens
         else:
-            seq = tokenize_sft(example, tokenizer, loss_turns)
+            (seq,) = tokenize_example(example, tokenizer, loss_turns)
             fallback = fallback or seq.tool_fallback
             n_tokens, n_loss = len(seq.input_ids), seq.n_loss_tokens
+            rated = "" if example.label is None else f", label {str(example.label).lower()}"
             text = (
-                f"--- line {example.line}: {n_tokens} tokens, {n_loss} carry loss ---\n"
+                f"--- line {example.line}{rated}: {n_tokens} tokens, {n_loss} carry loss ---\n"
                 f"{render_loss_mask(seq, max_length)}"
             )
         shown.append(

@@ -47,7 +47,7 @@ MAX_EVAL = 100
 BASE_EPOCHS = 3.0  # TRL's SFTConfig default
 TWO_EPOCHS_FROM = 2_000
 ONE_EPOCH_FROM = 10_000
-MIN_STEPS = 40
+MIN_STEPS = 60
 MAX_STEPS = 5_000
 SHORT_RUN_STEPS = 100
 SHORT_RUN_LR_FACTOR = 2.5
@@ -56,18 +56,22 @@ MAX_WARMUP = 100
 EVALS_PER_RUN = 10
 PATIENCE = 3
 
-# Peak learning rate per PEFT method (keys as the method table names them).
-METHOD_LR = {
-    "lora": 2e-4,
-    "qlora": 2e-4,
-    "ia3": 3e-3,
-    "prompt_tuning": 3e-2,
-    "prefix_tuning": 1e-2,
-    "ln_tuning": 1e-3,
-    "full": 2e-5,
-}
-# Factor per objective: preference losses sharpen quickly and overshoot (README: DPO).
-OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.25, "kto": 0.25, "orpo": 0.5}
+# The peak learning rate of each PEFT method is declared with the method
+# (``trainer.methods.Method.learning_rate``) and each objective's factor with its config
+# (``LR_SCALE``: preference losses sharpen quickly and overshoot; README: DPO).
+
+
+def method_lr(method: str) -> float:
+    from trainer.methods import METHODS
+
+    return METHODS[method].learning_rate if method in METHODS else METHODS["lora"].learning_rate
+
+
+def objective_lr_factor(objective: str) -> float:
+    from trainer.objectives import MODULES, get_objective
+
+    return get_objective(objective).config_class.LR_SCALE if objective in MODULES else 1.0
+
 
 AUTO_FIELDS = (
     "eval_fraction",
@@ -173,8 +177,8 @@ def epochs_for(n_train: int) -> float:
 
 
 def learning_rate_for(method: str, objective: str, steps: int) -> tuple[float, str]:
-    base = METHOD_LR.get(method, METHOD_LR["lora"])
-    factor = OBJECTIVE_LR_FACTOR.get(objective, 1.0)
+    base = method_lr(method)
+    factor = objective_lr_factor(objective)
     lr = base * factor
     why = f"{method} {base:g}"
     if factor != 1.0:
@@ -330,6 +334,7 @@ def make_early_stopping(patience: int) -> Any:
             self.saved: dict[str, Any] | None = None
             self.stopped_at: int | None = None
             self.last_step: int | None = None  # the step of the last eval seen
+            self.history: list[dict[str, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             # the last step is always evaluated, so the best weights are chosen among all
@@ -343,6 +348,7 @@ def make_early_stopping(patience: int) -> Any:
             if loss is None or model is None or state.global_step == self.last_step:
                 return
             self.last_step = state.global_step
+            self.history.append({"step": state.global_step, "eval_loss": float(loss)})
             # a NaN or infinite eval loss is never a new best
             if math.isfinite(loss) and (self.best is None or loss < self.best):
                 self.best, self.best_step, self.bad_evals = float(loss), state.global_step, 0
@@ -383,6 +389,7 @@ def make_early_stopping(patience: int) -> Any:
                 "best_eval_loss": self.best,
                 "best_step": self.best_step,
                 "stopped_early_at": self.stopped_at,
+                "eval_loss_history": list(self.history),
             }
 
     return EarlyStopping()

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from trainer import chat
 
-Format = Literal["chat", "prompt_completion", "sharegpt", "alpaca", "preference"]
-Task = Literal["sft", "dpo"]
+Format = Literal["chat", "prompt_completion", "sharegpt", "alpaca", "preference", "unpaired"]
+# sft: every format but pairs and ratings; dpo: preference pairs; kto: rated answers or pairs
+Task = Literal["sft", "dpo", "kto"]
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
@@ -92,6 +93,7 @@ class Example:
     rejected: str | None = None
     tools: list[dict[str, Any]] | None = None
     weights: list[int | None] | None = None
+    label: bool | None = None  # unpaired (KTO): whether ``completion`` is a desirable answer
 
     @property
     def conversation(self) -> list[Message] | None:
@@ -143,6 +145,8 @@ class Example:
 def parse_line(
     obj: dict[str, Any], line: int, task: Task | None, problems: list[Problem]
 ) -> Example | None:
+    if "label" in obj:
+        return _unpaired(obj, line, task, problems)
     if "chosen" in obj or "rejected" in obj:
         if task == "sft":
             problems.append(
@@ -153,6 +157,16 @@ def parse_line(
     if task == "dpo":
         problems.append(
             Problem(line, "chosen", "missing: DPO needs {prompt, chosen, rejected} on every line")
+        )
+        return None
+    if task == "kto":
+        problems.append(
+            Problem(
+                line,
+                "label",
+                "missing: KTO needs {prompt, completion, label} or {prompt, chosen, rejected} "
+                "on every line",
+            )
         )
         return None
     if "messages" in obj:
@@ -735,6 +749,50 @@ def _preference(obj: dict[str, Any], line: int, problems: list[Problem]) -> Exam
         problems.append(Problem(line, "rejected", "identical to chosen: the pair teaches nothing"))
         return None
     return Example(line, "preference", prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+# -- rated answers (KTO's unpaired preference format)
+
+
+def _unpaired(
+    obj: dict[str, Any], line: int, task: Task | None, problems: list[Problem]
+) -> Example | None:
+    """{prompt, completion, label}: one answer rated desirable (true) or not, as
+    ``POST /ab/feedback`` collects thumbs up/down."""
+    before = len(problems)
+    if task == "sft":
+        problems.append(
+            Problem(
+                line,
+                "label",
+                "rated answers are KTO data (SFT would learn the thumbs-down answers too): "
+                "use `train kto` for them",
+            )
+        )
+        return None
+    if task == "dpo":
+        problems.append(
+            Problem(
+                line, "label", "rated single answers are KTO data; DPO needs chosen/rejected pairs"
+            )
+        )
+        return None
+    for name in ("prompt", "completion"):
+        if name not in obj:
+            problems.append(
+                Problem(line, name, "missing (a rated answer needs prompt, completion, label)")
+            )
+    if not isinstance(obj["label"], bool):
+        problems.append(
+            Problem(line, "label", f"must be true (desirable) or false, got {_kind(obj['label'])}")
+        )
+    if len(problems) > before:
+        return None
+    prompt = _prompt_field(obj["prompt"], line, problems)
+    completion = _answer_field(obj["completion"], line, "completion", problems)
+    if len(problems) > before:
+        return None
+    return Example(line, "unpaired", prompt=prompt, completion=completion, label=obj["label"])
 
 
 def _prompt_field(value: Any, line: int, problems: list[Problem]) -> str | list[Message]:

@@ -28,6 +28,8 @@ from typing import Any
 
 from trainer.config import ConfigError, JobConfig
 from trainer.data import load_jsonl
+from trainer.objectives import build_config, get_objective, objective_names
+from trainer.paths import full_model_dir
 from trainer.records import (
     CANCEL_FLAG,
     RECORD,
@@ -43,7 +45,7 @@ from trainer.records import (
 logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KINDS = ("sft", "dpo")
+KINDS = tuple(objective_names())
 # The repository root, so `python -m trainer.worker` imports this very package.
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,27 +72,10 @@ class JobStateError(JobError):
 
 
 def config_class(kind: str) -> type[JobConfig]:
-    if kind == "sft":
-        from trainer.sft import SFTJobConfig
-
-        return SFTJobConfig
-    if kind == "dpo":
-        from trainer.dpo import DPOJobConfig
-
-        return DPOJobConfig
-    raise ConfigError("kind", f"{kind!r} is not a job kind: use one of {', '.join(KINDS)}")
+    return get_objective(kind).config_class
 
 
-def build_config(kind: str, config: JobConfig | dict[str, Any] | None) -> JobConfig:
-    """A config object from a JSON request body (dict) or an existing config."""
-    cls = config_class(kind)
-    if config is None:
-        return cls()
-    if isinstance(config, dict):
-        return cls.from_dict(config)
-    if not isinstance(config, cls):
-        raise ConfigError("config", f"a {kind} job needs a {cls.__name__}")
-    return config
+__all__ = ["JobManager", "build_config", "config_class"]
 
 
 class JobManager:
@@ -101,12 +86,15 @@ class JobManager:
         adapters_dir: str | Path | None = None,
         max_running: int = 1,
         on_success: OnSuccess | None = None,
+        on_finished: OnSuccess | None = None,
         python: str = sys.executable,
         poll_interval_s: float = 0.5,
         cancel_grace_s: float = 120.0,
     ):
         """``root_dir`` holds one folder per job; adapters go to ``adapters_dir/<name>``
-        (default ``root_dir/../trained``, matching the CLI's ``<data_dir>/trained``)."""
+        (default ``root_dir/../trained``, matching the CLI's ``<data_dir>/trained``).
+        ``on_finished(record)`` runs for every job that ends, whatever its state, after
+        ``on_success`` (the method comparison waits for all of its jobs through it)."""
         if max_running < 1:
             raise ValueError("max_running must be >= 1")
         self.root = Path(root_dir)
@@ -114,6 +102,7 @@ class JobManager:
         self.adapters_dir = Path(adapters_dir) if adapters_dir else self.root.parent / "trained"
         self.max_running = max_running
         self.on_success = on_success
+        self.on_finished = on_finished
         self.python = python
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
@@ -152,13 +141,17 @@ class JobManager:
                 f"{name!r} is not a safe adapter name: use 1-64 letters, digits, '.', '_' "
                 "or '-', starting with a letter or digit",
             )
-        task = "dpo" if kind == "dpo" else "sft"
+        task = get_objective(kind).task
         data = load_jsonl(data_path, task)
         eval_data = load_jsonl(cfg.eval_file, task) if cfg.eval_file else None
         output_dir = self.adapters_dir / name
         with self._lock:
             if output_dir.exists():
                 raise JobConflict(f"an adapter folder named {name!r} already exists: {output_dir}")
+            if cfg.method == "full" and full_model_dir(output_dir).exists():
+                raise JobConflict(
+                    f"a model folder named {name!r} already exists: {full_model_dir(output_dir)}"
+                )
             for rec in self.list():
                 if rec["name"] == name and rec["state"] in ("queued", "running"):
                     raise JobConflict(f"job {rec['id']} is already training {name!r}")
@@ -477,6 +470,11 @@ class JobManager:
         logger.info("job %s finished: %s", job_id, record["state"])
         if record["state"] == "succeeded":
             self._notify(record)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(read_record(job_dir))
+            except Exception:  # a watcher's failure must not break the monitor
+                logger.exception("on_finished failed for job %s", job_id)
 
     def _notify(self, record: dict[str, Any]) -> None:
         job_dir = self._job_dir(record["id"])
@@ -494,13 +492,14 @@ class JobManager:
 
     def _clean_partial_output(self, record: dict[str, Any]) -> None:
         """A killed worker cannot clean up its temp folders; remove them (never the
-        finished folder, which only exists after the final rename)."""
+        finished folders, which only exist after the final rename)."""
         out = Path(record["output_dir"])
-        if not out.parent.is_dir():
-            return
-        for pattern in (f".{out.name}.tmp-*", f".{out.name}.scratch-*"):
-            for leftover in out.parent.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for folder in (out, full_model_dir(out)):
+            if not folder.parent.is_dir():
+                continue
+            for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.scratch-*"):
+                for leftover in folder.parent.glob(pattern):
+                    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _record_problem(record: Any, job_id: str) -> str | None:

@@ -34,8 +34,8 @@ MAX_HISTORY_IN_RECORD = 2000
 
 
 def run_job(job_dir: Path) -> int:
-    from trainer.dpo import DPOJobConfig, run_dpo
-    from trainer.sft import SFTJobConfig, run_sft
+    from trainer.objectives import build_config
+    from trainer.train import train
 
     record = read_record(job_dir)
     parent = os.getppid()
@@ -91,15 +91,9 @@ def run_job(job_dir: Path) -> int:
     write_record(job_dir, record)
     append_event(job_dir, "state", state="running", pid=os.getpid())
 
-    kind = record["kind"]
     try:
-        if kind == "sft":
-            runner, config = run_sft, SFTJobConfig.from_dict(record["config"])
-        elif kind == "dpo":
-            runner, config = run_dpo, DPOJobConfig.from_dict(record["config"])
-        else:
-            raise ConfigError("kind", f"unknown job kind {kind!r}")
-        result = runner(
+        config = build_config(record["kind"], record["config"])
+        result = train(
             config,
             record["data_path"],
             record["output_dir"],
@@ -117,6 +111,12 @@ def run_job(job_dir: Path) -> int:
                 "wall_time_s": result.wall_time_s,
                 "eval": _summary(result.eval),
                 "mixed_batch_servable": result.card.get("mixed_batch_servable"),
+                "method": config.method,
+                "parameters": result.card["method"]["parameters"],
+                "adapter_bytes": result.card.get("adapter_bytes"),
+                "train_time_s": result.card["train"]["train_time_s"],
+                "memory": result.card.get("memory"),
+                "extraction": _extraction_summary(result.card.get("extraction")),
                 # the settings trainer.defaults chose from the data, and why
                 "defaults": result.card.get("defaults"),
             },
@@ -155,10 +155,19 @@ def run_job(job_dir: Path) -> int:
     return 0
 
 
+def _extraction_summary(extraction: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not extraction:
+        return None
+    return {k: v for k, v in extraction.items() if k != "per_layer"}
+
+
 def _summary(eval_results: dict[str, Any] | None) -> dict[str, Any] | None:
     if not eval_results:
         return None
-    return {k: v for k, v in eval_results.items() if k != "samples"}
+    out = {k: v for k, v in eval_results.items() if k != "samples"}
+    if isinstance(out.get("extracted"), dict):
+        out["extracted"] = {k: v for k, v in out["extracted"].items() if k != "samples"}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

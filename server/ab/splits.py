@@ -3,7 +3,8 @@
 A chat or completions request for model `ab:<split>` is rewritten to one arm's model (and
 `rag`) before anything else looks at it (the serving layer's `prepare`, server/serving/). The response
 id is fixed at that point, so a client can send feedback for it; the finished answer is
-logged with the prompt, and rated or compared answers become DPO preference pairs.
+logged with the prompt, and rated or compared answers become DPO preference pairs
+(``preference_pairs``) or KTO rated answers (``rated_answers``).
 
 On disk, under <data_dir>/ab/: splits.json, and per split responses.jsonl and
 feedback.jsonl (append-only, replayed at start).
@@ -301,6 +302,28 @@ class SplitService:
                     line = self._pair(*pair)
                     if line is not None:
                         yield line
+
+    def rated_answers(self, split: str) -> Iterator[dict[str, Any]]:
+        """KTO lines {prompt, completion, label}: every rated answer once, label true for a
+        thumbs up. The latest rating of an answer counts; an answer that was only compared
+        counts as liked when it won its latest comparison and disliked when it lost. Empty
+        answers are left out (the trainer refuses them). Unlike DPO pairs, an answer needs
+        no other answer to the same prompt: every rating is a training line."""
+        self.get(split)  # 404 for an unknown split
+        rated: dict[str, bool] = {}
+        compared: dict[str, bool] = {}
+        for fb in self.feedback:
+            if fb["split"] != split:
+                continue
+            if fb["rating"] is not None:
+                rated[fb["response_id"]] = fb["rating"] > 0
+            if fb["preferred_over"] is not None:
+                compared[fb["response_id"]] = True
+                compared[fb["preferred_over"]] = False
+        for rid, label in {**compared, **rated}.items():
+            rec = self.responses[rid]
+            if rec["completion"].strip():
+                yield {"prompt": rec["prompt"], "completion": rec["completion"], "label": label}
 
     def _pair(self, chosen_id: str, rejected_id: str) -> dict[str, Any] | None:
         chosen = self.responses[chosen_id]["completion"]

@@ -161,6 +161,9 @@ class EngineInfo:
     vocab_size: int | None = None
     # whether adapters' trained token rows (PEFT's trainable_token_indices) are applied
     adapter_token_rows: bool = True
+    runner: str | None = None  # how decode steps run, e.g. "fast" or "reference"
+    # how each kind of weight is held, e.g. {"linear": "int4, group size 32", ...}
+    weights_format: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -17,23 +17,35 @@ def build_engine(settings: Settings) -> Engine:
 
         return build_vllm_engine(settings)
     from server.engine.hf import HFEngine
-    from trainer.base_model import load_base_model, native_bf16
+    from server.engine.int4 import int4_kernel_available
+    from trainer.base_model import load_base_model, native_bf16, pick_device
 
+    device = pick_device(settings.device)
+    # 4-bit on the CPU's int4 kernel: re-quantized from the checkpoint's own weights
+    # (loaded unquantized), which keeps more of them than a re-pack of NF4 would
+    int4 = (
+        settings.quantization == "nf4"
+        and device == "cpu"
+        and settings.fast_path != "off"
+        and int4_kernel_available()
+    )
     loaded = load_base_model(
         settings.base_model,
-        quantization=settings.quantization,
-        device=settings.device,
+        quantization="none" if int4 else settings.quantization,
+        device=device,
         cache_dir=settings.cache_dir,
     )
     int8_lm_head = settings.lm_head == "int8" or (
         settings.lm_head == "auto"
         and settings.quantization == "nf4"
         and loaded.device == "cpu"
-        and not native_bf16("cpu")
+        and (int4 or not native_bf16("cpu"))
     )
     return HFEngine(
         loaded,
         int8_lm_head=int8_lm_head,
+        int4_weights=int4,
+        fast_path=settings.fast_path,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_queue=settings.max_queue,

@@ -10,20 +10,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from server.engine import decoder
 from server.engine.base import (
     EngineInfo,
     GenerationOutput,
     GenerationRequest,
 )
+from server.engine.fast_runner import FastModelRunner
 from server.engine.grammar import GrammarCompiler
+from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
 from server.engine.kinds.lora import base_weight
-from server.engine.lm_head import use_int8_lm_head
+from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
-from trainer.base_model import LoadedBaseModel
+from trainer.base_model import LoadedBaseModel, release_freed_memory
+from trainer.chat import render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,64 @@ def _parameter_count(model: Any) -> int:
         else:
             total += param.numel()
     return total
+
+
+def _resident_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers, each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def use_fast_path(setting: str, model: Any, device: str) -> bool:
+    """auto: on a CPU, for the model families the lean decoder knows; on: there too, or a
+    start-up error that says why not; off: the reference path."""
+    if setting == "off":
+        return False
+    reason = decoder.supported(model)
+    if setting == "on":
+        if reason is not None:
+            raise ValueError(f"SWAPSERVE_FAST_PATH=on, but {reason}; use auto or off")
+        return True
+    if reason is not None:
+        logger.info("reference path: the fast path does not support %s", reason)
+        return False
+    return device == "cpu"
+
+
+def _weights_format(model: Any) -> dict[str, str]:
+    """What each kind of weight is held as, for /ready."""
+    from server.engine.int4 import Int4Linear
+    from server.engine.lm_head import Int8Embedding, Int8LMHead
+
+    linear = "as loaded"
+    groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
+    if groups:
+        linear = f"int4, group size {min(groups)} (CPU int4 kernel)"
+    else:
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if getattr(weight, "quant_state", None) is not None:
+                linear = "nf4 (bitsandbytes)"
+                break
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    out = "int8, one scale per row" if isinstance(head, Int8LMHead) else _dtype_of(head)
+    emb = "shares the int8 output table" if isinstance(embedding, Int8Embedding) else None
+    return {
+        "linear": linear,
+        "output_layer": out,
+        "embedding": emb or _dtype_of(embedding),
+    }
+
+
+def _dtype_of(module: Any) -> str:
+    weight = getattr(module, "weight", None)
+    return str(weight.dtype).removeprefix("torch.") if weight is not None else "none"
 
 
 def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -102,13 +164,31 @@ class HFEngine:
         prefill_chunk_tokens: int = 512,
         request_timeout_s: float = 600.0,
         int8_lm_head: bool = False,
+        int4_weights: bool = False,
+        fast_path: str = "auto",
     ):
+        """``int4_weights``: re-pack the decoder's linear layers for the CPU's int4 kernel
+        (server/engine/int4.py). ``fast_path``: auto, on or off (see use_fast_path)."""
         self.loaded = loaded
-        if int8_lm_head and use_int8_lm_head(loaded.model):
+        model = loaded.model
+        num_parameters = _parameter_count(model)  # as loaded, before any re-packing
+        quantization: str = loaded.quantization
+        share = int4_weights and table_is_most_of_the_model(model)  # as loaded
+        if int4_weights:
+            repack_linear_layers(model)
+            quantization = "int4"
+        if int8_lm_head and use_int8_lm_head(model, share_embedding=share):
             logger.info("output layer in int8 (SWAPSERVE_LM_HEAD=native keeps it as loaded)")
+        if int4_weights or int8_lm_head:
+            release_freed_memory()
         self.tokenizer = loaded.tokenizer
         self.request_timeout_s = request_timeout_s
-        self.runner = ModelRunner(loaded.model, pad_token_id=int(self.tokenizer.pad_token_id))
+        pad_token_id = int(self.tokenizer.pad_token_id)
+        self.runner: ModelRunner | FastModelRunner
+        if use_fast_path(fast_path, model, loaded.device):
+            self.runner = FastModelRunner(model, pad_token_id=pad_token_id)
+        else:
+            self.runner = ModelRunner(model, pad_token_id=pad_token_id)
         self.max_model_len = min(max_model_len, loaded.max_position_embeddings)
         vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
         self._vocab_size = vocab_size
@@ -135,17 +215,18 @@ class HFEngine:
         self._linear_shapes = _linear_shapes(loaded.model)
         self._token_modules = _token_modules(loaded.model)
         self._float_params = _float_params(loaded.model)
-        num_parameters = _parameter_count(loaded.model)
         self._info = EngineInfo(
             model_id=loaded.model_id,
             engine="hf",
             device=loaded.device,
-            quantization=loaded.quantization,
+            quantization=quantization,
             max_model_len=self.max_model_len,
-            weights_bytes=loaded.memory_bytes,
+            weights_bytes=_resident_bytes(model),
             fp32_bytes=num_parameters * 4,
             num_parameters=num_parameters,
             vocab_size=vocab_size,
+            runner=self.runner.kind,
+            weights_format=_weights_format(model),
         )
 
     @property
@@ -173,9 +254,9 @@ class HFEngine:
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=True
-        )
+        # as the trainer renders its data: a template without a tool format (SmolLM2's)
+        # gets the tools, calls and results as plain turns instead of silently dropping them
+        return render_prompt(self.tokenizer, messages, tools)
 
     def tokenize(self, text: str) -> list[int]:
         # The chat template already writes <bos>; a raw completion prompt gets one here.

@@ -31,7 +31,7 @@ class MultiAdapter:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
         self.model = model
         self.device = device
-        self.dtype = dtype  # LoRA blocks compute in the base's compute dtype
+        self.dtype = dtype  # adapter blocks compute in it (adapter_dtype)
         self.adapters: dict[str, Any] = {}  # name -> weights (kind, nbytes, ...)
         self.rows: dict[str, KindRows] = {}  # rows_key -> the kind's rows object
         self._rows_of: dict[str, str] = {}  # adapter name -> rows_key
@@ -102,6 +102,17 @@ class MultiAdapter:
             for rows in self.rows.values():
                 rows.plan([], None)
             self._planned = False
+
+
+def adapter_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype adapter blocks compute in. On a GPU, the base's compute dtype. On a CPU,
+    float32: adapter matmuls are small (rank x width), and a CPU multiplies bfloat16 by
+    conversion or emulation; with LoRA blocks in bfloat16 a decode step of 8 LoRA rows on
+    the bundled NF4 model cost about twice the base's, in float32 about the same
+    (loadtests/bench_kinds.py, e). The delta is cast to the layer's dtype when added."""
+    if device.type == "cpu":
+        return torch.float32
+    return compute_dtype(model)
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from server.engine.base import BASE_ADAPTER
 from server.engine.kv import KVBatch
-from server.engine.multi_adapter import MultiAdapter, compute_dtype
+from server.engine.multi_adapter import MultiAdapter, adapter_dtype
 
 
 @dataclass
@@ -36,7 +36,9 @@ class PrefillGroup:
     # each row's KV prefix (prefix tuning): cache columns left of its input
     prefix: list[int] = field(default_factory=list)
     done: int = 0  # input columns already run
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    # the group's own cache while it prefills: a DynamicCache here, a StaticKV on the
+    # fast path (server/engine/fast_runner.py)
+    cache: Any = field(default_factory=DynamicCache)
     last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (vocab,)
     # row -> (token, logprob, top) for prompt tokens 1.. (token 0 has nothing before it)
     prompt_lps: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] = field(
@@ -71,10 +73,14 @@ PROMPT_LOGPROB_POSITIONS = 128
 
 
 class ModelRunner:
+    """The reference path: the model's own forward over a growing cache."""
+
+    kind = "reference"
+
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
         self.pad_token_id = pad_token_id
-        self.adapters = MultiAdapter(model, self.device, compute_dtype(model))
+        self.adapters = MultiAdapter(model, self.device, adapter_dtype(model, self.device))
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.engine.base import (
     EngineShutdownError,
@@ -34,6 +34,10 @@ from server.engine.grammar import RowGrammar
 from server.engine.kv import KVBatch
 from server.engine.runner import ModelRunner, PrefillGroup, adapter_row_name
 from server.engine.sampling import RawLogprobs, RowSampler, sample_rows
+from server.engine.static_kv import StaticKV
+
+if TYPE_CHECKING:
+    from server.engine.fast_runner import FastModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: ModelRunner | FastModelRunner,
         decode: Callable[[list[int]], str],
         stop_token_ids: list[int],
         *,
@@ -111,7 +115,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._prefill: tuple[PrefillGroup, list[Sequence]] | None = None
-        self._batch: KVBatch | None = None
+        self._batch: KVBatch | StaticKV | None = None
         self._running: list[Sequence] = []
         self._stopping = False
         self._thread: threading.Thread | None = None

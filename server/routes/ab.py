@@ -1,4 +1,5 @@
-"""A/B routes: offline experiments, online splits, feedback, preference export.
+"""A/B routes: offline experiments, online splits, feedback, preference export (DPO pairs
+and KTO rated answers).
 
 Thin: the work is in server/ab/ (experiments.py, splits.py, report.py).
 """
@@ -99,6 +100,17 @@ async def get_split(name: str, splits: SplitsDep) -> Split:
 )
 async def export_preferences(name: str, splits: SplitsDep) -> Response:
     lines = "".join(json.dumps(p) + "\n" for p in splits.preference_pairs(name))
+    return Response(lines, media_type="application/jsonl")
+
+
+@router.get(
+    "/splits/{name}/kto.jsonl",
+    response_class=Response,
+    responses={**error_responses(404), 200: {"content": {"application/jsonl": {}}}},
+)
+async def export_rated_answers(name: str, splits: SplitsDep) -> Response:
+    """Every rated answer as KTO data ({prompt, completion, label}): `swapserve train kto`."""
+    lines = "".join(json.dumps(p) + "\n" for p in splits.rated_answers(name))
     return Response(lines, media_type="application/jsonl")
 
 

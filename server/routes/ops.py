@@ -60,6 +60,8 @@ async def ready(request: Request) -> Any:
         "weights_bytes": info.weights_bytes,
         "fp32_weights_bytes": info.fp32_bytes,
         "weights_vs_fp32": round(info.weights_bytes / max(1, info.fp32_bytes), 3),
+        "weights_format": info.weights_format,
+        "runner": info.runner,
         "process_rss_bytes": _rss_bytes(),
     }
 

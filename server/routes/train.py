@@ -1,4 +1,5 @@
-"""Training routes: submit SFT/DPO jobs, follow them, cancel them.
+"""Training routes: submit jobs (one route per objective: sft, dpo, orpo, kto; the PEFT
+method is ``config.method``), compare methods, follow jobs, cancel them.
 
 A job request is JSON (``data_path`` on the server, or ``data``: the JSONL records inline)
 or multipart (``file`` = the JSONL upload, ``config`` as a JSON string). Every refusal
@@ -20,15 +21,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import APIError
-from server.openapi import request_body
+from server.openapi import error_responses, request_body
 from server.schemas import (
     DryRun,
     ErrorResponse,
+    TrainCompare,
+    TrainCompareList,
+    TrainCompareRequest,
     TrainEventList,
     TrainJob,
     TrainJobList,
@@ -40,6 +44,7 @@ from server.training import BaseModelMismatch, TrainingService, is_settled
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.jobs import JobConflict, JobNotFound, JobStateError
+from trainer.objectives import get_objective, objective_names
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 503)
 }
 SSE_POLL_S = 0.5
+# request fields a ConfigError may name directly (the rest are config.<field>)
+TOP_LEVEL = ("name", "config", "methods", "method_config", "objective")
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -81,7 +88,7 @@ def job_errors() -> Iterator[None]:
             400, str(exc), param="config.base_model", code="base_model_mismatch"
         ) from exc
     except ConfigError as exc:
-        param = exc.field if exc.field in ("name", "config") else f"config.{exc.field}"
+        param = exc.field if exc.field in TOP_LEVEL else f"config.{exc.field}"
         raise APIError(400, str(exc), param=param, code="invalid_config") from exc
     except DataError as exc:
         param = exc.path if exc.path in ("data", "file", "eval_data", "eval_file") else "data"
@@ -228,34 +235,6 @@ def _request_body_doc(kind: str) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/sft",
-    status_code=202,
-    response_model=TrainJob,
-    responses=ERRORS,
-    openapi_extra=_request_body_doc("sft"),
-)
-async def train_sft(
-    request: Request, training: TrainingDep, settings: SettingsDep
-) -> dict[str, Any]:
-    """Supervised fine-tuning on chat or prompt/completion JSONL."""
-    return await _submit("sft", request, training, settings.data_dir / "train-staging")
-
-
-@router.post(
-    "/dpo",
-    status_code=202,
-    response_model=TrainJob,
-    responses=ERRORS,
-    openapi_extra=_request_body_doc("dpo"),
-)
-async def train_dpo(
-    request: Request, training: TrainingDep, settings: SettingsDep
-) -> dict[str, Any]:
-    """Direct preference optimisation on prompt/chosen/rejected JSONL."""
-    return await _submit("dpo", request, training, settings.data_dir / "train-staging")
-
-
 def _dry_run_doc(kind: str) -> dict[str, Any]:
     return {
         **request_body(json=TrainJobRequest, multipart=TrainJobUpload),
@@ -263,28 +242,123 @@ def _dry_run_doc(kind: str) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/sft/dry_run", response_model=DryRun, responses=ERRORS, openapi_extra=_dry_run_doc("sft")
-)
-async def dry_run_sft(
-    request: Request, training: TrainingDep, settings: SettingsDep
-) -> dict[str, Any]:
-    """The same body as POST /train/sft, refused the same way; answers with the first
-    example's loss mask (the tokens between `loss_open` and `loss_close` carry loss), the
-    token lengths and the token rows that would be trained. Loads the tokenizer only."""
-    staging = settings.data_dir / "train-staging"
-    return await _submit("sft", request, training, staging, dry=True)
+def _objective_routes(kind: str, summary: str, data: str) -> None:
+    """POST /train/<kind> and /train/<kind>/dry_run: one pair per objective of the
+    trainer's table (the PEFT method is config.method)."""
+
+    async def submit(request: Request, training: TrainingDep, settings: SettingsDep) -> Any:
+        return await _submit(kind, request, training, settings.data_dir / "train-staging")
+
+    submit.__name__ = f"train_{kind}"
+    submit.__doc__ = f"{summary[0].upper()}{summary[1:]}. Data: {data}."
+    router.post(
+        f"/{kind}",
+        status_code=202,
+        response_model=TrainJob,
+        responses=ERRORS,
+        openapi_extra=_request_body_doc(kind),
+    )(submit)
+
+    async def dry_run(request: Request, training: TrainingDep, settings: SettingsDep) -> Any:
+        staging = settings.data_dir / "train-staging"
+        return await _submit(kind, request, training, staging, dry=True)
+
+    dry_run.__name__ = f"dry_run_{kind}"
+    dry_run.__doc__ = (
+        f"The same body as POST /train/{kind}, refused the same way; answers with the first "
+        "examples' loss masks (the tokens between `loss_open` and `loss_close` carry loss), "
+        "the token lengths, the method and the token rows that would be trained. Loads the "
+        "tokenizer only."
+    )
+    router.post(
+        f"/{kind}/dry_run",
+        response_model=DryRun,
+        responses=ERRORS,
+        openapi_extra=_dry_run_doc(kind),
+    )(dry_run)
 
 
-@router.post(
-    "/dpo/dry_run", response_model=DryRun, responses=ERRORS, openapi_extra=_dry_run_doc("dpo")
-)
-async def dry_run_dpo(
-    request: Request, training: TrainingDep, settings: SettingsDep
+for _kind in objective_names():
+    _objective = get_objective(_kind)
+    _objective_routes(_kind, _objective.summary, _objective.data)
+
+
+# --- compare methods --------------------------------------------------------------------------
+
+
+@router.post("/compare", status_code=202, response_model=TrainCompare, responses=ERRORS)
+async def compare_methods(
+    body: TrainCompareRequest, training: TrainingDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """POST /train/dpo's dry run: the chosen and rejected answers of the first pair."""
-    staging = settings.data_dir / "train-staging"
-    return await _submit("dpo", request, training, staging, dry=True)
+    """Train every method with the same objective, data and budget (one job each, one at a
+    time), register the results, then measure serving tok/s of 8 streams on each: follow it
+    with GET /train/compare/{id}; GET /train/compare/{id}/report is the HTML report."""
+    staging_root = settings.data_dir / "train-staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    if (body.data_path is None) == (body.data is None):
+        raise APIError(400, "give exactly one of data_path or data", param="data")
+    if (body.eval_path is None) == (body.eval_data is None):
+        raise APIError(
+            400,
+            "give exactly one of eval_path or eval_data: every method is evaluated on it",
+            param="eval_data",
+        )
+    with tempfile.TemporaryDirectory(dir=staging_root) as tmp:
+        staging = Path(tmp)
+        if body.data is not None:
+            data, label = _write_records(staging / "data.jsonl", body.data), "data"
+        else:
+            data, label = Path(body.data_path or "").expanduser(), body.data_path or "data_path"
+        if body.eval_data is not None:
+            ev, ev_label = _write_records(staging / "eval.jsonl", body.eval_data), "eval_data"
+        else:
+            ev, ev_label = Path(body.eval_path or "").expanduser(), body.eval_path or "eval_path"
+        with job_errors():
+            return await asyncio.to_thread(
+                training.compare.submit,
+                name=body.name,
+                methods=body.methods,
+                objective=body.objective,
+                config=body.config,
+                method_config=body.method_config,
+                data_path=data,
+                data_label=label,
+                eval_path=ev,
+                eval_label=ev_label,
+                register=body.register_,
+                replace=body.replace,
+            )
+
+
+@router.get("/compare", response_model=TrainCompareList)
+async def list_comparisons(training: TrainingDep) -> dict[str, Any]:
+    records = await asyncio.to_thread(training.compare.records)
+    return {"object": "list", "data": [training.compare.view(r) for r in records]}
+
+
+@router.get("/compare/{cmp_id}", response_model=TrainCompare, responses=ERRORS)
+async def get_comparison(cmp_id: str, training: TrainingDep) -> dict[str, Any]:
+    # on the event loop: a comparison whose jobs have all ended starts measuring here
+    with job_errors():
+        return training.compare.get(cmp_id)
+
+
+@router.get(
+    "/compare/{cmp_id}/report",
+    response_class=HTMLResponse,
+    # errors are JSON in the one error shape, also on this HTML route
+    responses={**error_responses(404, 503), 200: {"content": {"text/html": {}}}},
+)
+async def comparison_report(cmp_id: str, training: TrainingDep) -> HTMLResponse:
+    with job_errors():
+        return HTMLResponse(training.compare.report(cmp_id))
+
+
+@router.delete("/compare/{cmp_id}", response_model=TrainCompare, responses=ERRORS)
+async def cancel_comparison(cmp_id: str, training: TrainingDep) -> dict[str, Any]:
+    """Cancel every job of the comparison that has not ended."""
+    with job_errors():
+        return await asyncio.to_thread(training.compare.cancel, cmp_id)
 
 
 # --- follow and cancel ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import GEMMA
 from tests.tiny_model import build_lora_adapter, build_peft_adapter
 from trainer.base_model import resolve_base_model
 
@@ -33,7 +34,7 @@ def kind_adapters(tmp_path_factory):
         TaskType,
     )
 
-    base = resolve_base_model(None)
+    base = resolve_base_model(GEMMA)
     root = tmp_path_factory.mktemp("bundled-kinds")
     lm = TaskType.CAUSAL_LM
     configs = {
@@ -67,7 +68,7 @@ def test_every_kind_matches_peft_in_float32(kind_adapters):
     from server.engine.runner import ModelRunner
     from tests.support import load_causal_lm, read_adapter
 
-    base = resolve_base_model(None)
+    base = resolve_base_model(GEMMA)
     runner = ModelRunner(load_causal_lm(base), pad_token_id=0)
     for name, path in kind_adapters.items():
         runner.adapters.add(read_adapter(name, path))

@@ -17,9 +17,13 @@ def words(text: str) -> list[str]:
 def test_ready_reports_a_4bit_model_well_under_fp32(bundled_server):
     ready = httpx.get(f"{bundled_server.url}/ready").json()
     assert ready["model"] == "gemma-3-270m"
-    assert ready["quantization"] == "nf4"
+    # loaded in NF4, re-packed at load for the CPU fast path (the default on a CPU)
+    assert ready["runner"] == "fast"
+    assert ready["quantization"] == "int4"
+    assert ready["weights_format"]["linear"].startswith("int4")
+    assert ready["weights_format"]["embedding"] == "shares the int8 output table"  # 63 %
     assert ready["num_parameters"] > 200_000_000
-    # NF4 linear layers + a bfloat16 embedding: well under the float32 size
+    # int4 linear layers + one int8 output/embedding table: well under the float32 size
     assert ready["weights_bytes"] < 0.6 * ready["fp32_weights_bytes"]
 
 

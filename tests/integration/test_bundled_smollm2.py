@@ -17,10 +17,14 @@ from trainer.base_model import resolve_base_model
 pytestmark = pytest.mark.integration
 
 
-def test_ready_reports_the_llama_in_nf4(smollm2_server):
+def test_ready_reports_the_llama_in_4_bits(smollm2_server):
     ready = httpx.get(f"{smollm2_server.url}/ready").json()
     assert ready["model"] == "smollm2-135m-instruct"
-    assert ready["quantization"] == "nf4"
+    # loaded in NF4, re-packed at load for the CPU fast path (the default on a CPU)
+    assert ready["runner"] == "fast"
+    assert ready["quantization"] == "int4"
+    assert ready["weights_format"]["linear"].startswith("int4")
+    assert ready["weights_format"]["embedding"] == "float32"  # its own table: 21 % of it
     assert ready["num_parameters"] > 100_000_000
     assert ready["weights_bytes"] < 0.6 * ready["fp32_weights_bytes"]
 

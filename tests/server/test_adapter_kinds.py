@@ -56,6 +56,8 @@ def _configs():
             task_type=lm, num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24
         ),
         "ln": LNTuningConfig(task_type=lm),
+        # PEFT lets LN tuning copy any layer: here a linear one that LoRA and IA3 also wrap
+        "ln-linear": LNTuningConfig(task_type=lm, target_modules=["q_proj", "down_proj", "norm"]),
         "tokens": TrainableTokensConfig(token_indices=[40, 41, 5]),
     }
 
@@ -122,8 +124,16 @@ def greedy_rows(runner, peft_models, prompts, rows, *, steps=10, chunk=4):
     return generated
 
 
-def make_runner(model_path, adapters, names) -> ModelRunner:
-    runner = ModelRunner(load_causal_lm(model_path), pad_token_id=0)
+@pytest.fixture(params=["reference", "fast"])
+def runner_cls(request):
+    """Every check runs on the reference path and on the fast path (decoder.py)."""
+    from server.engine.fast_runner import FastModelRunner
+
+    return ModelRunner if request.param == "reference" else FastModelRunner
+
+
+def make_runner(model_path, adapters, names, runner_cls=ModelRunner) -> ModelRunner:
+    runner = runner_cls(load_causal_lm(model_path), pad_token_id=0)
     for name in names:
         runner.adapters.add(read_adapter(name, adapters[name]))
     return runner
@@ -133,8 +143,8 @@ KINDS = list(_configs())
 
 
 @pytest.mark.parametrize("name", KINDS)
-def test_each_kind_alone_matches_peft(tiny_model_path, adapters, peft_models, name):
-    runner = make_runner(tiny_model_path, adapters, [name])
+def test_each_kind_alone_matches_peft(tiny_model_path, adapters, peft_models, name, runner_cls):
+    runner = make_runner(tiny_model_path, adapters, [name], runner_cls)
     prompts = PROMPTS[:2]
     # the adapter changes the output: the comparison is not base against base
     diff = reference_logits(peft_models[name], prompts[0]) - reference_logits(
@@ -144,20 +154,24 @@ def test_each_kind_alone_matches_peft(tiny_model_path, adapters, peft_models, na
     greedy_rows(runner, peft_models, prompts, [name, name], steps=8, chunk=3)
 
 
-def test_every_kind_in_one_batch_with_lora_and_base_rows(tiny_model_path, adapters, peft_models):
+def test_every_kind_in_one_batch_with_lora_and_base_rows(
+    tiny_model_path, adapters, peft_models, runner_cls
+):
     names = KINDS + ["lora"]
-    runner = make_runner(tiny_model_path, adapters, names)
+    runner = make_runner(tiny_model_path, adapters, names, runner_cls)
     rows = names + [BASE_ADAPTER, "prefix", "prompt"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))]
     greedy_rows(runner, peft_models, prompts, rows, steps=10, chunk=5)
 
 
 def test_a_group_joining_the_batch_leaves_running_rows_alone(
-    tiny_model_path, adapters, peft_models
+    tiny_model_path, adapters, peft_models, runner_cls
 ):
     """Rows with prefixes and virtual tokens decode; a second group (other kinds, other
     lengths) is prefilled and merged into the batch; every row still equals PEFT."""
-    runner = make_runner(tiny_model_path, adapters, ["prefix", "prompt", "ia3", "ln", "p-mlp"])
+    runner = make_runner(
+        tiny_model_path, adapters, ["prefix", "prompt", "ia3", "ln", "p-mlp"], runner_cls
+    )
     first_rows, first_prompts = ["prefix", BASE_ADAPTER, "prompt"], PROMPTS[:3]
     batch, logits = run_group(runner, first_prompts, first_rows, chunk=4)
     generated = [[] for _ in first_prompts]

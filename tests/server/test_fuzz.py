@@ -3,11 +3,11 @@ uvicorn on a loopback port, tiny model, no API keys so that inputs reach the han
 rather than stopping at 401). Rules: no 5xx, every 4xx in the OpenAI error shape, and
 /health still answers after every case.
 
-Left out on purpose: POST /train/sft and /train/dpo (a valid body starts a real training
-process), their dry runs (the same body: records the schema allows are rarely valid
-training data) and POST /ab/experiments (a valid body starts a background run of
-generations); their validation is covered by tests/server/routes/test_train.py, test_ab.py
-and tests/clients/test_client.py. Every
+Left out on purpose: POST /train/<objective> (sft, dpo, orpo, kto) and /train/compare (a
+valid body starts a real training process), the objectives' dry runs (the same body:
+records the schema allows are rarely valid training data) and POST /ab/experiments (a valid
+body starts a background run of generations); their validation is covered by
+tests/server/routes/test_train.py, test_ab.py and tests/clients/test_client.py. Every
 other route is fuzzed: openai, adapters, rag, the rest of ab, train's reads, ops.
 """
 
@@ -40,6 +40,7 @@ from schemathesis.generation.modes import GenerationMode
 from tests.rag.fake_embedder import FakeEmbedder
 from tests.support import LiveServer, start_live_server
 from tests.tiny_model import build_lora_adapter
+from trainer.objectives import objective_names
 
 # Examples per operation: the whole run stays around a minute on 2 shared cores. The
 # generating routes get fewer (each valid case decodes up to max_model_len tokens).
@@ -48,12 +49,12 @@ EXAMPLES = int(os.environ.get("SWAPSERVE_FUZZ_EXAMPLES", "6"))
 GENERATING_EXAMPLES = min(EXAMPLES, 4) if "SWAPSERVE_FUZZ_EXAMPLES" not in os.environ else EXAMPLES
 GENERATING = {"/v1/chat/completions", "/v1/completions"}
 COLLECTION, ADAPTER, SPLIT = "kb", "fz", "sp"
-# (the dry runs take the jobs' body: schema-valid records are not valid training data)
+# every objective's job route (sft, dpo, orpo, kto), its dry run (the same body: schema-valid
+# records are not valid training data) and the method comparison
 EXCLUDED = [
-    ("POST", "/train/sft"),
-    ("POST", "/train/dpo"),
-    ("POST", "/train/sft/dry_run"),
-    ("POST", "/train/dpo/dry_run"),
+    *(("POST", f"/train/{kind}") for kind in objective_names()),
+    *(("POST", f"/train/{kind}/dry_run") for kind in objective_names()),
+    ("POST", "/train/compare"),
     ("POST", "/ab/experiments"),
 ]
 

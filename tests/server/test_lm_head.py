@@ -29,6 +29,28 @@ def test_int8_logits_stay_close_to_full_precision():
     assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+def test_leading_logits_are_exact_for_the_int8_weights_not_rounded_to_bfloat16():
+    """Logits near 25 with gaps of a few hundredths, as a small instruction-tuned model's:
+    the kernel's bfloat16 output (steps of 0.125 there) ties or swaps the leaders; the head
+    recomputes them in float32, so its choice is the int8 weights' own."""
+    torch.manual_seed(1)
+    weight = torch.randn(4000, 96)
+    x = torch.randn(16, 96)
+    head = Int8LMHead(weight)
+    deq = head.weight_int8.float() * head.scale_f32[:, None]  # the int8 weights, exactly
+    x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))  # leading logit of each row at 25
+    want = x @ deq.t()
+    raw = torch._weight_int8pack_mm(x.to(torch.bfloat16), head.weight_int8, head.scale).float()
+    # the test means something: bfloat16 rounding alone changes some row's choice or ties it
+    top2 = raw.topk(2, dim=-1).values
+    assert ((raw.argmax(-1) != want.argmax(-1)) | (top2[:, 0] == top2[:, 1])).any()
+    out = head(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.argmax(-1), want.argmax(-1))
+    lead = want.topk(8, dim=-1)
+    torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
+
+
 def test_only_a_plain_linear_head_is_swapped():
     class WithBias(nn.Module):
         def __init__(self):
@@ -65,3 +87,24 @@ def test_auto_keeps_the_head_of_an_unquantized_model(tiny_model_path):
 
     engine = build_engine(Settings(base_model=str(tiny_model_path), quantization="none"))
     assert isinstance(engine.runner.model.lm_head, nn.Linear)
+
+
+def test_a_shared_table_serves_the_embedding_lookup(tmp_path):
+    """With share_embedding, a tied embedding looks its rows up in the output layer's int8
+    table (one table in memory), scaled as the model scales its embedding."""
+    from server.engine.lm_head import Int8Embedding
+    from tests.tiny_model import build_tiny_model
+    from trainer.base_model import load_base_model
+
+    path = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # Gemma: scaled
+    model = load_base_model(path, quantization="none", device="cpu").model
+    ids = torch.tensor([[1, 5, 17, 250, 399]])
+    with torch.inference_mode():
+        before = model.get_input_embeddings()(ids)
+        assert use_int8_lm_head(model, share_embedding=True)
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding, Int8Embedding)
+        assert embedding.weight_int8.data_ptr() == model.lm_head.weight_int8.data_ptr()
+        after = embedding(ids)
+    assert after.dtype == before.dtype
+    assert ((after - before).norm() / before.norm()) < 0.02

@@ -22,12 +22,12 @@ def chosen(config, kind="sft", n=60, n_eval_file=None):
 
 def test_small_data_gets_a_split_more_passes_a_higher_rate_and_early_stopping():
     resolved, values, d = chosen(SFTJobConfig(), n=60)
-    # 10% held out (6), 54 train: 14 steps of 4 an epoch, 3 epochs = 42 steps
+    # 10% held out (6), 54 train: 14 steps of 4 an epoch, 3 epochs = 42 steps, raised to 60
     assert (d.n_train, d.n_eval) == (54, 6)
-    assert values["max_steps"] == 42 and resolved.max_steps == 42
+    assert values["max_steps"] == 60 and resolved.max_steps == 60
     assert values["learning_rate"] == pytest.approx(5e-4)  # qlora 2e-4 x 2.5 (short run)
-    assert values["warmup_steps"] == 5
-    assert values["eval_steps"] == 5 and values["early_stopping_patience"] == 3
+    assert values["warmup_steps"] == 6
+    assert values["eval_steps"] == 6 and values["early_stopping_patience"] == 3
     assert set(d.auto) == set(defaults.AUTO_FIELDS)
     # resolving twice changes nothing, and the result is a valid config
     again, values_again, _ = chosen(resolved, n=60)
@@ -73,7 +73,7 @@ def test_given_values_are_kept_and_a_set_length_runs_to_its_end():
 
 def test_an_eval_file_replaces_the_split():
     _, values, d = chosen(SFTJobConfig(), n=60, n_eval_file=10)
-    assert (d.n_train, d.n_eval) == (60, 10) and values["max_steps"] == 45
+    assert (d.n_train, d.n_eval) == (60, 10) and values["max_steps"] == defaults.MIN_STEPS
     assert values["early_stopping_patience"] == 3
 
 
@@ -117,7 +117,17 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
     assert control.should_training_stop and cb.stopped_at == 4
     cb.on_train_end(None, state, control, model=model)
     assert torch.equal(model.weight, best_weight)
-    assert cb.summary() == {"best_eval_loss": 2.0, "best_step": 2, "stopped_early_at": 4}
+    assert cb.summary() == {
+        "best_eval_loss": 2.0,
+        "best_step": 2,
+        "stopped_early_at": 4,
+        "eval_loss_history": [
+            {"step": 1, "eval_loss": 3.0},
+            {"step": 2, "eval_loss": 2.0},
+            {"step": 3, "eval_loss": 2.5},
+            {"step": 4, "eval_loss": 2.1},
+        ],
+    }
     # the last step is always evaluated, once
     state.global_step, control.should_evaluate = 100, False
     cb.on_step_end(args, state, control)
@@ -161,13 +171,13 @@ def test_defaults_drive_a_real_run_and_land_on_the_card(tiny_model_dir, tmp_path
     card = json.loads((out / CARD_NAME).read_text())
     d = card["defaults"]
     assert (d["train_examples"], d["eval_examples"]) == (32, 5)
-    assert d["chosen"]["max_steps"]["value"] == 40 and d["chosen"]["max_steps"]["auto"]
+    assert d["chosen"]["max_steps"]["value"] == 60 and d["chosen"]["max_steps"]["auto"]
     assert d["chosen"]["learning_rate"]["auto"] is False
-    assert card["hyperparameters"]["max_steps"] == 40
-    assert card["hyperparameters"]["warmup_steps"] == 4
-    assert card["hyperparameters"]["eval_steps"] == 4
+    assert card["hyperparameters"]["max_steps"] == 60
+    assert card["hyperparameters"]["warmup_steps"] == 6
+    assert card["hyperparameters"]["eval_steps"] == 6
     stop = d["early_stopping"]
-    assert stop["stopped_early_at"] is not None and stop["stopped_early_at"] < 40
+    assert stop["stopped_early_at"] is not None and stop["stopped_early_at"] < 60
     assert result.steps == stop["stopped_early_at"]
     assert stop["best_step"] < stop["stopped_early_at"]
     # the weights written are the best eval's: the final eval loss is the best one
@@ -183,7 +193,7 @@ def test_cli_prints_the_settings_before_training_and_in_the_dry_run(
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
-    assert "max_steps = 40  [auto: 3 epochs of 2 steps" in out
+    assert "max_steps = 60  [auto: 3 epochs of 2 steps" in out
     assert "learning_rate = 0.0005  [auto: qlora 0.0002" in out
     assert "eval_fraction = 0  [auto: fewer than 30 examples" in out
     code = cli.main(

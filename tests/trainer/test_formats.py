@@ -259,26 +259,74 @@ TOOL_ROW = {
 }
 
 
-def test_tool_calls_through_the_fallback_format(tmp_path, tiny_tokenizer):
-    assert not chat.template_renders_tools(tiny_tokenizer)
+# The project's Gemma template before it had a tool format: a template without one.
+GEMMA_WITHOUT_TOOLS = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] | trim ~ '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if loop.first and role == 'user' %}{{ first_user_prefix }}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CALL_TEXT = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+
+
+@pytest.fixture
+def no_tools_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = GEMMA_WITHOUT_TOOLS
+    return tokenizer
+
+
+def test_tool_calls_through_the_bundled_template(tmp_path, tiny_tokenizer):
+    """The bundled Gemma template has a tool format: tools in the first user turn, compact
+    <tool_call> blocks, each tool result a user turn."""
+    assert chat.template_renders_tools(tiny_tokenizer)
     data, example = load_one(tmp_path, TOOL_ROW)
     assert data.counts()["with_tools"] == 1
     # arguments are parsed, so a template gets an object, as transformers documents
     assert example.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     seq = tokenize_sft(example, tiny_tokenizer)
-    assert seq.tool_fallback
-    system = chat.tools_system_text([WEATHER])
-    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert not seq.tool_fallback
+    tools = "".join(line + "\n" for line in chat.tools_system_text([WEATHER]).splitlines()[1:])
     segments = [
-        (BOS + user(f"{system}\n\nWeather in Paris?") + MODEL, False),
-        (call + EOT, True),
+        (BOS + user(f"{chat.FALLBACK_TOOLS_HEADER}{tools}\nWeather in Paris?") + MODEL, False),
+        (CALL_TEXT + EOT, True),
         (user("<tool_response>\nsunny\n</tool_response>") + MODEL, False),
         ("It is sunny." + EOT, True),
     ]
     assert_mask(tiny_tokenizer, seq, segments)
     # the eval prompt is rendered the same way, up to the last assistant turn
     prompt, has_special = prompt_for_generation(example, tiny_tokenizer)
-    assert has_special and prompt == segments[0][0] + call + EOT + segments[2][0]
+    assert has_special and prompt == segments[0][0] + CALL_TEXT + EOT + segments[2][0]
+
+
+def test_tool_calls_through_the_fallback_format(tmp_path, no_tools_tokenizer):
+    """A template without a tool format (like SmolLM2's) gets the same conventions as plain
+    turns: the tools in the system prompt, which this template folds into the user turn."""
+    tokenizer = no_tools_tokenizer
+    assert not chat.template_renders_tools(tokenizer)
+    _, example = load_one(tmp_path, TOOL_ROW)
+    seq = tokenize_sft(example, tokenizer)
+    assert seq.tool_fallback
+    system = chat.tools_system_text([WEATHER]).strip()
+    segments = [
+        (BOS + user(f"{system}\n\nWeather in Paris?") + MODEL, False),
+        (CALL_TEXT + EOT, True),
+        (user("<tool_response>\nsunny\n</tool_response>") + MODEL, False),
+        ("It is sunny." + EOT, True),
+    ]
+    assert_mask(tokenizer, seq, segments)
+    prompt, _ = prompt_for_generation(example, tokenizer)
+    assert prompt == segments[0][0] + CALL_TEXT + EOT + segments[2][0]
+    # the server renders a chat request with tools the same way (server/engine/hf.py)
+    assert chat.render_prompt(tokenizer, example.messages[:1], [WEATHER]) == segments[0][0]
 
 
 def test_parallel_calls_answered_in_any_order_and_legacy_functions(tmp_path, tiny_tokenizer):
@@ -295,7 +343,8 @@ def test_parallel_calls_answered_in_any_order_and_legacy_functions(tmp_path, tin
     }
     _, example = load_one(tmp_path, row)
     seq = tokenize_sft(example, tiny_tokenizer)
-    assert "<tool_response>\nrain\n</tool_response>\n<tool_response>\nsunny" in seq.text
+    assert CALL_TEXT + '<tool_call>{"name":"get_weather","arguments":{}}</tool_call>' in seq.text
+    assert seq.text.index("rain") < seq.text.index("sunny")
     # OpenAI's legacy function calling reads as the same thing
     legacy = {
         "functions": [WEATHER["function"]],
@@ -378,16 +427,16 @@ def test_tool_conversation_problems(tmp_path, messages, field, needle):
     assert problem.field == field and needle in problem.message
 
 
-def test_example_may_end_with_the_tool_call(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("template", ["bundled", "without tools"])
+def test_example_may_end_with_the_tool_call(tmp_path, tiny_tokenizer, no_tools_tokenizer, template):
     """OpenAI's own fine-tuning example: the assistant turn that calls the tool is the last."""
+    tokenizer = tiny_tokenizer if template == "bundled" else no_tools_tokenizer
     row = {"tools": [WEATHER], "messages": TOOL_ROW["messages"][:2]}
     _, example = load_one(tmp_path, row)
-    seq = tokenize_sft(example, tiny_tokenizer)
-    loss_text = tiny_tokenizer.decode([t for t in seq.labels if t != -100])
-    assert loss_text.startswith("<tool_call>\n") and loss_text.endswith(f"</tool_call>{EOT}")
-    assert example.reference_answer(tiny_tokenizer) == chat.tool_call_text(
-        example.messages[1]["tool_calls"][0]
-    )
+    seq = tokenize_sft(example, tokenizer)
+    loss_text = tokenizer.decode([t for t in seq.labels if t != -100])
+    assert loss_text == CALL_TEXT + EOT
+    assert example.reference_answer(tokenizer) == CALL_TEXT == example.reference_answer()
 
 
 HERMES_TEMPLATE = (
@@ -427,10 +476,10 @@ def test_a_template_with_a_tool_format_renders_tools_natively(tmp_path, tiny_tok
 # --------------------------------------------------------------------------- dry run
 
 
-def test_dry_run_shows_the_first_examples_masks(tmp_path, tiny_tokenizer):
+def test_dry_run_shows_the_first_examples_masks(tmp_path, no_tools_tokenizer):
     rows = [TOOL_ROW, {"tools": [WEATHER], "messages": [U1, A1]}, TOOL_ROW, TOOL_ROW]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    report = dry_run(path, tiny_tokenizer, max_length=512)
+    report = dry_run(path, no_tools_tokenizer, max_length=512)
     assert [e["line"] for e in report["examples"]] == [1, 2, 3]
     assert report["tool_fallback"] is True
     assert "--- line 2:" in report["rendered"] and "[[4<end_of_turn>\n]]" in report["rendered"]
@@ -449,7 +498,7 @@ def test_each_format_trains_end_to_end(tiny_model_dir, tmp_path, fmt):
         "alpaca": [{"instruction": "Say hello.", "output": "hello world"}] * 4,
     }[fmt]  # fmt: skip
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    config = quick_config(SFTJobConfig, tiny_model_dir, max_steps=2, max_length=256)
+    config = quick_config(SFTJobConfig, tiny_model_dir, max_steps=2, max_length=512)
     result = run_sft(config, data, tmp_path / "adapter")
     assert result.steps == 2
     assert result.card["data"]["format"] == ("chat" if fmt == "tools" else fmt)

@@ -173,7 +173,7 @@ def test_existing_output_is_refused_before_loading(tiny_model_dir, sft_data, tmp
         ("epochs", 0, "> 0"),
         ("max_length", 4, ">= 16"),
         ("eval_fraction", 1.0, "0 <= fraction < 1"),
-        ("quantization", "int8", "'nf4' (QLoRA) or 'none'"),
+        ("quantization", "int8", "'nf4' (4-bit base) or 'none'"),
         ("target_modules", [], "non-empty list"),
         ("lr_scheduler_type", "wild", "one of"),
         ("use_dora", "yes", "true or false"),

@@ -9,7 +9,8 @@ distinct adapter among the rows, once more on its rows with that adapter's param
 (``torch.func.functional_call``) and those rows' outputs are replaced. A norm costs a few
 element-wise operations on a (rows, seq, hidden) tensor, so the loop over the distinct
 adapters of a batch stays far below one matmul; in exchange any norm type works as PEFT's
-copy does (RMSNorm, LayerNorm with a bias, Gemma's 1 + weight).
+copy does (RMSNorm, LayerNorm with a bias, Gemma's 1 + weight). PEFT lets LN tuning copy any
+layer; a float one (not 4-bit) is served the same way, at one extra pass over its rows.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from server.engine.kinds.base import (
 )
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.ln_tuning_layers(?:\.[^.]+)?\.([^.]+)$")
-# anything bigger than this per module is not a norm: a whole layer per row is not served
-MAX_PARAMS_PER_MODULE = 1 << 16
 
 
 def ln_key(key: str) -> tuple[str, str] | None:
@@ -82,15 +81,6 @@ class LNTuningKind:
                 )
             parameters += file.numel(key)
             per_module[module] = per_module.get(module, 0) + file.numel(key)
-        big = sorted(m for m, n in per_module.items() if n > MAX_PARAMS_PER_MODULE)
-        if big:
-            raise AdapterError(
-                400,
-                f"LN tuning copies of {', '.join(big[:3])} hold more than "
-                f"{MAX_PARAMS_PER_MODULE} numbers each: whole layers, not norms, which are not "
-                "served per row; tune the norm layers only",
-                "unsupported_adapter",
-            )
         return KindReport(target_modules=sorted(per_module), parameters=parameters, used=set(found))
 
     def read(self, name: str, path: Path, dtype: torch.dtype) -> NormWeights:
@@ -129,30 +119,42 @@ class RowNorm(nn.Module):
         self.base = base
         self._owner = [owner]
         self.params: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> its parameters
+        # the base's own module, under any other kind's wrapper: the adapter's parameters
+        # are named after it, and a row of this kind has no other kind's change to see
+        self.own = _innermost(base)
+        for attr in ("in_features", "out_features", "weight"):
+            if hasattr(base, attr):  # what another kind's wrapper reads off the layer
+                setattr(self, attr, getattr(base, attr))
+
+    def _run(self, params: dict[str, torch.Tensor], x: torch.Tensor, args, kwargs):
+        merged = {**dict(self.own.named_parameters()), **params}
+        return torch.func.functional_call(self.own, merged, (x, *args), kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        groups = self._owner[0].groups
-        if groups and len(groups) == 1 and self._owner[0].whole_batch:
+        owner = self._owner[0]
+        groups = owner.groups
+        if groups and owner.whole_batch:
             (name,) = groups
             params = self.params.get(name)
             if params is not None:  # every row runs this adapter: no base pass needed
-                return torch.func.functional_call(
-                    self.base, {**dict(self.base.named_parameters()), **params}, (x, *args), kwargs
-                )
+                return self._run(params, x, args, kwargs)
         out = self.base(x, *args, **kwargs)
         if not groups:
             return out
         out = out.clone()
-        base_params = dict(self.base.named_parameters())
         for name, rows in groups.items():
             params = self.params.get(name)
             if params is None:
                 continue
-            own = torch.func.functional_call(
-                self.base, {**base_params, **params}, (x.index_select(0, rows), *args), kwargs
-            )
+            own = self._run(params, x.index_select(0, rows), args, kwargs)
             out.index_copy_(0, rows, own.to(out.dtype))
         return out
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(getattr(module, "base", None), nn.Module):
+        module = module.base  # type: ignore[assignment]
+    return module
 
 
 class NormRows:
@@ -174,7 +176,7 @@ class NormRows:
                 layer = RowNorm(getattr(parent, child), self)
                 setattr(parent, child, layer)
                 self.layers[module] = layer
-            dtypes = {n: p.dtype for n, p in layer.base.named_parameters()}
+            dtypes = {n: p.dtype for n, p in layer.own.named_parameters()}
             placed[module] = {
                 n: t.to(self.device, dtypes.get(n, t.dtype)) for n, t in params.items()
             }

@@ -348,7 +348,9 @@ def test_shutdown_drains_running_requests(server):
     started = threading.Event()
 
     def stream() -> None:
-        body = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 48, "stream": True}
+        # long enough to outlast the probes below on a quiet machine (the tiny model streams
+        # 48 tokens in well under a second: the process had exited before the probe)
+        body = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 400, "stream": True}
         body["ignore_eos"] = True
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -360,7 +362,10 @@ def test_shutdown_drains_running_requests(server):
     reader.start()
     assert started.wait(60)
     srv.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # the drain begins when the signal is handled
+    while httpx.get(f"{srv.url}/ready", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "/ready never said draining"
+        time.sleep(0.01)
     r = httpx.post(
         f"{srv.url}/v1/completions",
         json={"model": "base", "prompt": "hi", "max_tokens": 2},

@@ -225,6 +225,57 @@ def test_split_sticky_feedback_and_dpo_export(server, tmp_path):
     data = load_jsonl(path, task="dpo")  # the trainer's own validation
     assert data.format == "preference" and len(data.examples) == 1  # the same pair, once
 
+    # the same feedback as KTO data: each rated answer once, with its latest rating
+    r = httpx.get(f"{server.url}/ab/splits/exp1/kto.jsonl")
+    assert r.status_code == 200
+    path = tmp_path / "kto.jsonl"
+    path.write_text(r.text)
+    data = load_jsonl(path, task="kto")
+    assert data.format == "unpaired"
+    assert sorted(e.label for e in data.examples) == [False, True]
+
+
+def test_kto_on_exported_feedback_registers_an_adapter(server, tmp_path, tiny_model_path):
+    """Thumbs up/down through POST /ab/feedback -> kto.jsonl -> `swapserve train kto
+    --server` -> an adapter served by name."""
+    from trainer import cli
+
+    arms = [
+        {"name": "control", "model": "base", "weight": 1},
+        {"name": "treat", "model": "tuned", "weight": 1},
+    ]
+    assert httpx.post(f"{server.url}/ab/splits", json={"name": "fb", "arms": arms}).is_success
+    client = server.openai()
+    for i, user in enumerate(f"k{n}" for n in range(8)):
+        resp = client.chat.completions.create(
+            model="ab:fb",
+            messages=[{"role": "user", "content": f"Tell me about the sea, take {i}."}],
+            max_tokens=6,
+            temperature=1.0,
+            user=user,
+        )
+        rating = 1 if i % 2 == 0 else -1
+        r = httpx.post(f"{server.url}/ab/feedback", json={"response_id": resp.id, "rating": rating})
+        assert r.status_code == 200, r.text
+    export = tmp_path / "feedback-kto.jsonl"
+    export.write_text(httpx.get(f"{server.url}/ab/splits/fb/kto.jsonl").text)
+    rated = load_jsonl(export, task="kto").examples
+    assert len(rated) >= 6 and {e.label for e in rated} == {True, False}
+
+    code = cli.main(
+        ["train", "kto", "--data", str(export), "--name", "kto-fb", "--base", str(tiny_model_path),
+         "--quantization", "none", "--device", "cpu", "--rank", "4", "--max-steps", "2",
+         "--eval-fraction", "0", "--max-length", "128", "--output-dir", str(tmp_path / "kto-fb"),
+         "--server", server.url]
+    )  # fmt: skip
+    assert code == 0
+    names = [a["name"] for a in httpx.get(f"{server.url}/adapters").json()["data"]]
+    assert "kto-fb" in names
+    resp = client.chat.completions.create(
+        model="kto-fb", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
+    assert resp.model == "kto-fb" and resp.choices[0].finish_reason in ("stop", "length")
+
 
 def test_split_routes_completions(server, tmp_path):
     """`ab:<split>` on /v1/completions: sticky arm, tagged, logged, rated like chat."""
@@ -336,6 +387,7 @@ def test_bad_inputs(server):
     unknown = [{"name": "a", "model": "nope"}]
     assert_error(httpx.post(f"{url}/ab/splits", json={"name": "z", "arms": unknown}), 404)
     assert_error(httpx.get(f"{url}/ab/splits/z/preferences.jsonl"), 404)
+    assert_error(httpx.get(f"{url}/ab/splits/z/kto.jsonl"), 404)
     err = assert_error(
         httpx.post(f"{url}/ab/feedback", json={"response_id": "chatcmpl-x", "rating": 1}), 404
     )

@@ -79,6 +79,7 @@ EXPECTED_KIND = {
     "prefix": "prefix_tuning",
     "prefix-proj": "prefix_tuning",
     "ln": "ln_tuning",
+    "ln-linear": "ln_tuning",
     "tokens": "trainable_tokens",
     "lora": "lora",
 }
@@ -152,6 +153,50 @@ def test_virtual_tokens_count_against_the_context(server, adapters):
     assert r.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="prefix", prompt=ids[:52], max_tokens=7)
+
+
+@pytest.mark.parametrize("name", ["prompt", "p-mlp", "prefix"])
+def test_echo_logprobs_cover_the_users_tokens_not_the_virtual_ones(
+    server, adapters, tiny_model_path, name
+):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs, max_tokens 0) on an
+    adapter that puts virtual tokens (or a KV prefix) before the prompt: one entry per token
+    the user sent, the first null, each equal to PEFT's log-softmax at that token (PEFT's
+    logits include the virtual positions; the served ones must not)."""
+    from peft import PeftModel
+
+    from tests.support import load_causal_lm
+
+    r = register(server, name, adapters[name])
+    assert r.status_code in (201, 409), r.text  # 409: registered by an earlier test
+    virtual = json.loads((adapters[name] / "adapter_config.json").read_text())["num_virtual_tokens"]
+    prompt = [2, 40, 41, 42, 43, 44, 45]
+    lp = (
+        server.openai()
+        .completions.create(model=name, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+        .choices[0]
+        .logprobs
+    )
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+
+    model = PeftModel.from_pretrained(load_causal_lm(tiny_model_path), str(adapters[name])).eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0].float()
+        base_logits = load_causal_lm(tiny_model_path)(torch.tensor([prompt])).logits[0].float()
+    # prompt and p-tuning: (virtual + prompt, vocab); prefix tuning: (prompt, vocab)
+    skip = logits.shape[0] - len(prompt)
+    assert skip == (0 if name == "prefix" else virtual)
+    ref = torch.log_softmax(logits[skip:], dim=-1)
+    base_ref = torch.log_softmax(base_logits, dim=-1)
+    for i in range(1, len(prompt)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1].max()), abs=1e-4)
+    # the adapter shows in them: they are not the base's
+    assert any(
+        abs(lp.token_logprobs[i] - float(base_ref[i - 1, prompt[i]])) > 1e-3
+        for i in range(1, len(prompt))
+    )
 
 
 # --- bad adapters of each kind: a 400 naming the problem, nothing changed ----------------------

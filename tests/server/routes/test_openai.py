@@ -272,7 +272,10 @@ def test_unsupported_options_are_400_not_ignored(tiny_server):
             ],
         },
     )
-    assert_error(r, 400, "messages.0.content")
+    assert "'image_url'" in assert_error(r, 400, "messages.0.content")["message"]
+    text_part = {"role": "user", "content": [{"type": "text"}]}  # no text
+    r = post(tiny_server, "/v1/chat/completions", {"model": "base", "messages": [text_part]})
+    assert "'text'" in assert_error(r, 400, "messages.0.content")["message"]
 
 
 def test_unknown_fields_are_accepted(tiny_server):

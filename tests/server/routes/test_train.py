@@ -378,6 +378,58 @@ def test_bad_requests_are_refused_before_training(server, tiny_model_path, tmp_p
     assert len(httpx.get(f"{server.url}/train/jobs").json()["data"]) == before
 
 
+def test_compare_trains_each_method_registers_and_measures_serving(server):
+    """POST /train/compare: one job per method, each registered, then 8 streams on each
+    adapter and the base; a refused method is a 400 naming it, with nothing queued."""
+    before = len(httpx.get(f"{server.url}/train/jobs").json()["data"])
+    body = {
+        "name": "cmpx",
+        "methods": ["lora", "sgd"],
+        "data": SFT_ROWS,
+        "eval_data": SFT_ROWS[:2],
+        "config": {"max_steps": 2, "max_length": 128, "eval_max_examples": 1},
+    }
+    r = httpx.post(f"{server.url}/train/compare", json=body, timeout=60)
+    assert "sgd" in assert_error(r, 400, param="methods")
+    body["methods"] = ["lora", "prompt_tuning"]
+    body["method_config"] = {"prompt_tuning": {"num_virtual_tokens": 400}}
+    r = httpx.post(f"{server.url}/train/compare", json=body, timeout=60)
+    assert "method prompt_tuning" in assert_error(r, 400, param="config.num_virtual_tokens")
+    r = httpx.post(f"{server.url}/train/compare", json={**body, "eval_data": None}, timeout=60)
+    assert_error(r, 400, param="eval_data")
+    assert len(httpx.get(f"{server.url}/train/jobs").json()["data"]) == before
+
+    body["method_config"] = {"prompt_tuning": {"num_virtual_tokens": 4}}
+    r = httpx.post(f"{server.url}/train/compare", json=body, timeout=60)
+    assert r.status_code == 202, r.text
+    cmp = r.json()
+    assert cmp["state"] == "running" and set(cmp["jobs"]) == {"lora", "prompt_tuning"}
+
+    def done():
+        got = httpx.get(f"{server.url}/train/compare/{cmp['id']}", timeout=30).json()
+        return got if got["state"] == "done" else None
+
+    got = wait_for(done, timeout_s=2 * WAIT_S)
+    rows = {r["label"]: r for r in got["rows"]}
+    assert set(rows) >= {"lora", "prompt_tuning"}
+    for m in ("lora", "prompt_tuning"):
+        row = rows[m]
+        assert row["state"] == "succeeded" and row["registered"], row
+        assert row["trainable"] > 0 and row["eval_loss"] is not None
+        # every kind the trainer writes is served: a number, or the server's reason
+        assert row["serving_tok_s"] is not None or row["serving_note"].startswith("not served")
+    assert rows["lora"]["serving_tok_s"] > 0
+    base = next(r for r in got["rows"] if r["label"].startswith("base"))
+    assert base["serving_tok_s"] > 0
+    assert "| `prompt_tuning` |" in got["markdown"]
+    assert {"cmpx-lora", "cmpx-prompt-tuning"} <= set(adapter_names(server))
+    report = httpx.get(f"{server.url}/train/compare/{cmp['id']}/report", timeout=30)
+    assert report.status_code == 200 and "Serving tokens/s" in report.text
+    listed = httpx.get(f"{server.url}/train/compare", timeout=30).json()["data"]
+    assert cmp["id"] in [c["id"] for c in listed]
+    assert_error(httpx.get(f"{server.url}/train/compare/cmp-nope", timeout=30), 404)
+
+
 def test_restart_lists_old_jobs_and_interrupts_the_running_one(server, tiny_model_path):
     # a job that is running when the server stops ends 'interrupted', not lost
     r = submit(server, name="cut-short", data=SFT_ROWS, config={**CONFIG, "max_steps": 500})

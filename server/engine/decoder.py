@@ -1,0 +1,247 @@
+"""A lean forward pass over a transformers decoder, for the engine's fast path.
+
+A transformers model's forward is written for every use at once: it builds attention
+masks through several layers of helpers, updates a generic cache object, and dispatches
+attention through a registry, on every call. In a decode step of a small model on a CPU
+that bookkeeping costs as much as the arithmetic. This module runs the same layers with
+only what a step needs:
+
+- the model's own modules are called for embeddings, linear layers and MLPs, so the
+  engine's LoRA layers (and any other per-row adapter layer wrapped around them) apply
+  exactly as in the reference path;
+- stock RMS norms run as one fused ``rms_norm`` (a wrapped norm is called as a module);
+- keys and values go straight into a preallocated cache (server/engine/static_kv.py),
+  each row at its own position, with no padding columns: the mask is causal (and the
+  sliding window where a layer has one), nothing else;
+- grouped-query attention needs no copy of the keys: the query heads that share a key
+  head are laid out as extra query positions of that head.
+
+Supported families: Gemma 3 text models and Llama-style models (``supported`` says why
+not otherwise); anything else runs on the reference path (server/engine/runner.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine.static_kv import StaticKV
+
+# model_type -> whether it has Gemma's four norms per layer (else Llama's two)
+_FAMILIES = {"gemma3_text": True, "llama": False}
+# norms whose weight is used as (1 + w), the rest as w
+_ONE_PLUS_NORMS = {"Gemma3RMSNorm"}
+_PLAIN_NORMS = {"LlamaRMSNorm"}
+_STATIC_ROPE = {"default", "linear", "llama3"}
+
+
+def supported(model: nn.Module) -> str | None:
+    """None when the fast path can run this model, else the reason it cannot."""
+    config: Any = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        return f"model type {model_type!r} (fast path: {', '.join(sorted(_FAMILIES))})"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    rope = getattr(config, "rope_parameters", None) or {}
+    params = rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for p in params:
+        kind = (p or {}).get("rope_type", "default")
+        if kind not in _STATIC_ROPE:
+            return f"rope type {kind!r}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no model.layers / model.rotary_emb"
+    return None
+
+
+@dataclass
+class _Rope:
+    inv_freq: torch.Tensor  # (head_dim / 2,)
+    scaling: float
+
+
+class FastDecoder:
+    """The model's layers, run by hand over a StaticKV."""
+
+    def __init__(self, model: nn.Module):
+        reason = supported(model)
+        if reason is not None:
+            raise ValueError(f"the fast path does not support this model: {reason}")
+        self.model: Any = model
+        config: Any = model.config
+        self.gemma = _FAMILIES[config.model_type]
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        )
+        self.groups = self.num_heads // self.num_kv_heads
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * self.num_layers
+        self.layer_types: list[str] = list(layer_types)
+        window = getattr(config, "sliding_window", None)
+        self.windows: list[int | None] = [
+            int(window) if t == "sliding_attention" and window else None for t in self.layer_types
+        ]
+        rotary = model.model.rotary_emb
+        self.ropes: dict[str, _Rope] = {}
+        for kind in set(self.layer_types):
+            inv = getattr(rotary, f"{kind}_inv_freq", None)
+            if inv is None:
+                inv = rotary.inv_freq
+                scaling = getattr(rotary, "attention_scaling", 1.0)
+            else:
+                scaling = getattr(rotary, f"{kind}_attention_scaling", 1.0)
+            self.ropes[kind] = _Rope(inv.detach().float().clone(), float(scaling))
+        self.scalings = [float(layer.self_attn.scaling) for layer in model.model.layers]
+        self._norm_weights: dict[int, tuple[torch.Tensor, float]] = {}
+
+    # --- building blocks ---------------------------------------------------------------
+
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        return StaticKV.empty(
+            self.num_layers, self.num_kv_heads, self.head_dim, rows, capacity, dtype, device
+        )
+
+    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        cached = self._norm_weights.get(id(module))
+        if cached is None:
+            kind = type(module).__name__
+            if kind not in _ONE_PLUS_NORMS and kind not in _PLAIN_NORMS:
+                return module(x)  # a wrapped or unknown norm: its own forward
+            weight = module.weight.detach().float()
+            if kind in _ONE_PLUS_NORMS:
+                weight = 1.0 + weight
+            eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
+            cached = (weight, eps)
+            self._norm_weights[id(module)] = cached
+        weight, eps = cached
+        # the model's own arithmetic, in float32, in the fewest operators
+        x32 = x if x.dtype == torch.float32 else x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _cos_sin(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """positions (n, T) -> per layer type, cos and signed sin of shape
+        (n, T, 1, head_dim). The sine's first half carries the minus sign of
+        rotate_half, so that rotating x is x * cos + roll(x, head_dim / 2) * sin."""
+        out = {}
+        half = self.head_dim // 2
+        for kind, rope in self.ropes.items():
+            freqs = positions.float()[..., None] * rope.inv_freq  # (n, T, head_dim / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+            sin = emb.sin() * rope.scaling
+            sin[..., :half] *= -1
+            out[kind] = (emb.cos() * rope.scaling, sin)
+        return out
+
+    def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
+        """(n, 1, T, kv_len) bool, True where a query may attend: causal, and within the
+        sliding window for layers that have one. Keys past a row's own position are never
+        read, so rows of different lengths need no padding mask."""
+        cols = torch.arange(kv_len, device=positions.device)
+        pos = positions[:, None, :, None]  # (n, 1, T, 1)
+        causal = cols <= pos
+        masks: dict[int | None, torch.Tensor] = {None: causal}
+        for window in set(self.windows):
+            if window is not None:
+                masks[window] = causal & (cols > pos - window)
+        return masks
+
+    # --- the forward ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StaticKV,
+        *,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``input_ids`` (n, T) at ``positions`` (n, T) for cache rows 0..n-1.
+
+        Writes their keys and values at those positions, attends over each row's cache
+        up to its own position, and returns logits (n, len(keep), vocab) for the columns
+        in ``keep`` (all columns when None). A row's cache column is its position.
+        """
+        model = self.model
+        n, t = input_ids.shape
+        h = model.get_input_embeddings()(input_ids)  # (n, T, hidden)
+        dtype = h.dtype
+        kv_len = int(positions.max()) + 1
+        decode = t == 1
+        cos_sin = self._cos_sin(positions)
+        masks = self._masks(positions, kv_len)
+        rows = torch.arange(n, device=h.device).unsqueeze(1)  # (n, 1)
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            residual = h
+            x = self._norm(layer.input_layernorm, h)
+            q = attn.q_proj(x).view(n, t, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+            if self.gemma:
+                q = self._norm(attn.q_norm, q)
+                k = self._norm(attn.k_norm, k)
+            cos, sin = cos_sin[self.layer_types[i]]
+            half = self.head_dim // 2
+            q = q * cos + q.roll(half, dims=-1) * sin
+            k = k * cos + k.roll(half, dims=-1) * sin
+            keys, values = cache.keys[i], cache.values[i]  # (rows, kv_heads, capacity, dim)
+            if k.dtype != keys.dtype:
+                q, k, v = q.to(keys.dtype), k.to(keys.dtype), v.to(keys.dtype)
+            # each row's keys at its own positions: (n, T, kv_heads, dim) in place
+            keys[rows, :, positions] = k
+            values[rows, :, positions] = v
+            if decode:
+                # (n, kv_heads, groups, dim): the query heads of one key head as its rows
+                query = q.view(n, self.num_kv_heads, self.groups, self.head_dim)
+            else:
+                query = (
+                    q.view(n, t, self.num_kv_heads, self.groups, self.head_dim)
+                    .permute(0, 2, 3, 1, 4)
+                    .reshape(n, self.num_kv_heads, self.groups * t, self.head_dim)
+                )
+            mask = masks[self.windows[i]]  # (n, 1, T, kv_len)
+            if not decode and self.groups > 1:
+                mask = mask.repeat(1, 1, self.groups, 1)
+            out = F.scaled_dot_product_attention(
+                query,
+                keys[:n, :, :kv_len],
+                values[:n, :, :kv_len],
+                attn_mask=mask,
+                scale=self.scalings[i],
+            )  # (n, kv_heads, groups * T, dim)
+            out = (
+                out.view(n, self.num_kv_heads, self.groups, t, self.head_dim)
+                .permute(0, 3, 1, 2, 4)
+                .reshape(n, t, self.num_heads * self.head_dim)
+            )
+            if out.dtype != dtype:
+                out = out.to(dtype)
+            out = attn.o_proj(out)
+            if self.gemma:
+                out = self._norm(layer.post_attention_layernorm, out)
+                h = residual + out
+                residual = h
+                x = self._norm(layer.pre_feedforward_layernorm, h)
+                x = layer.mlp(x)
+                h = residual + self._norm(layer.post_feedforward_layernorm, x)
+            else:
+                h = residual + out
+                h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+        h = self._norm(model.model.norm, h)
+        if keep is not None:
+            h = h[:, keep]
+        logits = model.get_output_embeddings()(h)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

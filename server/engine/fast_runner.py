@@ -1,0 +1,142 @@
+"""The fast path's runner: the same interface as ModelRunner (server/engine/runner.py), on a
+lean forward (server/engine/decoder.py) and a preallocated cache (server/engine/static_kv.py).
+
+The scheduler drives either runner the same way: ``new_group`` for newcomers,
+``prefill_chunk`` until the group is finished, ``finish_prefill`` to get the group's
+cache (it joins the running batch with ``merge``) and the logits of each prompt's last
+token, then one ``decode`` per step over every running row. Rows carry their own
+adapters as on the reference path: MultiAdapter plans the rows before each forward and
+every adapter kind's wrapped layers apply inside the model's own modules. Virtual tokens
+(prompt tuning) are placeholder ids at the front of a row's input, as on the reference
+path; a KV prefix (prefix tuning) goes into the row's first cache columns, its prompt
+right after it, so a row's cache column is its position, as in PEFT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from server.engine.decoder import FastDecoder
+from server.engine.multi_adapter import MultiAdapter, adapter_dtype, compute_dtype
+from server.engine.runner import (
+    PROMPT_LOGPROB_POSITIONS,
+    ModelRunner,
+    PrefillGroup,
+    _logprobs_at,
+)
+from server.engine.static_kv import StaticKV
+
+
+class FastModelRunner:
+    kind = "fast"
+
+    def __init__(self, model: Any, pad_token_id: int):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.decoder = FastDecoder(model)
+        self.dtype = compute_dtype(model)  # the KV cache's
+        self.adapters = MultiAdapter(model, self.device, adapter_dtype(model, self.device))
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def new_group(
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        prompt_logprobs: list[int | None] | None = None,
+    ) -> PrefillGroup:
+        # the same inputs as the reference path (virtual-token placeholders, prefixes)
+        group = ModelRunner.new_group(self, prompts, adapters, prompt_logprobs)  # type: ignore[arg-type]
+        # padded columns of a chunk are written too: room for the longest prefix + input
+        longest = group.width + group.total
+        group.cache = self.decoder.new_cache(len(prompts), longest, self.dtype, self.device)
+        return group
+
+    def _write_prefixes(self, group: PrefillGroup) -> None:
+        """Each row's KV prefix (prefix tuning) into its first cache columns."""
+        width = group.width
+        layers = self.adapters.prefix_cache(group.adapters, width, self.dtype)
+        cache: StaticKV = group.cache
+        for layer, (keys, values) in enumerate(layers):  # (batch, kv heads, width, dim)
+            for row, n in enumerate(group.prefix):
+                if n:
+                    cache.keys[layer][row, :, :n] = keys[row, :, width - n :]
+                    cache.values[layer][row, :, :n] = values[row, :, width - n :]
+
+    def _forward(
+        self,
+        adapters: list[str],
+        input_start: int | None,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StaticKV,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.adapters.set_rows(adapters, input_start)
+        try:
+            with torch.inference_mode():
+                return self.decoder.forward(input_ids, positions, cache, keep=keep)
+        finally:
+            self.adapters.clear_rows()
+
+    def prefill_chunk(self, group: PrefillGroup, chunk_tokens: int) -> None:
+        device = self.device
+        if group.done == 0 and group.width:
+            self._write_prefixes(group)
+        start = group.done
+        if group.wants_prompt_logprobs:
+            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(group.prompts)))
+        end = min(group.total, start + chunk_tokens)
+        rows = []
+        for prompt in group.prompts:
+            piece = prompt[start:end]
+            rows.append(piece + [self.pad_token_id] * (end - start - len(piece)))
+        input_ids = torch.tensor(rows, dtype=torch.long, device=device)  # (batch, chunk)
+        # a row's positions (and cache columns) count its prefix, as PEFT's do
+        prefix = torch.tensor(group.prefix or [0] * len(rows), device=device)
+        positions = torch.arange(start, end, device=device).unsqueeze(0) + prefix.unsqueeze(1)
+        # logits only where a row's last prompt token falls in this chunk
+        wanted = {i: n - 1 - start for i, n in enumerate(group.lengths) if start <= n - 1 < end}
+        keep = sorted(set(wanted.values())) or [end - start - 1]
+        if group.wants_prompt_logprobs:
+            keep = list(range(end - start))  # every column
+        logits = self._forward(
+            group.adapters,
+            start,
+            input_ids,
+            positions,
+            group.cache,
+            keep=torch.tensor(keep, dtype=torch.long, device=device),
+        )  # (batch, len(keep), vocab)
+        for row, col in wanted.items():
+            group.last_logits[row] = logits[row, keep.index(col)].float()
+        for row, k in enumerate(group.prompt_logprobs):
+            if k is not None:
+                prompt = group.prompts[row]
+                # column c predicts prompt token start + c + 1
+                out = group.prompt_lps.setdefault(row, [])
+                for c in range(0, min(end, len(prompt) - 1) - start):
+                    out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
+        group.done = end
+
+    def finish_prefill(self, group: PrefillGroup) -> tuple[StaticKV, torch.Tensor]:
+        cache: StaticKV = group.cache
+        prefix = group.prefix or [0] * len(group.prompts)
+        cache.lengths = [p + n for p, n in zip(prefix, group.lengths, strict=True)]
+        logits = torch.stack([group.last_logits[i] for i in range(len(group.prompts))])
+        return cache, logits  # logits: (batch, vocab)
+
+    def decode(self, batch: StaticKV, tokens: list[int], adapters: list[str]) -> torch.Tensor:
+        device = self.device
+        batch.ensure_step()
+        positions = batch.positions(device)  # (batch, 1)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
+        logits = self._forward(adapters, None, input_ids, positions, batch)
+        batch.advance()
+        return logits[:, -1, :].float()  # (batch, vocab)
