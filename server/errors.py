@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import json
 import logging
+import sqlite3
 import uuid
 from typing import Any
 
@@ -81,6 +83,28 @@ def from_engine_error(exc: EngineError) -> APIError:
     return APIError(exc.status, str(exc), param=exc.param, code=exc.code, headers=headers)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: the OS's ENOSPC or EDQUOT, or SQLite's FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
+
+
+def insufficient_storage(exc: BaseException) -> tuple[int, str, None, str]:
+    """507 with the error shape: the status, message, param and code of a full disk."""
+    quota = isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    what = "disk quota exceeded" if quota else "no space left on device"
+    return (
+        507,
+        f"the server's data directory is full ({what}); nothing was stored: free space on "
+        "the disk that holds SWAPSERVE_DATA_DIR and retry",
+        None,
+        "insufficient_storage",
+    )
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -126,6 +150,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return error_response(exc.status_code, str(exc.detail), None, code, exc.headers)
+
+    async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+        # A full disk is the operator's to fix, not a bug: one clear 507 for every write
+        # (adapter upload, ingestion, training data), whichever layer hit it. The layers
+        # remove what they half wrote before the error gets here.
+        if is_disk_full(exc):
+            logger.error("out of disk space: %s", exc)
+            return error_response(*insufficient_storage(exc))
+        logger.exception("unhandled error")
+        return error_response(500, "internal server error", None, "internal_error")
+
+    # the file writes' error, and SQLite's (a collection's metadata) for the same cause
+    app.add_exception_handler(OSError, _storage_error)
+    app.add_exception_handler(sqlite3.OperationalError, _storage_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -158,38 +158,43 @@ class JobManager:
             job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
             job_dir = self.root / job_id
             job_dir.mkdir(parents=True)
-            # A private copy: the caller's file (often an upload in a temp dir) may vanish.
-            shutil.copyfile(data.path, job_dir / "data.jsonl")
-            cfg_dict = cfg.to_dict()
-            if eval_data is not None:
-                shutil.copyfile(eval_data.path, job_dir / "eval.jsonl")
-                cfg_dict["eval_file"] = str(job_dir / "eval.jsonl")
-            record = {
-                "id": job_id,
-                "name": name,
-                "kind": kind,
-                "state": "queued",
-                "step": 0,
-                "total_steps": None,
-                "progress": 0.0,
-                "loss": None,
-                "loss_history": [],
-                "eta_s": None,
-                "error": None,
-                "output_dir": str(output_dir),
-                "data_path": str(job_dir / "data.jsonl"),
-                "data_sha256": data.sha256,
-                "data_counts": data.counts(),
-                "config": cfg_dict,
-                "created_at": time.time(),
-                "started_at": None,
-                "finished_at": None,
-                "pid": None,
-                "notified": False,
-                "meta": dict(meta or {}),
-            }
-            write_record(job_dir, record)
-            append_event(job_dir, "state", state="queued")
+            try:
+                # A private copy: the caller's file (often an upload in a temp dir) may vanish.
+                shutil.copyfile(data.path, job_dir / "data.jsonl")
+                cfg_dict = cfg.to_dict()
+                if eval_data is not None:
+                    shutil.copyfile(eval_data.path, job_dir / "eval.jsonl")
+                    cfg_dict["eval_file"] = str(job_dir / "eval.jsonl")
+                record = {
+                    "id": job_id,
+                    "name": name,
+                    "kind": kind,
+                    "state": "queued",
+                    "step": 0,
+                    "total_steps": None,
+                    "progress": 0.0,
+                    "loss": None,
+                    "loss_history": [],
+                    "eta_s": None,
+                    "error": None,
+                    "output_dir": str(output_dir),
+                    "data_path": str(job_dir / "data.jsonl"),
+                    "data_sha256": data.sha256,
+                    "data_counts": data.counts(),
+                    "config": cfg_dict,
+                    "created_at": time.time(),
+                    "started_at": None,
+                    "finished_at": None,
+                    "pid": None,
+                    "notified": False,
+                    "meta": dict(meta or {}),
+                }
+                write_record(job_dir, record)
+                append_event(job_dir, "state", state="queued")
+            except BaseException:
+                # a full disk mid-copy: no half-made job folder is left to list or resume
+                shutil.rmtree(job_dir, ignore_errors=True)
+                raise
             self._queue.append(job_id)
         logger.info("queued %s job %s (%s)", kind, job_id, name)
         self._ensure_monitor()

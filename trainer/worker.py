@@ -8,6 +8,7 @@ unless killed outright, which the parent or ``JobManager.recover`` then records.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -136,7 +137,18 @@ def run_job(job_dir: Path) -> int:
         record.update(state="failed", error=str(exc), error_type="config", field=exc.field)
     except Exception as exc:  # the job failed, the worker must still leave a record
         logger.error("job %s failed:\n%s", record["id"], traceback.format_exc())
-        record.update(state="failed", error=f"{type(exc).__name__}: {exc}", error_type="internal")
+        if _disk_full(exc):
+            # the operator's to fix, said as the server says it for a request (its 507)
+            record.update(
+                state="failed",
+                error="the data directory is full (no space left on device) while the job "
+                f"wrote its output; nothing was registered: free space and retry ({exc})",
+                error_type="insufficient_storage",
+            )
+        else:
+            record.update(
+                state="failed", error=f"{type(exc).__name__}: {exc}", error_type="internal"
+            )
     record["finished_at"] = time.time()
     write_record(job_dir, record)
     append_event(job_dir, "state", state=record["state"], error=record.get("error"))
@@ -169,6 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return run_job(Path(argv[0]))
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library wrapped it in its own error (safetensors says
+    "No space left on device (os error 28)")."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left on device" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 if __name__ == "__main__":

@@ -69,14 +69,17 @@ async def register_adapter(request: Request, registry: RegistryDep) -> dict[str,
             raise APIError(400, "form field 'name' is required", param="name")
         if upload is None or isinstance(upload, str):
             raise APIError(400, "form field 'file' (the archive) is required", param="file")
-        with tempfile.NamedTemporaryFile(dir=registry.staging, delete=False) as tmp:
-            shutil.copyfileobj(upload.file, tmp)
-        try:
+        archive: Path | None = None
+        try:  # the archive goes whatever happens, a full disk mid-copy included
+            with tempfile.NamedTemporaryFile(dir=registry.staging, delete=False) as tmp:
+                archive = Path(tmp.name)
+                shutil.copyfileobj(upload.file, tmp)
             return await registry.register_archive(
-                name, Path(tmp.name), upload.filename or "", replace=_form_bool(form.get("replace"))
+                name, archive, upload.filename or "", replace=_form_bool(form.get("replace"))
             )
         finally:
-            Path(tmp.name).unlink(missing_ok=True)
+            if archive is not None:
+                archive.unlink(missing_ok=True)
     try:
         body = RegisterAdapter.model_validate_json(await request.body())
     except ValidationError as exc:
