@@ -226,6 +226,11 @@ class LossPoint(BaseModel):
     loss: float
 
 
+class EvalLossPoint(BaseModel):
+    step: int
+    eval_loss: float
+
+
 class TrainJob(Open):
     id: str
     object: str = "train.job"
@@ -237,6 +242,14 @@ class TrainJob(Open):
     progress: float = Field(0.0, description="0..1")
     loss: float | None = None
     loss_history: list[LossPoint] = Field(default_factory=list)
+    eval_loss: float | None = Field(
+        None, description="The last eval loss measured during training (eval_steps)"
+    )
+    eval_loss_history: list[EvalLossPoint] = Field(
+        default_factory=list,
+        description="The eval loss at each eval during training (every eval_steps steps, when "
+        "the job has an eval set); the eval after training is in result.eval",
+    )
     eta_s: float | None = None
     phase: str | None = Field(
         None,
@@ -270,7 +283,10 @@ class TrainJobList(BaseModel):
 class TrainEvent(Open):
     seq: int
     time: float
-    type: str = Field(description="state, progress, cancel_requested, registered, ...")
+    type: str = Field(
+        description="state, progress, eval_loss (an eval during training: step, eval_loss), "
+        "cancel_requested, registered, ..."
+    )
 
 
 class TrainEventList(BaseModel):

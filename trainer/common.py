@@ -56,6 +56,9 @@ class ProgressUpdate:
     phase: str = "train"
     eval_done: int | None = None  # answers generated so far
     eval_total: int | None = None  # answers to generate (base + adapter)
+    # Set on the update that reports an eval during training (eval_steps): the eval loss at
+    # ``step``; ``loss`` then repeats the last train loss, which it does not add to.
+    eval_loss: float | None = None
 
     @property
     def progress(self) -> float:
@@ -295,11 +298,19 @@ def make_progress_callback(progress: ProgressFn | None, should_stop: StopFn | No
 
         def __init__(self) -> None:
             self.history: list[dict[str, float]] = []
+            # the evals during training (eval_steps), not the eval after it
+            self.eval_history: list[dict[str, float]] = []
             self.cancelled = False
             self.started = time.monotonic()
+            self.training = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.monotonic()
+            self.training = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            # the evals after training (adapter, then base) log an eval_loss too
+            self.training = False
 
         def on_step_end(self, args, state, control, **kwargs):
             if should_stop is not None and should_stop():
@@ -307,17 +318,35 @@ def make_progress_callback(progress: ProgressFn | None, should_stop: StopFn | No
                 control.should_training_stop = True
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            # Only our own trainer.evaluate() calls predict (eval_strategy is "no"). The
+            # The evals (during training at eval_steps, and ours after it) call predict. The
             # Trainer has no flag to end an evaluation early, so raise out of it.
             if should_stop is not None and should_stop():
                 self.cancelled = True
                 raise TrainingCancelled("cancelled during eval (eval loss)")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or state.global_step == 0:
+            if not logs or state.global_step == 0:
+                return
+            if "eval_loss" in logs:
+                self._eval_logged(state, float(logs["eval_loss"]))
+                return
+            if "loss" not in logs:
                 return
             loss = float(logs["loss"])
             self.history.append({"step": state.global_step, "loss": loss})
+            self._report(state, loss if math.isfinite(loss) else None)
+
+        def _eval_logged(self, state, eval_loss: float) -> None:
+            # once per step: a forced eval at the last step may repeat a scheduled one
+            seen = bool(self.eval_history) and self.eval_history[-1]["step"] == state.global_step
+            if not self.training or seen or not math.isfinite(eval_loss):
+                return
+            self.eval_history.append({"step": state.global_step, "eval_loss": eval_loss})
+            last = self.history[-1]["loss"] if self.history else None
+            loss = last if last is not None and math.isfinite(last) else None
+            self._report(state, loss, eval_loss=eval_loss)
+
+        def _report(self, state, loss: float | None, eval_loss: float | None = None) -> None:
             if progress is None:
                 return
             elapsed = time.monotonic() - self.started
@@ -328,10 +357,11 @@ def make_progress_callback(progress: ProgressFn | None, should_stop: StopFn | No
                 ProgressUpdate(
                     step=done,
                     total_steps=total,
-                    loss=loss if math.isfinite(loss) else None,
+                    loss=loss,
                     eta_s=eta,
                     elapsed_s=elapsed,
                     epoch=float(state.epoch) if state.epoch is not None else None,
+                    eval_loss=eval_loss,
                 )
             )
 

@@ -175,6 +175,8 @@ class JobManager:
                     "progress": 0.0,
                     "loss": None,
                     "loss_history": [],
+                    "eval_loss": None,
+                    "eval_loss_history": [],
                     "eta_s": None,
                     "error": None,
                     "output_dir": str(output_dir),

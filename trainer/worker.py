@@ -56,6 +56,9 @@ def run_job(job_dir: Path) -> int:
         return bool(stop_reason)
 
     def progress(update: ProgressUpdate) -> None:
+        if update.eval_loss is not None:
+            eval_loss(update)
+            return
         history = record.setdefault("loss_history", [])
         if update.loss is not None and update.phase == "train":
             history.append({"step": update.step, "loss": update.loss})
@@ -83,6 +86,22 @@ def run_job(job_dir: Path) -> int:
             phase=update.phase,
             eval_done=update.eval_done,
             eval_total=update.eval_total,
+        )
+
+    def eval_loss(update: ProgressUpdate) -> None:
+        # an eval during training (eval_steps): its own history and its own event
+        history = record.setdefault("eval_loss_history", [])
+        history.append({"step": update.step, "eval_loss": update.eval_loss})
+        del history[:-MAX_HISTORY_IN_RECORD]
+        record["eval_loss"] = update.eval_loss
+        write_record(job_dir, record)
+        append_event(
+            job_dir,
+            "eval_loss",
+            step=update.step,
+            total_steps=update.total_steps,
+            eval_loss=update.eval_loss,
+            loss=update.loss,
         )
 
     record.update(

@@ -171,6 +171,42 @@ def test_sft_inline_trains_registers_and_serves_by_name(server, tiny_model_path)
     assert accepted["id"] in [j["id"] for j in listed["data"]]
 
 
+def test_eval_loss_during_training_reaches_the_job_and_its_event_stream(server):
+    # an eval set measured after every step (no early stopping, a 2-token final eval)
+    config = {
+        **CONFIG,
+        "eval_steps": 1,
+        "early_stopping_patience": 0,
+        "eval_max_examples": 1,
+        "eval_max_new_tokens": 2,
+    }
+    r = submit(server, name="evalcurve", data=SFT_ROWS, eval_data=SFT_ROWS[:2], config=config)
+    assert r.status_code == 202, r.text
+    assert r.json()["eval_loss_history"] == [] and r.json()["eval_loss"] is None
+    record, _ = wait_settled(server, r.json()["id"])
+
+    assert record["state"] == "succeeded", record
+    history = record["eval_loss_history"]
+    assert [p["step"] for p in history] == [1, 2, 3]  # the evals after training add none
+    assert all(p["eval_loss"] > 0 for p in history)
+    assert record["eval_loss"] == history[-1]["eval_loss"]
+    assert record["result"]["eval"]["eval_loss"]["adapter"] is not None
+    # each eval's event comes right after its step's progress event, while training runs
+    events = httpx.get(f"{server.url}/train/jobs/{r.json()['id']}/events").json()["data"]
+    steps = [(e["type"], e["step"]) for e in events if e["type"] in ("progress", "eval_loss")]
+    assert steps[:6] == [(t, n) for n in (1, 2, 3) for t in ("progress", "eval_loss")]
+    evals = [e for e in events if e["type"] == "eval_loss"]
+    assert [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals] == history
+    assert all(e["loss"] is not None and e["total_steps"] == 3 for e in evals)
+    with httpx.stream(
+        "GET",
+        f"{server.url}/train/jobs/{r.json()['id']}/events",
+        headers={"Accept": "text/event-stream"},
+        timeout=30,
+    ) as stream:
+        assert "".join(stream.iter_text()).count("event: eval_loss\n") == 3
+
+
 def test_dpo_multipart_upload_trains_and_serves(server, tmp_path):
     data = "".join(json.dumps(r) + "\n" for r in DPO_ROWS)
     r = httpx.post(
