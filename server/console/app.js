@@ -408,16 +408,20 @@ async function followJob(id, detail) {
   const chart = h("div", { class: "chart", id: "loss-chart" });
   const card = h("div", { id: "job-card" });
   const loss = job.loss_history.map((p) => [p.step, p.loss]);
-  let evalLoss = null;
+  // the evals during training (eval_steps), live from `eval_loss` events; the eval after
+  // training (result.eval) is one more point at the last step when there were none
+  const evalLoss = (job.eval_loss_history || []).map((p) => [p.step, p.eval_loss]);
+  let finalEval = null;
   const cancel = h("button", { type: "button", class: "danger", id: "job-cancel", onclick: async () => {
     try { job = await api("DELETE", `/train/jobs/${id}`); render(); } catch (e) { status.textContent = e.text || e.message; }
   } }, "Cancel");
   function render() {
     bar.style.width = `${Math.round((job.progress || 0) * 100)}%`;
     const phase = job.phase === "eval" ? ` · eval answers ${job.eval_done ?? 0}/${job.eval_total ?? "?"}` : "";
-    status.replaceChildren(h("span", { class: `pill ${job.state}` }, job.state), ` step ${job.step}/${job.total_steps ?? "?"} · loss ${num(job.loss)} · eta ${job.eta_s ? `${Math.round(job.eta_s)} s` : "–"}${phase}`, job.error ? h("div", { class: "error" }, job.error) : "");
+    status.replaceChildren(h("span", { class: `pill ${job.state}` }, job.state), ` step ${job.step}/${job.total_steps ?? "?"} · loss ${num(job.loss)}${job.eval_loss != null ? ` · eval loss ${num(job.eval_loss)}` : ""} · eta ${job.eta_s ? `${Math.round(job.eta_s)} s` : "–"}${phase}`, job.error ? h("div", { class: "error" }, job.error) : "");
     const series = [{ name: "train loss", points: loss }];
-    if (evalLoss !== null) series.push({ name: "eval loss", points: [[job.step || job.total_steps || 1, evalLoss]], dots: true });
+    if (evalLoss.length) series.push({ name: "eval loss", points: evalLoss });
+    else if (finalEval !== null) series.push({ name: "eval loss", points: [[job.step || job.total_steps || 1, finalEval]], dots: true });
     chart.replaceChildren(lineChart(series, { xLabel: "step", yLabel: "loss", title: `${job.name}: loss` }));
     cancel.hidden = ["succeeded", "failed", "cancelled", "interrupted"].includes(job.state);
   }
@@ -429,8 +433,10 @@ async function followJob(id, detail) {
       const ev = JSON.parse(data);
       if (event === "progress") {
         Object.assign(job, { step: ev.step, total_steps: ev.total_steps, progress: ev.progress, eta_s: ev.eta_s, phase: ev.phase, eval_done: ev.eval_done, eval_total: ev.eval_total });
-        if (ev.loss !== null && ev.phase === "train") { job.loss = ev.loss; if (!loss.length || loss[loss.length - 1][0] !== ev.step) loss.push([ev.step, ev.loss]); }
-        if (ev.phase === "eval" && ev.loss !== null) evalLoss = ev.loss;
+        if (ev.loss !== null && ev.phase === "train") { job.loss = ev.loss; if (!loss.length || loss[loss.length - 1][0] < ev.step) loss.push([ev.step, ev.loss]); }
+      } else if (event === "eval_loss") {
+        job.eval_loss = ev.eval_loss;
+        if (!evalLoss.length || evalLoss[evalLoss.length - 1][0] < ev.step) evalLoss.push([ev.step, ev.eval_loss]);
       } else if (event === "state") {
         if (!["started", "running"].includes(ev.state) || job.state === "queued") job.state = ev.state === "started" ? "running" : ev.state;
         if (ev.error) job.error = ev.error;
@@ -442,7 +448,7 @@ async function followJob(id, detail) {
   } catch (e) { if (e.name !== "AbortError") status.append(h("div", { class: "error" }, e.text || e.message)); return; }
   job = await api("GET", `/train/jobs/${id}`);
   const ev = job.result && job.result.eval;
-  if (ev && ev.eval_loss) evalLoss = ev.eval_loss.adapter ?? null;
+  if (ev && ev.eval_loss) finalEval = ev.eval_loss.adapter ?? null;
   render();
   if (job.state === "succeeded") {
     const c = await api("GET", `/train/jobs/${id}/card`);

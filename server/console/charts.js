@@ -55,8 +55,14 @@ export function lineChart(series, { width = 560, height = 220, xLabel = "", yLab
       c.append(el("title", {}, `${s.name}: ${fmt(p[1])} at ${fmt(p[0])}`));
       svg.append(c);
     }
-    svg.append(el("rect", { x: left + pw - 120, y: top + 4 + i * 16, width: 10, height: 10, fill: color }));
-    svg.append(el("text", { x: left + pw - 105, y: top + 13 + i * 16, "font-size": 11 }, s.name));
   });
+  // the legend last, on a backdrop, so no line runs through it
+  const legend = el("g", { class: "legend" });
+  legend.append(el("rect", { x: left + pw - 126, y: top, width: 124, height: series.length * 16 + 6, fill: "#fff", "fill-opacity": 0.85 }));
+  series.forEach((s, i) => {
+    legend.append(el("rect", { x: left + pw - 120, y: top + 4 + i * 16, width: 10, height: 10, fill: COLORS[i % COLORS.length] }));
+    legend.append(el("text", { x: left + pw - 105, y: top + 13 + i * 16, "font-size": 11 }, s.name));
+  });
+  svg.append(legend);
   return svg;
 }

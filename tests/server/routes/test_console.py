@@ -257,8 +257,11 @@ def test_training_progress_updates_without_a_reload(admin, server, tmp_path):
     page.fill("#train-lr", "1e-2" if not BUNDLED else "2e-4")
     page.fill("#train-r", "4")
     page.fill("#train-batch", "4" if not BUNDLED else "2")
-    page.fill("#train-eval", "0")
-    page.fill("#train-extra", json.dumps({k: TRAIN_CONFIG[k] for k in ("max_length", "device")}))
+    # an eval split measured at every step: the chart's second series
+    page.fill("#train-eval", "0.25")
+    extra = {k: TRAIN_CONFIG[k] for k in ("max_length", "device")}
+    extra.update(eval_steps=1, early_stopping_patience=0, eval_max_examples=1)
+    page.fill("#train-extra", json.dumps({**extra, "eval_max_new_tokens": 2}))
     page.click("#train-dry")
     page.wait_for_selector("#train-mask .loss")
     assert "carry loss" in page.inner_text("#train-preview")
@@ -276,7 +279,9 @@ def test_training_progress_updates_without_a_reload(admin, server, tmp_path):
     assert page.evaluate("window.noReload") is True  # the same page, updated in place
     assert len(steps) >= 2, steps  # the step counter moved while we watched
     page.wait_for_selector("#try-adapter")
-    assert page.query_selector("#loss-chart svg path.series") is not None
+    # train and eval loss, two lines with a legend
+    assert len(page.query_selector_all("#loss-chart svg path.series")) == 2
+    assert "eval loss" in page.text_content("#loss-chart svg .legend")
     assert "console-sft" in page.inner_text("#card-facts") or page.inner_text("#card-facts")
     shot(page, "training")
     page.click("#try-adapter")
