@@ -24,7 +24,7 @@ from server.engine.runner import (
     PROMPT_LOGPROB_POSITIONS,
     ModelRunner,
     PrefillGroup,
-    _logprobs_at,
+    take_chunk_logits,
 )
 from server.engine.static_kv import StaticKV
 
@@ -114,16 +114,7 @@ class FastModelRunner:
             group.cache,
             keep=torch.tensor(keep, dtype=torch.long, device=device),
         )  # (batch, len(keep), vocab)
-        for row, col in wanted.items():
-            group.last_logits[row] = logits[row, keep.index(col)].float()
-        for row, k in enumerate(group.prompt_logprobs):
-            if k is not None:
-                prompt = group.prompts[row]
-                # column c predicts prompt token start + c + 1
-                out = group.prompt_lps.setdefault(row, [])
-                for c in range(0, min(end, len(prompt) - 1) - start):
-                    out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
-        group.done = end
+        take_chunk_logits(group, logits, wanted, keep, start, end)
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[StaticKV, torch.Tensor]:
         cache: StaticKV = group.cache

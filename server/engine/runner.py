@@ -164,16 +164,7 @@ class ModelRunner:
             cache_position=torch.arange(width + start, width + end, device=device),
             logits_to_keep=to_keep,
         )  # (batch, len(keep) or 1, vocab)
-        for row, col in wanted.items():
-            group.last_logits[row] = logits[row, keep.index(col)].float()
-        for row, k in enumerate(group.prompt_logprobs):
-            if k is not None:
-                prompt = group.prompts[row]
-                # column c predicts prompt token start + c + 1
-                out = group.prompt_lps.setdefault(row, [])
-                for c in range(0, min(end, len(prompt) - 1) - start):
-                    out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
-        group.done = end
+        take_chunk_logits(group, logits, wanted, keep, start, end)
 
     def finish_prefill(self, group: PrefillGroup) -> tuple[KVBatch, torch.Tensor]:
         width = group.width
@@ -200,6 +191,29 @@ class ModelRunner:
             logits_to_keep=1,
         )
         return logits[:, -1, :].float()  # (batch, vocab)
+
+
+def take_chunk_logits(
+    group: PrefillGroup,
+    logits: torch.Tensor,
+    wanted: dict[int, int],
+    keep: list[int],
+    start: int,
+    end: int,
+) -> None:
+    """After a prefill chunk's forward (``logits``: batch x len(keep) x vocab): each row whose
+    prompt ends in the chunk keeps its last logits, rows asking for prompt logprobs get the
+    chunk's, and the group moves on to ``end``. Shared by both runners."""
+    for row, col in wanted.items():
+        group.last_logits[row] = logits[row, keep.index(col)].float()
+    for row, k in enumerate(group.prompt_logprobs):
+        if k is not None:
+            prompt = group.prompts[row]
+            # column c predicts prompt token start + c + 1
+            out = group.prompt_lps.setdefault(row, [])
+            for c in range(0, min(end, len(prompt) - 1) - start):
+                out.append(_logprobs_at(logits[row, c].float(), prompt[start + c + 1], k))
+    group.done = end
 
 
 def _logprobs_at(
