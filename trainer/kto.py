@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from trainer.config import ConfigError, JobConfig, is_number
 from trainer.data import Example, as_chat_prompt
-from trainer.objectives import Objective
+from trainer.objectives import Objective, evaluate_adapter_and_base
 
 
 @dataclass
@@ -92,9 +92,7 @@ def _trl() -> tuple[type, type]:
 
 
 def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
-    metrics = trainer.evaluate()
-    with base_view():
-        base = trainer.evaluate()
+    metrics, base = evaluate_adapter_and_base(trainer, base_view)
     return {
         # the base as policy equals the reference: its rewards are 0 and its loss is the
         # weighted 1 - sigmoid(0) = 0.5 per answer, up to the KL term

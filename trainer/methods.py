@@ -20,7 +20,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -426,34 +426,30 @@ _PROMPT_ORPO = (
     "tokens' positions, so the shapes disagree; use dpo or kto, or another method"
 )
 
+_LORA = Method(
+    name="lora",
+    peft_type="LORA",
+    summary="LoRA on an unquantized base (float32 on CPU, bf16 on GPU)",
+    trains="two low-rank matrices per target linear layer (+ chosen embedding rows)",
+    fields=LORA_FIELDS,
+    quantizations=("none",),
+    learning_rate=2e-4,
+    trains_token_rows=True,
+    check=_check_lora,
+    check_base=_check_lora_base,
+    peft_config=_lora_peft,
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(
-            name="lora",
-            peft_type="LORA",
-            summary="LoRA on an unquantized base (float32 on CPU, bf16 on GPU)",
-            trains="two low-rank matrices per target linear layer (+ chosen embedding rows)",
-            fields=LORA_FIELDS,
-            quantizations=("none",),
-            learning_rate=2e-4,
-            trains_token_rows=True,
-            check=_check_lora,
-            check_base=_check_lora_base,
-            peft_config=_lora_peft,
-        ),
-        Method(
+        _LORA,
+        # the same method on the base as the server holds it
+        replace(
+            _LORA,
             name="qlora",
-            peft_type="LORA",
             summary="LoRA on the 4-bit NF4 base (QLoRA): the base as the server holds it",
-            trains="two low-rank matrices per target linear layer (+ chosen embedding rows)",
-            fields=LORA_FIELDS,
             quantizations=("nf4",),
-            learning_rate=2e-4,
-            trains_token_rows=True,
-            check=_check_lora,
-            check_base=_check_lora_base,
-            peft_config=_lora_peft,
         ),
         Method(
             name="ia3",

@@ -29,6 +29,17 @@ MODULES = {"sft": "trainer.sft", "dpo": "trainer.dpo", "orpo": "trainer.orpo", "
 EvalLoss = Callable[[Any, Callable[[], AbstractContextManager[Any]]], dict[str, Any]]
 
 
+def evaluate_adapter_and_base(
+    trainer: Any, base_view: Callable[[], AbstractContextManager[Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer's eval metrics for the trained adapter, then for the base (shown through
+    ``base_view``): what every objective's EvalLoss starts from."""
+    adapter = trainer.evaluate()
+    with base_view():
+        base = trainer.evaluate()
+    return adapter, base
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str

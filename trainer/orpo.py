@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from trainer.config import ConfigError, JobConfig, is_number
 from trainer.dpo import pair_rows
-from trainer.objectives import Objective
+from trainer.objectives import Objective, evaluate_adapter_and_base
 
 
 @dataclass
@@ -49,9 +49,7 @@ def _trl() -> tuple[type, type]:
 
 
 def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
-    metrics = trainer.evaluate()
-    with base_view():
-        base = trainer.evaluate()
+    metrics, base = evaluate_adapter_and_base(trainer, base_view)
     return {
         "eval_loss": {"base": base["eval_loss"], "adapter": metrics["eval_loss"]},
         "reward_accuracy": metrics.get("eval_rewards/accuracies"),

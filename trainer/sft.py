@@ -16,7 +16,7 @@ from trainer.base_model import LoadedBaseModel
 from trainer.common import ProgressFn, StopFn, TrainResult
 from trainer.config import JobConfig
 from trainer.data import Example, tokenize_sft
-from trainer.objectives import Objective
+from trainer.objectives import Objective, evaluate_adapter_and_base
 
 
 @dataclass
@@ -41,10 +41,8 @@ def _rows(examples: list[Example], tokenizer: Any, config: SFTJobConfig) -> list
 
 
 def _eval_loss(trainer: Any, base_view: Any) -> dict[str, Any]:
-    adapter_loss = trainer.evaluate()["eval_loss"]
-    with base_view():
-        base_loss = trainer.evaluate()["eval_loss"]
-    return {"eval_loss": {"base": base_loss, "adapter": adapter_loss}}
+    adapter, base = evaluate_adapter_and_base(trainer, base_view)
+    return {"eval_loss": {"base": base["eval_loss"], "adapter": adapter["eval_loss"]}}
 
 
 OBJECTIVE = Objective(
