@@ -20,7 +20,7 @@ from server.engine.fast_runner import FastModelRunner
 from server.engine.grammar import GrammarCompiler
 from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
-from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape
+from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape, config_dims
 from server.engine.kinds.lora import base_weight
 from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
 from server.engine.runner import ModelRunner
@@ -281,18 +281,11 @@ class HFEngine:
 
     def model_shape(self) -> BaseModelShape:
         text = _text_config(self.loaded.model)
-        heads = int(getattr(text, "num_attention_heads", 0) or 0)
-        hidden = int(getattr(text, "hidden_size", 0) or 0)
-        head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
         return BaseModelShape(
             linear=dict(self._linear_shapes),
             token_modules=dict(self._token_modules),
             params=dict(self._float_params),
-            model_type=str(getattr(text, "model_type", "") or ""),
-            hidden_size=hidden,
-            num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
-            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
+            **config_dims(text),
             vocab_size=int(self._info.vocab_size or 0),
             max_model_len=self.max_model_len,
             names=frozenset(self.base_names()),

@@ -39,7 +39,7 @@ from server.engine.base import (
     SamplingParams,
     UnknownAdapterError,
 )
-from server.engine.kinds.base import BaseModelShape
+from server.engine.kinds.base import BaseModelShape, config_dims
 
 logger = logging.getLogger(__name__)
 
@@ -412,18 +412,11 @@ class VLLMEngine:
 
     def model_shape(self) -> BaseModelShape:
         text = self._text_config
-        heads = int(getattr(text, "num_attention_heads", 0) or 0)
-        hidden = int(getattr(text, "hidden_size", 0) or 0)
-        head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
         return BaseModelShape(
             linear=dict(self._linear_shapes),
             token_modules=dict(self._token_modules),
             params=dict(self._float_params),
-            model_type=str(getattr(text, "model_type", "") or ""),
-            hidden_size=hidden,
-            num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
-            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
+            **config_dims(text),
             vocab_size=int(self._info.vocab_size or 0),
             max_model_len=self.max_model_len,
             names=frozenset(self.base_names()),

@@ -59,6 +59,21 @@ class BaseModelShape:
     weight: Callable[[str], Any] | None = field(default=None, compare=False)
 
 
+def config_dims(text_config: Any) -> dict[str, Any]:
+    """BaseModelShape's architecture fields from a (text) model config, as both engines read
+    them: head_dim from the config, else hidden_size / heads; KV heads default to heads."""
+    heads = int(getattr(text_config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(text_config, "hidden_size", 0) or 0)
+    head_dim = getattr(text_config, "head_dim", None) or (hidden // heads if heads else 0)
+    return {
+        "model_type": str(getattr(text_config, "model_type", "") or ""),
+        "hidden_size": hidden,
+        "num_layers": int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        "num_kv_heads": int(getattr(text_config, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+    }
+
+
 @dataclass(frozen=True)
 class Limits:
     max_rank: int
