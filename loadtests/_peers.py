@@ -8,6 +8,7 @@ Each peer that is missing is skipped with a line that says how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,27 @@ LLAMA_CPP_HOW = (
     "'.[peers]'` builds it from source, about 20 minutes on 2 cores, "
     "with a C compiler and CMake's pip package)"
 )
+
+
+def hardware() -> str:
+    """The machine a benchmark's figures come from: the GPU by name where the server runs on
+    one (SWAPSERVE_DEVICE, default auto), else the CPU's model and the threads it may use."""
+    import torch
+
+    device = os.environ.get("SWAPSERVE_DEVICE", "auto")
+    if device != "cpu" and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        return (
+            f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda}, "
+            f"torch {torch.__version__})"
+        )
+    model = "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {cpu_threads()} threads"
 
 
 def cpu_threads() -> int:

@@ -7,7 +7,7 @@ b) our server, 8 streams over 8 adapters / naive one-at-a-time set_adapter (goal
 c) TTFT of a short request while a long generation runs / TTFT when idle   (goal <= 1.5)
 d) ms from POST /adapters (rank 16, all linear layers) to the first token
 e) aggregate tok/s, 8 streams over 8 adapters, as registered adapters grow to 64
-   (8 resident on the device): what eviction costs
+   (max(8, streams) resident on the device): what eviction costs
 f) 8 streams over 8 adapters / llama.cpp's single stream on the same GGUF  (goal >= 3x)
    (llama.cpp cannot mix adapters in a batch; skipped, saying how to install it, when
    llama-cpp-python is absent), and the vLLM engine's 8 streams over the same 8 adapters
@@ -34,7 +34,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
-from loadtests._peers import llama_cpp, vllm_python  # noqa: E402
+from loadtests._peers import hardware, llama_cpp, vllm_python  # noqa: E402
 from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 from trainer.base_model import resolve_base_model  # noqa: E402
 
@@ -136,7 +136,7 @@ def naive_baseline(paths: list[Path], tokens: int) -> float:
     for i, p in enumerate(paths[1:], start=1):
         model.load_adapter(str(p), adapter_name=f"n{i}")
     model.eval()
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt")
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").to(loaded.model.device)
     with torch.inference_mode():
         model.set_adapter("n0")
         model.generate(**ids, max_new_tokens=2, do_sample=False)  # warm-up
@@ -164,7 +164,7 @@ def main() -> None:
     ]
     env = {
         "SWAPSERVE_DATA_DIR": str(work / "data"),
-        "SWAPSERVE_MAX_LORAS": "8",
+        "SWAPSERVE_MAX_LORAS": str(max(8, n)),
         "SWAPSERVE_MAX_CPU_LORAS": "64",
         "SWAPSERVE_MAX_NUM_SEQS": str(max(16, n)),
     }
@@ -210,7 +210,7 @@ def main() -> None:
             llama.decode_rate(PROMPT, tokens) for _ in range(3)
         )
 
-    print(f"\n{BENCH_BASE}, NF4, CPU; {n} streams x {tokens} tokens, rank-16 adapters")
+    print(f"\n{BENCH_BASE}, NF4, {hardware()}; {n} streams x {tokens} tokens, rank-16 adapters")
     print(f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s")
     print(f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s")
     print(f"  naive set_adapter, one at a time: {naive:7.2f} tok/s")
@@ -225,9 +225,12 @@ def main() -> None:
         " goal <= 1.5)"
     )
     print(f"d) POST /adapters -> first token:    {results['register_to_token_ms']:.0f} ms")
-    print("e) registered adapters -> tok/s (8 resident; each run touches adapters not resident)")
+    print(
+        f"e) registered adapters -> tok/s ({max(8, n)} resident; each run touches adapters "
+        "not resident)"
+    )
     for count, tps in growth:
-        print(f"     {count:3d} registered: {tps:7.2f} tok/s  ({tps / growth[0][1]:.2f} of 8)")
+        print(f"     {count:3d} registered: {tps:7.2f} tok/s  ({tps / growth[0][1]:.2f} of {n})")
     if "llama_cpp" in results:
         single = results["llama_cpp"]
         print(
