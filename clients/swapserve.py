@@ -450,11 +450,23 @@ class _Splits(_Resource):
         return self._run(_Call("GET", f"/ab/splits/{name}", parse=_model(Split)))
 
     def preferences(self, name: str) -> list[dict[str, Any]]:
-        """Feedback as DPO pairs (`prompt`, `chosen`, `rejected`): training data."""
+        """Feedback as DPO pairs (`prompt`, `chosen`, `rejected`): training data. A split
+        with no pair yet raises NotFoundError."""
         return self._run(
             _Call(
                 "GET",
                 f"/ab/splits/{name}/preferences.jsonl",
+                parse=lambda r: [json.loads(x) for x in r.text.splitlines() if x.strip()],
+            )
+        )
+
+    def kto(self, name: str) -> list[dict[str, Any]]:
+        """Every rated answer as KTO data (`prompt`, `completion`, `label`): training data
+        for `swapserve train kto`. A split with no feedback yet raises NotFoundError."""
+        return self._run(
+            _Call(
+                "GET",
+                f"/ab/splits/{name}/kto.jsonl",
                 parse=lambda r: [json.loads(x) for x in r.text.splitlines() if x.strip()],
             )
         )

@@ -1,5 +1,8 @@
 """`swapserve ab run QUESTIONS.jsonl --arm name=model[,rag=collection] ... --server URL`:
-post an experiment to a running server, show progress, print the table, save the report."""
+post an experiment to a running server, show progress, print the table, save the report.
+
+`swapserve ab export SPLIT --format kto|dpo --out FILE`: an online split's feedback as the
+training file `swapserve train kto` (or `dpo`) reads; nothing is written when there is none."""
 
 from __future__ import annotations
 
@@ -73,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
-    headers = {}
-    key = args.api_key or os.environ.get("SWAPSERVE_API_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    headers = _headers(args)
     body: dict[str, Any] = {"questions": _read_questions(args.questions), "arms": args.arm or []}
     for field in ("name", "adapter", "collection", "max_tokens"):
         if getattr(args, field) is not None:
@@ -109,6 +109,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    key = args.api_key or os.environ.get("SWAPSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def export(args: argparse.Namespace) -> int:
+    import httpx
+
+    from trainer.atomic import write_bytes_atomic
+
+    path = "kto.jsonl" if args.format == "kto" else "preferences.jsonl"
+    with httpx.Client(base_url=args.server, headers=_headers(args), timeout=60) as client:
+        r = client.get(f"/ab/splits/{args.split}/{path}")
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        print(f"error: {r.status_code}: {message} (nothing written)", file=sys.stderr)
+        return 1
+    lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+    # a crash or a full disk leaves the old file or the new one, never half an export
+    write_bytes_atomic(args.out, r.content)
+    if args.format == "kto":
+        liked = sum(1 for line in lines if line["label"])
+        what = f"{len(lines)} rated answers ({liked} liked, {len(lines) - liked} disliked)"
+    else:
+        what = f"{len(lines)} preference pairs"
+    left_out = int(r.headers.get("X-Swapserve-Left-Out", "0"))
+    note = f"; {left_out} left out (see the server log)" if left_out else ""
+    print(f"{args.out}: {what} from split {args.split}{note}", file=sys.stderr)
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     ab = sub.add_parser("ab", help="A/B experiments against a running server")
     actions = ab.add_subparsers(dest="action", required=True)
@@ -129,3 +163,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, help="write the HTML report here")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+    e = actions.add_parser(
+        "export", help="write an online split's feedback as training data (KTO or DPO)"
+    )
+    e.add_argument("split", help="the split's name (its model is ab:<split>)")
+    e.add_argument(
+        "--format",
+        choices=("kto", "dpo"),
+        default="kto",
+        help="kto: every rated answer {prompt, completion, label} (default); "
+        "dpo: {prompt, chosen, rejected} pairs",
+    )
+    e.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    e.add_argument("--server", default="http://127.0.0.1:8000")
+    e.add_argument("--api-key", help="admin key (default: $SWAPSERVE_API_KEY)")
+    e.set_defaults(func=export)

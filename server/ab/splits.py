@@ -19,10 +19,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -32,6 +32,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, RAGOptions
 from server.serving.base import AB_PREFIX
 from server.serving.chat import chat_messages
 from trainer.atomic import write_json_atomic
+from trainer.formats import Problem, parse_line
 
 logger = logging.getLogger(__name__)
 
@@ -271,13 +272,14 @@ class SplitService:
             self._append(rec["split"], "feedback.jsonl", entry)
         return rec
 
-    def preference_pairs(self, split: str) -> Iterator[dict[str, Any]]:
+    def preference_pairs(self, split: str) -> Export:
         """DPO lines {prompt, chosen, rejected}: explicit comparisons first, then every
         (liked, disliked) pair of answers to one prompt. The prompt is the conversation
         the client sent, before any retrieval: that is what the next adapter will see."""
         self.get(split)  # 404 for an unknown split
         seen: set[tuple[str, str]] = set()
         ratings: dict[str, int] = {}
+        pairs: list[tuple[str, str]] = []
         for fb in self.feedback:
             if fb["split"] != split:
                 continue
@@ -287,9 +289,7 @@ class SplitService:
                 pair = (fb["response_id"], fb["preferred_over"])
                 if pair not in seen:
                     seen.add(pair)
-                    line = self._pair(*pair)
-                    if line is not None:
-                        yield line
+                    pairs.append(pair)
         by_prompt: dict[str, tuple[list[str], list[str]]] = {}
         for rid, rating in ratings.items():
             key = json.dumps(self.responses[rid]["prompt"], sort_keys=True)
@@ -299,16 +299,30 @@ class SplitService:
             for pair in itertools.product(liked, disliked):
                 if pair not in seen:
                     seen.add(pair)
-                    line = self._pair(*pair)
-                    if line is not None:
-                        yield line
+                    pairs.append(pair)
+        export = Export(split=split, kind="dpo", rated=len(ratings) + len(pairs))
+        for chosen_id, rejected_id in pairs:
+            chosen = self.responses[chosen_id]
+            rejected = self.responses[rejected_id]
+            if chosen["completion"] == rejected["completion"]:
+                export.leave_out(chosen_id, "chosen and rejected are the same text")
+                continue
+            export.add(
+                chosen_id,
+                {
+                    "prompt": chosen["prompt"],
+                    "chosen": _answer(chosen),
+                    "rejected": _answer(rejected),
+                },
+            )
+        return export
 
-    def rated_answers(self, split: str) -> Iterator[dict[str, Any]]:
+    def rated_answers(self, split: str) -> Export:
         """KTO lines {prompt, completion, label}: every rated answer once, label true for a
         thumbs up. The latest rating of an answer counts; an answer that was only compared
-        counts as liked when it won its latest comparison and disliked when it lost. Empty
-        answers are left out (the trainer refuses them). Unlike DPO pairs, an answer needs
-        no other answer to the same prompt: every rating is a training line."""
+        counts as liked when it won its latest comparison and disliked when it lost. Unlike
+        DPO pairs, an answer needs no other answer to the same prompt: every rating is a
+        training line."""
         self.get(split)  # 404 for an unknown split
         rated: dict[str, bool] = {}
         compared: dict[str, bool] = {}
@@ -320,18 +334,79 @@ class SplitService:
             if fb["preferred_over"] is not None:
                 compared[fb["response_id"]] = True
                 compared[fb["preferred_over"]] = False
-        for rid, label in {**compared, **rated}.items():
+        labels = {**compared, **rated}
+        export = Export(split=split, kind="kto", rated=len(labels))
+        for rid, label in labels.items():
             rec = self.responses[rid]
-            if rec["completion"].strip():
-                yield {"prompt": rec["prompt"], "completion": rec["completion"], "label": label}
+            export.add(rid, {"prompt": rec["prompt"], "completion": _answer(rec), "label": label})
+        return export
 
-    def _pair(self, chosen_id: str, rejected_id: str) -> dict[str, Any] | None:
-        chosen = self.responses[chosen_id]["completion"]
-        rejected = self.responses[rejected_id]["completion"]
-        if chosen == rejected or not chosen.strip() or not rejected.strip():
-            return None  # the trainer refuses such pairs: they teach nothing
-        prompt = self.responses[chosen_id]["prompt"]
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+@dataclass
+class Export:
+    """One split's feedback as training lines, each checked by the trainer's own parser
+    (``trainer.formats.parse_line``), so the file `swapserve train` reads is never refused
+    for a line the server wrote. A line the trainer would refuse (an empty answer, a
+    conversation it cannot train on) is left out and named with its reason."""
+
+    split: str
+    kind: Literal["dpo", "kto"]
+    rated: int  # answers rated (kto) or ratings and comparisons (dpo) in the split
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (response id, reason)
+
+    def add(self, response_id: str, line: dict[str, Any]) -> None:
+        problems: list[Problem] = []
+        parse_line(line, len(self.lines) + 1, self.kind, problems)
+        if problems:
+            self.leave_out(response_id, "; ".join(f"{p.field}: {p.message}" for p in problems))
+        else:
+            self.lines.append(line)
+
+    def leave_out(self, response_id: str, reason: str) -> None:
+        logger.warning("ab: %s export of %s leaves out %s: %s", self.kind, self.split,
+                       response_id, reason)  # fmt: skip
+        self.left_out.append((response_id, reason))
+
+    def jsonl(self) -> str:
+        """The lines as JSONL; a 404 naming why when there is none (an empty file would
+        only fail later, in the trainer, as an empty dataset)."""
+        if self.lines:
+            return "".join(json.dumps(line) + "\n" for line in self.lines)
+        what = "rated answers" if self.kind == "kto" else "preference pairs"
+        if self.rated == 0:
+            how = (
+                "rate answers served under it with POST /ab/feedback "
+                '{"response_id", "rating": 1 or -1}'
+            )
+            if self.kind == "dpo":
+                how += (
+                    ' or compare two answers to one prompt ("preferred_over"); a pair needs a '
+                    "liked and a disliked answer to the same prompt"
+                )
+            message = f"split `{self.split}` has no feedback to export yet: {how}"
+        elif not self.left_out:
+            message = (
+                f"split `{self.split}` has feedback but no {what}: a pair needs a liked and a "
+                "disliked answer to the same prompt, or a comparison (preferred_over); "
+                f"GET /ab/splits/{self.split}/kto.jsonl takes every rating on its own"
+            )
+        else:
+            rid, reason = self.left_out[0]
+            message = (
+                f"split `{self.split}` has no {what} the trainer accepts: "
+                f"{len(self.left_out)} left out (first: {rid}: {reason})"
+            )
+        raise APIError(404, message, param="name", code="no_feedback")
+
+
+def _answer(rec: dict[str, Any]) -> str | list[dict[str, str]]:
+    """A logged answer as the line's completion: an assistant message after a conversation
+    (TRL's conversational format concatenates prompt and completion lists), the text after
+    a completion's prompt string."""
+    if isinstance(rec["prompt"], list):
+        return [{"role": "assistant", "content": rec["completion"]}]
+    return rec["completion"]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ Thin: the work is in server/ab/ (experiments.py, splits.py, report.py).
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,7 +13,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from server.ab.experiments import ExperimentService
 from server.ab.report import render_report
-from server.ab.splits import SplitService
+from server.ab.splits import Export, SplitService
 from server.openapi import error_responses
 from server.schemas import (
     ErrorResponse,
@@ -93,25 +92,41 @@ async def get_split(name: str, splits: SplitsDep) -> Split:
     return splits.get(name)
 
 
-@router.get(
-    "/splits/{name}/preferences.jsonl",
-    response_class=Response,
-    responses={**error_responses(404), 200: {"content": {"application/jsonl": {}}}},
-)
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **error_responses(404),
+    200: {
+        "content": {"application/jsonl": {}},
+        "headers": {
+            "X-Swapserve-Left-Out": {
+                "description": "rated answers left out because the trainer would refuse "
+                "their line (each is logged with its response id and reason)",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
+}
+
+
+def _jsonl(export: Export) -> Response:
+    return Response(
+        export.jsonl(),
+        media_type="application/jsonl",
+        headers={"X-Swapserve-Left-Out": str(len(export.left_out))},
+    )
+
+
+@router.get("/splits/{name}/preferences.jsonl", response_class=Response, responses=EXPORT_RESPONSES)
 async def export_preferences(name: str, splits: SplitsDep) -> Response:
-    lines = "".join(json.dumps(p) + "\n" for p in splits.preference_pairs(name))
-    return Response(lines, media_type="application/jsonl")
+    """Feedback as DPO pairs ({prompt, chosen, rejected}): `swapserve train dpo`; a 404
+    (`no_feedback`) saying why when there is no pair."""
+    return _jsonl(splits.preference_pairs(name))
 
 
-@router.get(
-    "/splits/{name}/kto.jsonl",
-    response_class=Response,
-    responses={**error_responses(404), 200: {"content": {"application/jsonl": {}}}},
-)
+@router.get("/splits/{name}/kto.jsonl", response_class=Response, responses=EXPORT_RESPONSES)
 async def export_rated_answers(name: str, splits: SplitsDep) -> Response:
-    """Every rated answer as KTO data ({prompt, completion, label}): `swapserve train kto`."""
-    lines = "".join(json.dumps(p) + "\n" for p in splits.rated_answers(name))
-    return Response(lines, media_type="application/jsonl")
+    """Every rated answer as KTO data ({prompt, completion, label}): `swapserve train kto`;
+    a 404 (`no_feedback`) saying why when nothing is rated."""
+    return _jsonl(splits.rated_answers(name))
 
 
 @feedback_router.post("/feedback", response_model=FeedbackAck, responses=ERRORS)
