@@ -303,12 +303,18 @@ def resolve_for_data(
     config: Any, kind: str, data: Any, eval_data: Any = None
 ) -> tuple[Any, Defaults]:
     """``resolve_defaults`` for loaded data (``trainer.data.LoadedData``); logs the choices."""
+    from trainer.objectives import get_objective
+
     resolved, defaults = resolve_defaults(
         config,
         kind,
         len(data.examples),
         len(eval_data.examples) if eval_data is not None else None,
     )
+    own = get_objective(kind).data_defaults
+    if own is not None:
+        resolved, choices = own(resolved, data.examples)
+        defaults.choices.update(choices)
     for line in defaults.describe():
         logger.info("%s", line)
     return resolved, defaults

@@ -10,11 +10,14 @@ shared skeleton, ``trainer.train.train``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from trainer.config import ConfigError, JobConfig, is_number
 from trainer.data import Example, as_chat_prompt
+from trainer.defaults import Choice
 from trainer.objectives import Objective, evaluate_adapter_and_base
 
 
@@ -31,12 +34,13 @@ class KTOJobConfig(JobConfig):
         default=0.1,
         metadata={"help": "KTO temperature (> 0): higher keeps the adapter closer to the base."},
     )
-    desirable_weight: float = field(
-        default=1.0,
+    desirable_weight: float | None = field(
+        default=None,
         metadata={
-            "help": "Weight (> 0) of the desirable answers' loss; raise it when thumbs-down "
-            "answers outnumber thumbs-up ones (the KTO paper keeps the weighted ratio in "
-            "[1, 4/3])."
+            "help": "Weight (> 0) of the desirable answers' loss. Default: chosen from the "
+            "data, so that liked answers x this weight over disliked answers x "
+            "undesirable_weight is 1.15, the middle of the KTO paper's [1, 4/3] (feedback is "
+            "rarely balanced); 1 when only one kind is rated."
         },
     )
     undesirable_weight: float = field(
@@ -47,6 +51,8 @@ class KTOJobConfig(JobConfig):
         super().__post_init__()
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
+            if name == "desirable_weight" and value is None:
+                continue  # chosen from the data: balance_weights
             if not is_number(value) or value <= 0:
                 raise ConfigError(name, f"{value!r}: must be a number > 0")
         if self.batch_size < 2:
@@ -67,6 +73,35 @@ def unpaired(examples: list[Example]) -> list[tuple[Example, str, bool]]:
         else:
             out.append((e, e.reference_answer(), bool(e.label)))
     return out
+
+
+# the KTO paper (Ethayarajh et al., 2024, section 4.2) keeps liked x desirable_weight over
+# disliked x undesirable_weight in [1, 4/3]; TRL warns outside it. Aim at the middle, so that
+# the eval hold-out shifting the counts a little stays inside.
+BALANCE = 1.15
+
+
+def balance_weights(
+    config: KTOJobConfig, examples: list[Example]
+) -> tuple[KTOJobConfig, dict[str, Choice]]:
+    """``desirable_weight`` from the counts of liked and disliked answers, when not given."""
+    if config.desirable_weight is not None:
+        return config, {"desirable_weight": Choice(config.desirable_weight, False, "as configured")}
+    labels = [label for _, _, label in unpaired(examples)]
+    liked, disliked = sum(labels), len(labels) - sum(labels)
+    if liked and disliked:
+        target = BALANCE * disliked * config.undesirable_weight / liked
+        weight = math.ceil(target * 100) / 100
+        why = (
+            f"{liked} liked, {disliked} disliked answers: weighted ratio {BALANCE}, inside "
+            "the KTO paper's [1, 4/3]"
+        )
+    else:
+        weight = 1.0
+        why = f"only {'liked' if liked else 'disliked'} answers ({len(labels)}): nothing to balance"
+    return dataclasses.replace(config, desirable_weight=weight), {
+        "desirable_weight": Choice(weight, True, why)
+    }
 
 
 def _rows(
@@ -124,4 +159,5 @@ OBJECTIVE = Objective(
     eval_loss=_eval_loss,
     uses_reference=True,
     generation_examples=_desirable_only,
+    data_defaults=balance_weights,
 )

@@ -59,6 +59,9 @@ class Objective:
     uses_reference: bool = False
     # the eval examples whose reference answers the generated answers are scored against
     generation_examples: Callable[[list[Example]], list[Example]] = list
+    # its own settings chosen from the training examples (config, examples) -> (config,
+    # {field: trainer.defaults.Choice}), after the common ones (trainer.defaults)
+    data_defaults: Callable[[Any, list[Example]], tuple[Any, dict[str, Any]]] | None = None
 
 
 def objective_names() -> list[str]:

@@ -76,6 +76,7 @@ def test_kto_trains_on_unpaired_ratings(tiny_model_dir, kto_data, tmp_path):
         eval_fraction=0.25,
         eval_max_examples=8,
         eval_max_new_tokens=4,
+        desirable_weight=1.0,  # equal weights: the loss of the base is exactly 0.5
     )
     base = load_base_model(tiny_model_dir, quantization="none", device="cpu")
     snapshot = snapshot_base(base.model)
@@ -140,3 +141,37 @@ def test_kto_data_and_config_checks(tmp_path, sft_data):
 
     assert KTOJobConfig().learning_rate is None
     assert learning_rate_for("qlora", "kto", 1000)[0] == pytest.approx(5e-5)  # 2e-4 / 4
+
+
+def test_kto_balances_liked_and_disliked_answers_from_the_data(tmp_path):
+    """Feedback is rarely balanced: without --desirable-weight the weight is chosen so that
+    liked x weight / disliked x undesirable_weight sits inside the KTO paper's [1, 4/3]
+    (where TRL stops warning); given, it is kept; one-sided data keeps 1."""
+    from trainer.defaults import resolve_for_data
+    from trainer.kto import BALANCE
+
+    def rated(liked: int, disliked: int):
+        rows = [
+            {"prompt": f"Q{i}", "completion": f"A{i}", "label": i < liked}
+            for i in range(liked + disliked)
+        ]
+        return load_jsonl(write_jsonl(tmp_path / f"r{liked}-{disliked}.jsonl", rows), "kto")
+
+    config, chosen = resolve_for_data(KTOJobConfig(), "kto", rated(3, 15))
+    w = config.desirable_weight
+    assert chosen.choices["desirable_weight"].auto and chosen.choices["desirable_weight"].value == w
+    assert 1 <= 3 * w / (15 * 1.0) <= 4 / 3 and w == pytest.approx(BALANCE * 5, abs=0.01)
+    assert "3 liked, 15 disliked" in "\n".join(chosen.describe())
+
+    config, _ = resolve_for_data(KTOJobConfig(undesirable_weight=2.0), "kto", rated(12, 4))
+    assert 1 <= 12 * config.desirable_weight / (4 * 2.0) <= 4 / 3
+
+    config, chosen = resolve_for_data(KTOJobConfig(desirable_weight=0.5), "kto", rated(3, 15))
+    assert config.desirable_weight == 0.5 and not chosen.choices["desirable_weight"].auto
+
+    config, chosen = resolve_for_data(KTOJobConfig(), "kto", rated(0, 6))
+    assert config.desirable_weight == 1.0
+    assert "nothing to balance" in chosen.choices["desirable_weight"].why
+    with pytest.raises(ConfigError) as err:
+        KTOJobConfig(desirable_weight=-1)
+    assert err.value.field == "desirable_weight"
