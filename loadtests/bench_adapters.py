@@ -173,7 +173,10 @@ def main() -> None:
     with running_server(env) as url:
         for i in range(n):
             register(url, f"ad{i}", paths[i])
-        asyncio.run(throughput(url, ["ad0"] * 2, 4))  # warm-up
+        # warm-up at the measured batch size, mixed and not (on a GPU the first batch of a
+        # new size pays for kernel selection: measured first, it looked half as fast)
+        asyncio.run(throughput(url, ["ad0"] * n, 8))
+        asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], 8))
         results["one_adapter"] = asyncio.run(throughput(url, ["ad0"] * n, tokens))
         results["n_adapters"] = asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], tokens))
         idle, loaded = asyncio.run(ttft_under_load(url, tokens))
