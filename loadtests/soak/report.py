@@ -1,7 +1,7 @@
 """The soak's report: outcomes, per-minute figures and the verdicts, as CSV and HTML.
 
 Files written to the results folder: soak_outcomes.csv (requests and churn writes by
-outcome), soak_samples.csv (every sample of the server), soak_minutes.csv (per minute: requests, TTFT, tokens/s, queue depth, resident
+outcome), soak_churn.csv (every churn write, its status and any error), soak_samples.csv (every sample of the server), soak_minutes.csv (per minute: requests, TTFT, tokens/s, queue depth, resident
 memory, adapters loaded/evicted), soak_verdicts.csv (each goal, met or missed, and the
 figure behind it), soak_report.html (all of it, with charts), soak_summary.json.
 """
@@ -176,8 +176,8 @@ def build_report(
          f"({len(check.wrong_arm)} of them split answers not served by their arm's model); "
          f"{check.matched} equal to their marker, "
          f"{len(check.drifted)} following their own marker past where markers part, then "
-         f"leaving it (greedy near-tie), {len(check.ambiguous)} ambiguous (the evidence names "
-         f"no weights: {_reasons(check.ambiguous)}); "
+         f"leaving it (greedy near-tie), {len(check.ambiguous)} ambiguous, counted neither way "
+         f"({_reasons(check.ambiguous)}); "
          f"{check.pairs_seen} (weights, prompt) pairs answered both streamed and not, all equal"),
         ("0 acknowledged writes lost across the kill", not lost,
          f"{len(lost)} lost" + (f": {lost[:3]}" if lost else "")
@@ -255,6 +255,12 @@ def build_report(
     if minute_rows:
         _write_csv(out / "soak_minutes.csv", list(minute_rows[0]), minute_rows)
     _write_csv(
+        out / "soak_churn.csv",
+        ["t0_s", "t1_s", "op", "status", "error"],
+        [{"t0_s": round(c["t0"] - t_start, 2), "t1_s": round(c["t1"] - t_start, 2),
+          "op": c["op"], "status": c["status"], "error": c.get("error")} for c in churn],
+    )  # fmt: skip
+    _write_csv(
         out / "soak_verdicts.csv",
         ["goal", "met", "figure"],
         [{"goal": g, "met": ok, "figure": f} for g, ok, f in verdicts],
@@ -294,6 +300,12 @@ def build_report(
         "calibration": {k: events.get(k) for k in ("candidates_tried", "first_token_clashes")},
         "restarts": restarts,
         "churn_errors": events.get("churn_errors", [])[:20],
+        # churn writes that got a 5xx or no answer outside the restart window, and why
+        "churn_failures": [
+            c
+            for c in churn
+            if (c["status"] == 0 or c["status"] >= 500) and not _in(c["t0"], c["t1"], windows)
+        ][:20],
         "all_met": all_met,
     }
     (out / "soak_summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -304,12 +316,20 @@ def build_report(
 
 
 def _reasons(entries: list[dict[str, Any]]) -> str:
-    """How many ambiguous answers for each kind of reason (the reason's words, figures out)."""
-    kinds = Counter(
-        e["reason"].split(" (")[0].split(" for ")[0] if e["reason"].startswith("follows")
-        else e["reason"].split(":")[0]
-        for e in entries
-    )  # fmt: skip
+    """How many ambiguous answers of each kind (see ledger.Markers.judge)."""
+    kinds: Counter[str] = Counter()
+    for e in entries:
+        reason = e["reason"]
+        if "names no weights" in reason:
+            kinds["follow no marker past where the markers part"] += 1
+        elif reason.startswith("follows its own") and "only" in reason:
+            kinds["follow their own marker for a single token"] += 1
+        elif reason.startswith("follows the marker of") and "only" in reason:
+            kinds["follow another set's marker for a single token (a near-tie)"] += 1
+        elif reason.startswith("equals the markers of"):
+            kinds["equal several sets' markers"] += 1
+        else:
+            kinds[reason] += 1
     return "; ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
 
 

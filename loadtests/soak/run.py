@@ -299,9 +299,11 @@ class Soak:
             firsts.setdefault(k, set()).add(tok)
         rejected: list[tuple[int, int, Path, dict[str, str]]] = []  # (clashes, seed, ...)
         seeds = range(100, 100 + self.cfg.candidate_factor * self.cfg.variants)
+        tried = 0
         for seed in seeds:
             if len(self.variant_paths) == self.cfg.variants:
                 break
+            tried += 1
             path = self.build_variant(seed)
             name = f"calibrate-s{seed}"
             r = self.admin.post("/adapters", json={"name": name, "path": str(path)})
@@ -323,7 +325,7 @@ class Soak:
             self.events.setdefault("first_token_clashes", []).append(
                 {"seed": seed, "prompts": clashes}
             )
-        self.events["candidates_tried"] = len(rejected) + len(self.variant_paths)
+        self.events["candidates_tried"] = tried
         self.markers = Markers(self.expected, tokenize)
         # pairs of weight sets (base included) that no prompt separates could hide a
         # wrong answer: refuse to run
@@ -377,17 +379,20 @@ class Soak:
         self.up.wait()
         sent = time.time()
         self.in_flight.set()
+        error = None
         try:
             r = self.admin.request(method, path, **kw)
             status, body = r.status_code, r
+            if status >= 500:
+                error = r.text[:300]
         except httpx.HTTPError as exc:
-            status, body = 0, exc
+            status, body, error = 0, exc, repr(exc)[:300]
         finally:
             self.in_flight.clear()
         acked = time.time()
         self.churn_log.append(
             {"t0": sent, "t1": acked, "op": f"{method} {path}", "status": status,
-             "during_restart": not self.up.is_set()}
+             "during_restart": not self.up.is_set(), "error": error}
         )  # fmt: skip
         return status, sent, acked, body
 
