@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,18 @@ from typing import Any
 
 from locust import HttpUser, between, events
 from locust.env import Environment
+
+# locust puts this file's folder on sys.path, not the repository's
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests._requests import (  # noqa: E402
+    CHAT_PATH,
+    COMPLETION_PATH,
+    chunk_text,
+    request_body,
+    sse_events,
+)
 
 ADAPTERS: list[str] = [
     a.strip() for a in os.environ.get("SWAPSERVE_LT_ADAPTERS", "base").split(",") if a.strip()
@@ -139,21 +152,15 @@ class SwapserveUser(HttpUser):
         )
 
     def _body(self, *, chat: bool, stream: bool, rag: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": random.choice(ADAPTERS),
-            "max_tokens": random.randint(*MAX_TOKENS),
-            "temperature": 0.7,
-            "stream": stream,
-        }
-        if chat:
-            body["messages"] = [{"role": "user", "content": random.choice(PROMPTS)}]
-        else:
-            body["prompt"] = random.choice(COMPLETION_PROMPTS)
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        if rag:
-            body["rag"] = {"collection": RAG_COLLECTION, "top_k": 2}
-        return body
+        return request_body(
+            random.choice(ADAPTERS),
+            random.choice(PROMPTS if chat else COMPLETION_PROMPTS),
+            chat=chat,
+            max_tokens=random.randint(*MAX_TOKENS),
+            temperature=0.7,
+            stream=stream,
+            rag={"collection": RAG_COLLECTION, "top_k": 2} if rag else None,
+        )
 
     def _plain(self, path: str, body: dict[str, Any], name: str) -> None:
         started = time.perf_counter()
@@ -192,21 +199,16 @@ class SwapserveUser(HttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
             try:
-                for raw in resp.iter_lines():
-                    line = raw.decode() if isinstance(raw, bytes) else raw
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                for event in sse_events(resp.iter_lines()):
+                    if event is None:
                         done = True
                         break
-                    event = json.loads(data)
                     if "error" in event:  # the server reports mid-stream failures this way
                         resp.failure(f"SSE error: {json.dumps(event['error'])[:200]}")
                         return
                     if event.get("usage"):
                         tokens = int(event["usage"]["completion_tokens"])
-                    if first is None and _has_content(event, chat=chat):
+                    if first is None and chunk_text(event, chat=chat):
                         first = time.perf_counter()
             except Exception as exc:  # broken connection, bad JSON: all count as failures
                 resp.failure(f"stream broke: {exc!r}")
@@ -234,40 +236,36 @@ class SwapserveUser(HttpUser):
 
     def chat_stream(self) -> None:
         self._stream(
-            "/v1/chat/completions",
+            CHAT_PATH,
             self._body(chat=True, stream=True, rag=False),
             "chat stream",
             chat=True,
         )
 
     def chat(self) -> None:
-        self._plain("/v1/chat/completions", self._body(chat=True, stream=False, rag=False), "chat")
+        self._plain(CHAT_PATH, self._body(chat=True, stream=False, rag=False), "chat")
 
     def completion_stream(self) -> None:
         self._stream(
-            "/v1/completions",
+            COMPLETION_PATH,
             self._body(chat=False, stream=True, rag=False),
             "completion stream",
             chat=False,
         )
 
     def completion(self) -> None:
-        self._plain(
-            "/v1/completions", self._body(chat=False, stream=False, rag=False), "completion"
-        )
+        self._plain(COMPLETION_PATH, self._body(chat=False, stream=False, rag=False), "completion")
 
     def chat_stream_rag(self) -> None:
         self._stream(
-            "/v1/chat/completions",
+            CHAT_PATH,
             self._body(chat=True, stream=True, rag=True),
             "chat stream rag",
             chat=True,
         )
 
     def chat_rag(self) -> None:
-        self._plain(
-            "/v1/chat/completions", self._body(chat=True, stream=False, rag=True), "chat rag"
-        )
+        self._plain(CHAT_PATH, self._body(chat=True, stream=False, rag=True), "chat rag")
 
     def list_adapters(self) -> None:
         with self.client.get("/adapters", name="admin list adapters", catch_response=True) as r:
@@ -304,12 +302,3 @@ class SwapserveUser(HttpUser):
         **({chat_stream_rag: 2, chat_rag: 1} if RAG_COLLECTION else {}),
         **({swap_spare_adapter: 1} if SPARE_PATH else {}),
     }
-
-
-def _has_content(event: dict[str, Any], *, chat: bool) -> bool:
-    """True when an SSE chunk carries generated text (not the role chunk or citations)."""
-    for choice in event.get("choices") or []:
-        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-        if text:
-            return True
-    return False

@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from loadtests._requests import CHAT_PATH, COMPLETION_PATH, request_body
+from loadtests._requests import answer_text as _answer_text
+from loadtests._requests import chunk_text as _chunk_text
+
 # Every marker-checked request is greedy with a fixed prompt and max_tokens, so its answer
 # on a given adapter's weights is known in advance (calibrated once, alone, at the start).
 CHAT_PROMPTS = [
@@ -44,49 +48,33 @@ WEATHER_TOOL = {
 
 # kind -> (path, prompts); "chat_rag" runs on the base with the stable collection
 MARKED_KINDS = {
-    "chat": ("/v1/chat/completions", CHAT_PROMPTS),
-    "completion": ("/v1/completions", COMPLETION_PROMPTS),
-    "chat_rag": ("/v1/chat/completions", RAG_PROMPTS),
+    "chat": (CHAT_PATH, CHAT_PROMPTS),
+    "completion": (COMPLETION_PATH, COMPLETION_PROMPTS),
+    "chat_rag": (CHAT_PATH, RAG_PROMPTS),
 }
+# the A/B split the soak sends traffic through (its arms: see run.register_initial)
+SPLIT = "soak-split"
 
 
-def marked_body(kind: str, model: str, prompt_i: int, max_tokens: int, stream: bool) -> dict:
+def marked_body(
+    kind: str, model: str, prompt_i: int, max_tokens: int, stream: bool, user: str | None = None
+) -> dict:
     """The greedy request whose answer is checked against the adapter's marker."""
     _, prompts = MARKED_KINDS[kind]
-    body: dict[str, Any] = {
-        "model": model,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    }
-    if kind == "completion":
-        body["prompt"] = prompts[prompt_i]
-    else:
-        body["messages"] = [{"role": "user", "content": prompts[prompt_i]}]
-    if kind == "chat_rag":
-        body["rag"] = {"collection": RAG_COLLECTION, "top_k": 1}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
+    rag = {"collection": RAG_COLLECTION, "top_k": 1} if kind == "chat_rag" else None
+    return request_body(model, prompts[prompt_i], chat=kind != "completion",
+                        max_tokens=max_tokens, temperature=0, stream=stream, rag=rag,
+                        user=user)  # fmt: skip
 
 
 def answer_text(kind: str, data: dict) -> str:
     """The generated text of a non-streamed answer."""
-    choice = data["choices"][0]
-    if kind == "completion":
-        return choice.get("text") or ""
-    return (choice.get("message") or {}).get("content") or ""
+    return _answer_text(data, chat=kind != "completion")
 
 
 def chunk_text(kind: str, event: dict) -> str:
     """The generated text of one SSE chunk (role chunks and citations carry none)."""
-    out = []
-    for choice in event.get("choices") or []:
-        if kind == "completion":
-            out.append(choice.get("text") or "")
-        else:
-            out.append((choice.get("delta") or {}).get("content") or "")
-    return "".join(out)
+    return _chunk_text(event, chat=kind != "completion")
 
 
 def record_line(**fields: Any) -> str:

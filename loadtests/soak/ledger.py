@@ -6,11 +6,18 @@ it is acknowledged, so an answer given while a replace was in flight may come fr
 weights, and nothing else. A write whose outcome is unknown (the server died under it)
 opens its span without closing the old ones, until the state read after the restart
 settles it.
+
+Which weights wrote an answer is judged in tokens (`Markers.judge`): an answer names
+weights only by following their calibrated greedy answer (marker) for at least
+MIN_EVIDENCE_TOKENS tokens past the point where the markers part from each other, so a
+single greedy near-tie never makes a wrong-adapter verdict; what names no weights, or too
+few tokens' worth, is reported as ambiguous with its evidence, counted neither way.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,34 +83,166 @@ class AdapterHistory:
             }
 
 
+Tokenize = Callable[[str], list[str]]
+
+# An answer names the weights that wrote it only by following their marker past the point
+# where the markers part from each other, for at least this many tokens. One token is not
+# enough: a greedy near-tie (the batch a row runs in moves its logits in the last bits on
+# NF4 CPU kernels) can flip a token to its runner-up, and a runner-up can be exactly what
+# another weight set would have written there.
+MIN_EVIDENCE_TOKENS = 2
+
+
+@dataclass
+class Judgement:
+    verdict: str  # "match", "drifted", "ambiguous" or "wrong"
+    weights: list[str]  # the weights the evidence names (empty when it names none)
+    reason: str
+    evidence: dict[str, Any]
+
+
+class Markers:
+    """The calibrated greedy answers, `expected[weights]["kind/prompt_i"]`, in tokens, and
+    per prompt the most leading tokens two weight sets' markers share (`parting`)."""
+
+    def __init__(self, expected: dict[str, dict[str, str]], tokenize: Tokenize):
+        self.expected = expected
+        self.tokenize = tokenize
+        self.tokens = {w: {k: tokenize(t) for k, t in m.items()} for w, m in expected.items()}
+        self.parting: dict[str, int] = {}
+        names = sorted(self.tokens)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                for key in self.tokens[a].keys() & self.tokens[b].keys():
+                    n = _common_prefix(self.tokens[a][key], self.tokens[b][key])
+                    self.parting[key] = max(self.parting.get(key, 0), n)
+
+    def judge(
+        self, text: str, key: str, allowed: set[str], min_evidence: int = MIN_EVIDENCE_TOKENS
+    ) -> Judgement:
+        """Which weights wrote `text` (the answer to prompt `key` on a name that may have
+        held `allowed` while it ran), and whether the evidence is enough to say so.
+
+        match: equal to an allowed marker and to no other's. drifted: follows an allowed
+        marker for `min_evidence` tokens or more past where the markers part, then leaves
+        it (a greedy near-tie later on). wrong: equal to, or following for `min_evidence`
+        tokens or more past the parting, the marker of weights the name never held while
+        the request ran, and no allowed marker. ambiguous: anything else: the answer names
+        no weights, or names them on too little evidence, or equals several markers; the
+        evidence says which, and it counts neither as right nor as wrong."""
+        toks = self.tokenize(text)
+        parting = self.parting.get(key, 0)
+        shared = {w: _common_prefix(toks, m[key]) for w, m in self.tokens.items() if key in m}
+        exact = sorted(w for w, m in self.expected.items() if m.get(key) == text)
+        evidence: dict[str, Any] = {
+            "tokens": toks,
+            "parting_tokens": parting,
+            "shared_tokens": {w: n for w, n in sorted(shared.items()) if n},
+            "exact": exact,
+            "allowed": sorted(allowed),
+        }
+        own_exact = [w for w in exact if w in allowed]
+        foreign_exact = [w for w in exact if w not in allowed]
+        if own_exact and not foreign_exact:
+            return Judgement("match", own_exact, "equals its own weights' marker", evidence)
+        if own_exact:
+            return Judgement(
+                "ambiguous",
+                exact,
+                f"equals the markers of {exact}, some allowed and some not",
+                evidence,
+            )
+        # how far past the parting point the answer follows each marker (or all of it)
+        past = {w: n - parting for w, n in shared.items() if n > parting}
+        for w in foreign_exact:
+            past[w] = max(past.get(w, 0), len(self.tokens[w][key]) - parting)
+        own = sorted(w for w in past if w in allowed)
+        foreign = sorted(w for w in past if w not in allowed)
+        if own and not foreign:
+            w = own[0]
+            if past[w] >= min_evidence:
+                return Judgement(
+                    "drifted",
+                    own,
+                    f"follows its own weights' marker ({w}) for {shared[w]} tokens, then leaves it",
+                    evidence,
+                )
+            return Judgement(
+                "ambiguous",
+                own,
+                f"follows its own weights' marker ({w}) for only {past[w]} token(s) past where "
+                "the markers part: too little to name the weights",
+                evidence,
+            )
+        if foreign and not own:
+            strong = [w for w in foreign if past[w] >= min_evidence]
+            if strong:
+                how = "equals" if set(strong) <= set(foreign_exact) else "follows"
+                return Judgement(
+                    "wrong",
+                    strong,
+                    f"{how} the marker of {strong} ({max(past[w] for w in strong)} tokens past "
+                    "where the markers part), weights this name did not hold while it ran",
+                    evidence,
+                )
+            return Judgement(
+                "ambiguous",
+                foreign,
+                f"follows the marker of {foreign} for only {max(past.values())} token(s) past "
+                "where the markers part: a near-tie of its own weights could write that too",
+                evidence,
+            )
+        if own and foreign:
+            return Judgement(
+                "ambiguous", own + foreign, "follows markers of allowed and other weights", evidence
+            )
+        return Judgement(
+            "ambiguous",
+            [],
+            "leaves every marker before the markers part from each other: names no weights",
+            evidence,
+        )
+
+
 @dataclass
 class AnswerCheck:
     checked: int = 0
-    # an answer that equals, or is closest to, the marker of weights its name never held
+    # answers the evidence traces to weights the name never held while they ran
     wrong: list[dict[str, Any]] = field(default_factory=list)
-    # an answer that equals no marker but is closest to its own weights' (a near-tie in
-    # greedy decoding flipped by the batch it ran in: 4-bit kernels on CPU are not
-    # batch-invariant); counted apart, never as a wrong adapter
+    # answers that follow their own weights' marker well past where markers part, then
+    # leave it (a greedy near-tie flipped by the batch they ran in: 4-bit kernels on CPU
+    # are not batch-invariant); counted apart, never as a wrong adapter
     drifted: list[dict[str, Any]] = field(default_factory=list)
-    # an answer that parts from every marker within the characters markers share among
-    # themselves (a near-tie at the first token): no weights can be named, none are blamed
-    untraceable: list[dict[str, Any]] = field(default_factory=list)
+    # answers whose evidence names no weights, or too few tokens' worth: reported with
+    # the evidence, counted neither as right nor as wrong
+    ambiguous: list[dict[str, Any]] = field(default_factory=list)
+    # split answers served by a model that is not their arm's
+    wrong_arm: list[dict[str, Any]] = field(default_factory=list)
+    split_checked: int = 0  # of `checked`, answers through the A/B split
+    split_wrong: int = 0  # of `wrong`, answers through the A/B split
     # (variant, kind, prompt) answered both streamed and non-streamed (both equal its marker)
     pairs_seen: int = 0
     structured_bad: list[dict[str, Any]] = field(default_factory=list)
     structured_checked: int = 0
 
+    @property
+    def matched(self) -> int:
+        return self.checked - len(self.wrong) - len(self.drifted) - len(self.ambiguous)
+
 
 def check_answers(
     records: list[dict[str, Any]],
     history: AdapterHistory,
-    expected: dict[str, dict[str, str]],
+    markers: Markers,
+    split_arms: dict[str, str] | None = None,
 ) -> AnswerCheck:
-    """Every 2xx marker-checked answer equals the marker of a variant its name may have held
-    while it ran. `expected[variant]["kind/prompt_i"]` is the calibrated greedy answer."""
+    """Every 2xx marker-checked answer is judged against the markers of the weights its
+    name may have held while it ran (`Markers.judge`). A split answer (`ab:<split>`) is
+    checked against its arm's model (`split_arms`: arm -> model): the arm the server says
+    served it must be one of the split's, with that arm's model."""
     out = AnswerCheck()
     seen: dict[tuple[str, str], set[bool]] = {}
-    separation = marker_overlap(expected)
+    split_arms = split_arms or {}
     for r in records:
         kind = r.get("kind")
         if kind in ("structured_check", "tool_check"):
@@ -115,34 +254,39 @@ def check_answers(
             continue
         key = f"{kind}/{r['prompt_i']}"
         out.checked += 1
-        allowed = history.possible(r["model"], r["t0"], r["t1"])
-        text = r.get("text", "")
-        matches = [v for v in allowed if expected.get(v, {}).get(key) == text]
-        if not matches:
-            closest = trace(text, key, expected)
-            best = _common_prefix(expected[closest[0]][key], text) if closest else 0
-            entry = {**r, "allowed": sorted(allowed), "closest": closest, "shared_chars": best}
-            if best <= separation.get(key, 0):
-                out.untraceable.append(entry)
-            elif allowed & set(closest):
-                out.drifted.append(entry)
-            else:
-                out.wrong.append(entry)
-            continue
-        if len(matches) == 1:
-            seen.setdefault((matches[0], key), set()).add(bool(r.get("stream")))
+        name = r["model"]
+        if name.startswith("ab:"):
+            out.split_checked += 1
+            arm_model = split_arms.get(r.get("arm") or "")
+            if arm_model is None or r.get("served_by") != arm_model:
+                out.wrong_arm.append({**r, "arms": split_arms})
+                out.wrong.append({**r, "reason": "not served by its arm's model"})
+                out.split_wrong += 1
+                continue
+            name = arm_model
+        allowed = history.possible(name, r["t0"], r["t1"])
+        j = markers.judge(r.get("text", ""), key, allowed)
+        entry = {**r, "reason": j.reason, "weights": j.weights, "evidence": j.evidence}
+        if j.verdict == "wrong":
+            out.wrong.append(entry)
+            out.split_wrong += r["model"].startswith("ab:")
+        elif j.verdict == "drifted":
+            out.drifted.append(entry)
+        elif j.verdict == "ambiguous":
+            out.ambiguous.append(entry)
+        else:
+            seen.setdefault((j.weights[0], key), set()).add(bool(r.get("stream")))
     out.pairs_seen = sum(1 for modes in seen.values() if modes == {True, False})
     return out
 
 
 @dataclass
 class WriteLedger:
-    """Acknowledged writes besides adapters: documents, job records, feedback."""
+    """Acknowledged writes besides adapters: documents and job records (the split's logged
+    answers and feedback come from the clients' records: `check_split`)."""
 
     docs: dict[str, str] = field(default_factory=dict)  # doc id -> "present"/"absent"/"unknown"
     jobs: set[str] = field(default_factory=set)
-    feedback_acked: int = 0
-    feedback_unknown: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def present_docs(self) -> list[str]:
@@ -158,7 +302,6 @@ def verify_state(
     docs_on_server: set[str],
     ledger: WriteLedger,
     jobs_on_server: set[str],
-    feedback_on_server: int,
 ) -> list[str]:
     """Every acknowledged write is there: the lost ones, as sentences (empty: none lost).
     `adapters` maps each registered name to the variant its source names."""
@@ -178,38 +321,77 @@ def verify_state(
                 lost.append(f"document {doc}: deletion acknowledged, still there")
         for job in ledger.jobs - jobs_on_server:
             lost.append(f"job {job}: acknowledged, no record")
-        if feedback_on_server < ledger.feedback_acked:
-            lost.append(
-                f"feedback: {ledger.feedback_acked} acknowledged, {feedback_on_server} stored"
-            )
-        if feedback_on_server > ledger.feedback_acked + ledger.feedback_unknown:
-            lost.append(f"feedback: {feedback_on_server} stored, more than was ever sent")
     return lost
 
 
-def marker_overlap(expected: dict[str, dict[str, str]]) -> dict[str, int]:
-    """Per prompt, the most leading characters two weight sets' markers share."""
-    out: dict[str, int] = {}
-    answers = list(expected.values())
-    for i, a in enumerate(answers):
-        for b in answers[i + 1 :]:
-            for key in a.keys() & b.keys():
-                out[key] = max(out.get(key, 0), _common_prefix(a[key], b[key]))
-    return out
+UNANSWERED = (0, 598, 599)  # no answer came (the server died, the stream broke): the
+# server may or may not have logged it; so may any 5xx but a 503 (a refusal before any work)
 
 
-def trace(text: str, key: str, expected: dict[str, dict[str, str]]) -> list[str]:
-    """The weights that wrote `text`: those whose marker for `key` it equals, else those
-    whose marker shares the longest prefix with it (markers part at the first tokens)."""
-    exact = sorted(v for v, answers in expected.items() if answers.get(key) == text)
-    if exact:
-        return exact
-    shared = {v: _common_prefix(a[key], text) for v, a in expected.items() if key in a}
-    best = max(shared.values(), default=0)
-    return sorted(v for v, n in shared.items() if n == best)
+def _unanswered(status: int) -> bool:
+    return status in UNANSWERED or (status >= 500 and status != 503)
 
 
-def _common_prefix(a: str, b: str) -> int:
+def check_split(
+    records: list[dict[str, Any]], split: dict[str, Any], *, model: str, final: bool
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The A/B split's traffic and feedback counts against what its clients were told:
+    (lost, extra, figures). `split` is `GET /ab/splits/<name>`, read after `records`.
+
+    lost: per arm, fewer answers logged (`counts`) than clients got from that arm, or
+    fewer feedback entries stored than were acknowledged: acknowledged writes gone.
+    extra (only when `final`, every client done): more logged than clients got, beyond
+    the requests that never got an answer (the server logs an answer just before it
+    sends its end; a kill in between leaves one logged and unanswered)."""
+    arms = [a["name"] for a in split["arms"]]
+    counts, feedback = split.get("counts", {}), split.get("feedback", {})
+    served = dict.fromkeys(arms, 0)
+    rated = dict.fromkeys(arms, 0)
+    unanswered = fb_unanswered = 0
+    for r in records:
+        if r.get("model") != model or "status" not in r:
+            continue
+        status = r["status"]
+        answered = 200 <= status < 300
+        if r.get("kind") == "feedback":
+            if answered:
+                rated[r.get("arm")] = rated.get(r.get("arm"), 0) + 1
+            elif _unanswered(status):
+                fb_unanswered += 1
+        elif answered:
+            served[r.get("arm")] = served.get(r.get("arm"), 0) + 1
+        elif _unanswered(status):
+            unanswered += 1
+    lost, extra = [], []
+    if sorted(counts) != sorted(arms) or sorted(feedback) != sorted(arms):
+        lost.append(f"split: arms {arms}, counts for {sorted(counts)}, feedback {sorted(feedback)}")
+    for arm in served.keys() | rated.keys():
+        if served.get(arm, 0) > counts.get(arm, 0):
+            lost.append(
+                f"split arm {arm}: {served[arm]} answers given, {counts.get(arm, 0)} logged"
+            )
+        if rated.get(arm, 0) > feedback.get(arm, 0):
+            lost.append(
+                f"split arm {arm}: {rated[arm]} ratings acknowledged, {feedback.get(arm, 0)} stored"
+            )
+    if final:
+        over = sum(counts.values()) - sum(served.values())
+        if over > unanswered:
+            extra.append(
+                f"split: {over} answers logged beyond those given, {unanswered} unanswered"
+            )
+        fb_over = sum(feedback.values()) - sum(rated.values())
+        if fb_over > fb_unanswered:
+            extra.append(
+                f"split: {fb_over} ratings stored beyond those acknowledged, "
+                f"{fb_unanswered} unanswered"
+            )
+    figures = {"counts": counts, "feedback": feedback, "answered": served, "rated": rated,
+               "unanswered": unanswered, "feedback_unanswered": fb_unanswered}  # fmt: skip
+    return lost, extra, figures
+
+
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -1,7 +1,7 @@
 """The soak's report: outcomes, per-minute figures and the verdicts, as CSV and HTML.
 
 Files written to the results folder: soak_outcomes.csv (requests and churn writes by
-outcome), soak_samples.csv (every sample of the server), soak_minutes.csv (per minute: requests, TTFT, tokens/s, queue depth, resident
+outcome), soak_churn.csv (every churn write, its status and any error), soak_samples.csv (every sample of the server), soak_minutes.csv (per minute: requests, TTFT, tokens/s, queue depth, resident
 memory, adapters loaded/evicted), soak_verdicts.csv (each goal, met or missed, and the
 figure behind it), soak_report.html (all of it, with charts), soak_summary.json.
 """
@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loadtests.soak.ledger import AnswerCheck
+from loadtests.soak.ledger import AnswerCheck, Markers
 
 # the short time after a restart during which its refusals still belong to it
 RESTART_SLACK_S = 2.0
@@ -41,7 +41,9 @@ def outcome(r: dict[str, Any], windows: list[tuple[float, float]], churned: set[
     if _in(r["t0"], r["t1"], windows) and (status == 0 or status >= 500):
         return "503/refused during restart"
     if 400 <= status < 500:
-        return "4xx churn race" if r.get("model") in churned else "4xx other"
+        # a split's arms are churned names too
+        race = r.get("model") in churned or str(r.get("model")).startswith("ab:")
+        return "4xx churn race" if race else "4xx other"
     if status == 503:
         return "503 outside restart"
     return "5xx/broken outside restart"
@@ -64,6 +66,7 @@ def build_report(
     events: dict[str, Any],
     final: dict[str, Any],
     expected: dict[str, dict[str, str]],
+    markers: Markers | None = None,
 ) -> dict[str, Any]:
     out: Path = cfg.results
     windows = _windows(events)
@@ -169,11 +172,12 @@ def build_report(
     ready_limit = 1.5 * first_ready + 5.0
     verdicts = [
         ("0 answers from the wrong adapter", len(check.wrong) == 0,
-         f"{len(check.wrong)} wrong of {check.checked} marker-checked answers; "
-         f"{check.checked - len(check.wrong) - len(check.drifted) - len(check.untraceable)} "
-         "equal to their marker, "
-         f"{len(check.drifted)} closest to their own marker but not equal (greedy near-tie), "
-         f"{len(check.untraceable)} parting from every marker at the first characters; "
+         f"{len(check.wrong)} wrong of {check.checked} marker-checked answers "
+         f"({len(check.wrong_arm)} of them split answers not served by their arm's model); "
+         f"{check.matched} equal to their marker, "
+         f"{len(check.drifted)} following their own marker past where markers part, then "
+         f"leaving it (greedy near-tie), {len(check.ambiguous)} ambiguous, counted neither way "
+         f"({_reasons(check.ambiguous)}); "
          f"{check.pairs_seen} (weights, prompt) pairs answered both streamed and not, all equal"),
         ("0 acknowledged writes lost across the kill", not lost,
          f"{len(lost)} lost" + (f": {lost[:3]}" if lost else "")
@@ -198,6 +202,21 @@ def build_report(
          + (", ".join(sorted({q for v in events.get('verifications', []) for q in v['quarantined']}))
             or "nothing")),
     ]  # fmt: skip
+    sp = final.get("split") or {}
+    split_problems = [x for v in events.get("verifications", []) for x in v["lost"]
+                      if x.startswith("split")] + sp.get("extra", [])  # fmt: skip
+    verdicts.append(
+        (
+            "A/B split under churn: traffic and feedback counts add up, no arm's wrong adapter",
+            not split_problems and check.split_wrong == 0 and check.split_checked > 0,
+            f"{check.split_checked} split answers checked, {check.split_wrong} wrong "
+            f"({len(check.wrong_arm)} not served by their arm's model); logged per arm "
+            f"{sp.get('counts')} against answered {sp.get('answered')} "
+            f"(+{sp.get('unanswered', 0)} unanswered); feedback stored {sp.get('feedback')} "
+            f"against acknowledged {sp.get('rated')} (+{sp.get('feedback_unanswered', 0)} "
+            "unanswered)" + (f"; {split_problems[:3]}" if split_problems else ""),
+        )
+    )
     if cfg.train:
         states = final.get("jobs", {})
         verdicts.append(
@@ -210,23 +229,13 @@ def build_report(
                 ", ".join(f"{j}: {s}" for j, s in states.items()) or "no job recorded",
             )
         )
-    # how far apart the markers are: the most characters two weight sets' answers to one
-    # prompt share (small: any answer is traced to its weights from its first tokens)
-    keys = {k for m in expected.values() for k in m}
-    overlap = max(
-        (
-            _shared(a[k], b[k])
-            for k in keys
-            for i, a in enumerate(expected.values())
-            for b in list(expected.values())[i + 1 :]
-            if k in a and k in b
-        ),
-        default=0,
-    )
+    # how far apart the markers are: per prompt, the most leading tokens two weight sets'
+    # markers share (0: every answer names its weights from its first token)
+    parting = max(markers.parting.values(), default=0) if markers else 0
     verdicts[0] = (
         verdicts[0][0],
         verdicts[0][1],
-        verdicts[0][2] + f"; two weight sets' markers share at most {overlap} leading characters",
+        verdicts[0][2] + f"; two weight sets' markers share at most {parting} leading tokens",
     )
     all_met = all(ok for _, ok, _ in verdicts)
 
@@ -245,6 +254,12 @@ def build_report(
                   for k, n in sorted(churn_outcomes.items())])  # fmt: skip
     if minute_rows:
         _write_csv(out / "soak_minutes.csv", list(minute_rows[0]), minute_rows)
+    _write_csv(
+        out / "soak_churn.csv",
+        ["t0_s", "t1_s", "op", "status", "error"],
+        [{"t0_s": round(c["t0"] - t_start, 2), "t1_s": round(c["t1"] - t_start, 2),
+          "op": c["op"], "status": c["status"], "error": c.get("error")} for c in churn],
+    )  # fmt: skip
     _write_csv(
         out / "soak_verdicts.csv",
         ["goal", "met", "figure"],
@@ -276,11 +291,21 @@ def build_report(
         "marker_checked": check.checked,
         "drifted_answers": len(check.drifted),
         "drifted_examples": check.drifted[:10],
-        "untraceable_answers": len(check.untraceable),
-        "untraceable_examples": check.untraceable[:10],
+        "ambiguous_answers": len(check.ambiguous),
+        "ambiguous_examples": check.ambiguous[:20],
+        "wrong_arm_answers": check.wrong_arm[:20],
+        "split": sp,
+        "split_checked": check.split_checked,
         "markers": expected,
+        "calibration": {k: events.get(k) for k in ("candidates_tried", "first_token_clashes")},
         "restarts": restarts,
         "churn_errors": events.get("churn_errors", [])[:20],
+        # churn writes that got a 5xx or no answer outside the restart window, and why
+        "churn_failures": [
+            c
+            for c in churn
+            if (c["status"] == 0 or c["status"] >= 500) and not _in(c["t0"], c["t1"], windows)
+        ][:20],
         "all_met": all_met,
     }
     (out / "soak_summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -290,13 +315,22 @@ def build_report(
     return {**summary, "text": text}
 
 
-def _shared(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _reasons(entries: list[dict[str, Any]]) -> str:
+    """How many ambiguous answers of each kind (see ledger.Markers.judge)."""
+    kinds: Counter[str] = Counter()
+    for e in entries:
+        reason = e["reason"]
+        if "names no weights" in reason:
+            kinds["follow no marker past where the markers part"] += 1
+        elif reason.startswith("follows its own") and "only" in reason:
+            kinds["follow their own marker for a single token"] += 1
+        elif reason.startswith("follows the marker of") and "only" in reason:
+            kinds["follow another set's marker for a single token (a near-tie)"] += 1
+        elif reason.startswith("equals the markers of"):
+            kinds["equal several sets' markers"] += 1
+        else:
+            kinds[reason] += 1
+    return "; ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
 
 
 def _round(v: float | None) -> float | None:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,17 @@ from loadtests.soak.common import (  # noqa: E402
     MARKED_KINDS,
     RAG_COLLECTION,
     RAG_DOCUMENTS,
+    SPLIT,
     answer_text,
     marked_body,
 )
 from loadtests.soak.ledger import (  # noqa: E402
     BASE,
     AdapterHistory,
+    Markers,
     WriteLedger,
     check_answers,
-    trace,
+    check_split,
     verify_state,
 )
 
@@ -55,7 +58,6 @@ LOCUSTFILE = HERE / "locustfile.py"
 ADMIN_KEY = "ss-soak-admin-" + "k9Xq2Lm7Vb4Tz8Wc"
 USER_KEY = "ss-soak-user-" + "p3Rn6Hd1Jf5Gs0Ya"
 CHURN_COLLECTION = "soak-churn"
-SPLIT = "soak-split"
 TRAIN_ROWS = [
     {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     for q, a in [
@@ -77,6 +79,7 @@ class Config:
     stable_adapters: int = 4  # registered once, never churned
     churn_adapters: int = 3  # registered, replaced, deleted, re-registered all run long
     variants: int = 6  # distinct weights (each with its own greedy marker)
+    candidate_factor: int = 3  # random weight sets tried per one kept (see calibrate)
     max_tokens: int = 8
     max_num_seqs: int = 2  # users above it: the queue fills
     max_queue: int = 3  # and past it, 429
@@ -213,6 +216,10 @@ class Soak:
         self.ledger = WriteLedger()
         self.expected: dict[str, dict[str, str]] = {}
         self.variant_paths: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, int]] | None = None
+        self.markers: Markers | None = None
+        self.split_arms: dict[str, str] = {}
+        self.answers = cfg.results / "answers.jsonl"
         self.stable = [f"mark-{i}" for i in range(cfg.stable_adapters)]
         self.churned = [f"churn-{i}" for i in range(cfg.churn_adapters)]
         self.up = threading.Event()  # the server answers; churn waits on it
@@ -225,18 +232,17 @@ class Soak:
 
     # -- set-up --
 
-    def build_variants(self) -> None:
-        base_path = self._base_path()
-        config = json.loads((base_path / "config.json").read_text())
-        shapes = linear_shapes_from_config(config.get("text_config", config))
-        # strong enough that two weight sets' greedy answers part at the first tokens, so
-        # that any answer can be traced to the weights that wrote it (see ledger.py)
+    def build_variant(self, seed: int) -> Path:
+        """One random LoRA weight set, strong enough that its greedy answers part from the
+        base's and the other sets' at the first tokens (see `calibrate`)."""
+        if self._shapes is None:
+            config = json.loads((self._base_path() / "config.json").read_text())
+            self._shapes = linear_shapes_from_config(config.get("text_config", config))
         scale = self.cfg.adapter_scale or (0.3 if self.cfg.tiny else 0.06)
-        for i in range(self.cfg.variants):
-            self.variant_paths[f"v{i}"] = random_lora_adapter(
-                self.work / "variants" / f"v{i}", shapes, r=4, seed=100 + i, scale=scale,
-                base_name=base_path.name,
-            )  # fmt: skip
+        return random_lora_adapter(
+            self.work / "variants" / f"s{seed}", self._shapes, r=4, seed=seed, scale=scale,
+            base_name=self._base_path().name,
+        )  # fmt: skip
 
     def _base_path(self) -> Path:
         if self.cfg.tiny:
@@ -267,23 +273,62 @@ class Soak:
         return out
 
     def calibrate(self) -> None:
-        """Each variant's greedy answers, alone on the quiet server, right after registering
-        it: the markers every later answer is checked against."""
+        """Each weight set's greedy answers, alone on the quiet server, right after
+        registering it: the markers every later answer is checked against.
+
+        The weight sets are chosen so that each one's signature is unmistakable: a
+        candidate is kept only when, on every prompt, its answer's first token differs
+        from the first token of the base's and of every set kept before it. Then an answer
+        names its weights from its first tokens on, and a wrong-adapter verdict needs two
+        tokens of another set's marker (ledger.MIN_EVIDENCE_TOKENS), which no single
+        near-tie can write."""
         r = self.admin.post("/rag/collections", json={"name": RAG_COLLECTION})
         assert r.status_code in (201, 409), r.text
         r = self.admin.post(
             f"/rag/collections/{RAG_COLLECTION}/documents", json={"documents": RAG_DOCUMENTS}
         )
         r.raise_for_status()
+        tokenize = base_tokenizer(self._base_path())
         self.expected[BASE] = self._markers(BASE, rag=True)
-        for variant, path in self.variant_paths.items():
-            name = f"calibrate-{variant}"
+        firsts: dict[str, set[str]] = {}  # key -> first tokens taken
+
+        def first_tokens(markers: dict[str, str]) -> dict[str, str]:
+            return {k: (tokenize(t) or [""])[0] for k, t in markers.items()}
+
+        for k, tok in first_tokens(self.expected[BASE]).items():
+            firsts.setdefault(k, set()).add(tok)
+        rejected: list[tuple[int, int, Path, dict[str, str]]] = []  # (clashes, seed, ...)
+        seeds = range(100, 100 + self.cfg.candidate_factor * self.cfg.variants)
+        tried = 0
+        for seed in seeds:
+            if len(self.variant_paths) == self.cfg.variants:
+                break
+            tried += 1
+            path = self.build_variant(seed)
+            name = f"calibrate-s{seed}"
             r = self.admin.post("/adapters", json={"name": name, "path": str(path)})
             r.raise_for_status()
-            self.expected[variant] = self._markers(name, rag=False)
+            markers = self._markers(name, rag=False)
             self.admin.delete(f"/adapters/{name}").raise_for_status()
-        # how well the markers tell weights apart: pairs of variants (base included) that
-        # some prompt separates; a pair no prompt separates could hide a wrong answer
+            ft = first_tokens(markers)
+            clashes = sum(1 for k, tok in ft.items() if tok in firsts.get(k, set()))
+            if clashes:
+                rejected.append((clashes, seed, path, markers))
+                continue
+            self._keep_variant(path, markers, ft, firsts)
+        # not enough clean candidates: the fewest clashes; the judge's per-prompt parting
+        # point still keeps verdicts sound, with less evidence on the clashing prompts
+        for clashes, seed, path, markers in sorted(rejected, key=lambda x: x[:2]):
+            if len(self.variant_paths) == self.cfg.variants:
+                break
+            self._keep_variant(path, markers, first_tokens(markers), firsts)
+            self.events.setdefault("first_token_clashes", []).append(
+                {"seed": seed, "prompts": clashes}
+            )
+        self.events["candidates_tried"] = tried
+        self.markers = Markers(self.expected, tokenize)
+        # pairs of weight sets (base included) that no prompt separates could hide a
+        # wrong answer: refuse to run
         names = sorted(self.expected)
         together = [
             (a, b)
@@ -300,6 +345,15 @@ class Soak:
                 f"markers cannot tell these weights apart: {together}; raise --adapter-scale"
             )
 
+    def _keep_variant(
+        self, path: Path, markers: dict[str, str], ft: dict[str, str], firsts: dict[str, set[str]]
+    ) -> None:
+        variant = f"v{len(self.variant_paths)}"
+        self.variant_paths[variant] = path
+        self.expected[variant] = markers
+        for k, tok in ft.items():
+            firsts.setdefault(k, set()).add(tok)
+
     def register_initial(self) -> None:
         for i, name in enumerate(self.stable + self.churned):
             variant = f"v{i % self.cfg.variants}"
@@ -311,14 +365,12 @@ class Soak:
             self.history.acked(name, variant, t, time.time())
         r = self.admin.post("/rag/collections", json={"name": CHURN_COLLECTION})
         assert r.status_code in (201, 409), r.text
-        r = self.admin.post(
-            "/ab/splits",
-            json={
-                "name": SPLIT,
-                "arms": [{"name": "a", "model": BASE}, {"name": "b", "model": self.stable[0]}],
-            },
-        )
+        # the A/B split runs inside the churn: two arms on churned names (replaced and
+        # deleted under it), one on the base
+        r = self.admin.post("/ab/splits", json={"name": SPLIT, "arms": [
+            {"name": f"arm-{m}", "model": m} for m in [*self.churned[:2], BASE]]})  # fmt: skip
         assert r.status_code == 201, r.text
+        self.split_arms = {a["name"]: a["model"] for a in r.json()["arms"]}
 
     # -- churn --
 
@@ -327,17 +379,20 @@ class Soak:
         self.up.wait()
         sent = time.time()
         self.in_flight.set()
+        error = None
         try:
             r = self.admin.request(method, path, **kw)
             status, body = r.status_code, r
+            if status >= 500:
+                error = r.text[:300]
         except httpx.HTTPError as exc:
-            status, body = 0, exc
+            status, body, error = 0, exc, repr(exc)[:300]
         finally:
             self.in_flight.clear()
         acked = time.time()
         self.churn_log.append(
             {"t0": sent, "t1": acked, "op": f"{method} {path}", "status": status,
-             "during_restart": not self.up.is_set()}
+             "during_restart": not self.up.is_set(), "error": error}
         )  # fmt: skip
         return status, sent, acked, body
 
@@ -396,24 +451,6 @@ class Soak:
             with self.ledger.lock:
                 self.ledger.docs[doc] = new
 
-    def _feedback_op(self) -> None:
-        self.up.wait()
-        body = marked_body("chat", f"ab:{SPLIT}", 0, self.cfg.max_tokens, False)
-        try:
-            r = self.admin.post("/v1/chat/completions", json=body)
-        except httpx.HTTPError:
-            return
-        if r.status_code != 200:
-            return
-        status, *_ = self._write(
-            "POST", "/ab/feedback", json={"response_id": r.json()["id"], "rating": 1}
-        )
-        with self.ledger.lock:
-            if status == 200:
-                self.ledger.feedback_acked += 1
-            elif status == 0:
-                self.ledger.feedback_unknown += 1
-
     def _train_op(self) -> None:
         config = {"r": 4, "max_steps": 2, "batch_size": 2, "max_length": 64,
                   "eval_fraction": 0.0}  # fmt: skip
@@ -448,8 +485,7 @@ class Soak:
         )
 
     def churn(self) -> None:
-        ops = [(self._adapter_op, 5), (self._doc_op, 3), (self._forbidden_op, 1),
-               (self._feedback_op, 1)]  # fmt: skip
+        ops = [(self._adapter_op, 5), (self._doc_op, 3), (self._forbidden_op, 1)]
         if self.cfg.train:
             self._train_op()
         while not self.stopping.is_set():
@@ -502,8 +538,11 @@ class Soak:
         listed = self.admin.get("/adapters").json()["data"]
         return {a["name"]: by_path.get(a["source"], f"other:{a['source']}") for a in listed}
 
-    def verify(self, when: str) -> dict[str, Any]:
+    def verify(self, when: str, *, final: bool = False) -> dict[str, Any]:
         """Acknowledged writes against what the server holds; settles unknown outcomes."""
+        # the clients' records first, the server's state after: every answer a client got
+        # before this read was logged by the server before it was sent
+        records = read_records(self.answers)
         adapters = self.server_adapters()
         docs = {
             d["id"]
@@ -520,19 +559,27 @@ class Soak:
             docs_on_server=docs,
             ledger=self.ledger,
             jobs_on_server=set(jobs),
-            feedback_on_server=sum(split.get("feedback", {}).values()),
         )
+        split_lost, split_extra, split_figures = check_split(
+            records, split, model=f"ab:{SPLIT}", final=final
+        )
+        lost += split_lost
         # every registered adapter is whole: it answers with its own weights' marker (or
-        # drifts from it, never towards another's: see ledger.trace)
+        # drifts from it, never towards another's: see Markers.judge)
         now = time.time()
+        assert self.markers is not None
         for name in self.stable + self.churned:
             variant = adapters.get(name)
             if variant is None:
                 continue
             got = self._greedy(name, "chat", 0)
-            closest = trace(got, "chat/0", self.expected)
-            if variant not in closest:
-                lost.append(f"adapter {name}: answers {got!r}, like {closest}, not {variant}")
+            j = self.markers.judge(got, "chat/0", {variant})
+            if j.verdict == "wrong":
+                lost.append(f"adapter {name}: answers {got!r}: {j.reason}")
+            elif j.verdict == "ambiguous":
+                self.events.setdefault("ambiguous_at_verify", []).append(
+                    {"adapter": name, "variant": variant, "text": got, "reason": j.reason}
+                )
         # settle what the kill left unknown
         for name in self.churned:
             self.history.settle(name, adapters.get(name), now)
@@ -540,8 +587,6 @@ class Soak:
             for doc, state in list(self.ledger.docs.items()):
                 if state == "unknown":
                     self.ledger.docs[doc] = "present" if doc in docs else "absent"
-            self.ledger.feedback_acked = sum(split.get("feedback", {}).values())
-            self.ledger.feedback_unknown = 0
         data = Path(self.server.env["SWAPSERVE_DATA_DIR"])
         staging = data / "adapters" / ".staging"
         quarantine = data / "adapters" / "quarantine"
@@ -553,6 +598,7 @@ class Soak:
             if quarantine.exists()
             else [],
             "jobs": {j: jobs[j]["state"] for j in jobs},
+            "split": {**split_figures, "extra": split_extra},
         }
         self.events.setdefault("verifications", []).append(found)
         return found
@@ -561,9 +607,8 @@ class Soak:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        answers = cfg.results / "answers.jsonl"
+        answers = self.answers
         answers.unlink(missing_ok=True)
-        self.build_variants()
         first_ready_s = self.server.start()
         self.events["first_ready_s"] = first_ready_s
         print(f"server {self.server.url} ready in {first_ready_s:.1f} s; calibrating", flush=True)
@@ -601,9 +646,10 @@ class Soak:
             self.up.set()  # release anything waiting, then let the threads finish
             for t in threads:
                 t.join(600 if t.name == "crash" else 60)
-            final = self.verify("at the end")
-            records = [json.loads(line) for line in answers.read_text().splitlines() if line]
-            check = check_answers(records, self.history, self.expected)
+            final = self.verify("at the end", final=True)
+            records = read_records(answers)
+            assert self.markers is not None
+            check = check_answers(records, self.history, self.markers, self.split_arms)
             self.samples.append(
                 {"t": time.time(), "pid": self.server.pid, "rss": rss_bytes(self.server.pid),
                  **parse_metrics(self.admin.get("/metrics").text)}
@@ -623,11 +669,34 @@ class Soak:
             events=self.events,
             final=final,
             expected=self.expected,
+            markers=self.markers,
         )
 
 
 WORDS = ("apple orchard river stone lantern harbour violin meadow copper signal "
          "falcon garden winter ember canyon").split()  # fmt: skip
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The clients' answer records so far (a line being written is left for later)."""
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def base_tokenizer(base_path: Path) -> Callable[[str], list[str]]:
+    """The base's tokenizer, as a text -> token strings function: the judge compares
+    answers with markers token by token, the unit greedy decoding chooses in."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_path))
+    return lambda text: list(tok.tokenize(text)) if text else []
 
 
 def parse_metrics(text: str) -> dict[str, float]:
