@@ -422,7 +422,9 @@ async function followJob(id, detail) {
   } }, "Cancel");
   function render() {
     bar.style.width = `${Math.round((job.progress || 0) * 100)}%`;
-    const phase = job.phase === "eval" ? ` · eval answers ${job.eval_done ?? 0}/${job.eval_total ?? "?"}` : "";
+    // the eval after training measures eval loss (adapter, base) before any answer: on a CPU
+    // that alone takes minutes, so say so rather than show "answers 0/N" all that time
+    const phase = job.phase !== "eval" ? "" : job.eval_done ? ` · eval answers ${job.eval_done}/${job.eval_total ?? "?"}` : ` · eval: loss, then ${job.eval_total ?? "?"} answers`;
     status.replaceChildren(h("span", { class: `pill ${job.state}` }, job.state), ` step ${job.step}/${job.total_steps ?? "?"} · loss ${num(job.loss)}${job.eval_loss != null ? ` · eval loss ${num(job.eval_loss)}` : ""} · eta ${job.eta_s ? `${Math.round(job.eta_s)} s` : "–"}${phase}`, job.error ? h("div", { class: "error" }, job.error) : "");
     const series = [{ name: "train loss", points: loss }];
     if (evalLoss.length) series.push({ name: "eval loss", points: evalLoss });
