@@ -198,7 +198,11 @@ class AdapterRegistry:
             "load_count": state.load_count,
             "evict_count": state.evict_count,
             "last_load_ms": state.last_load_ms,
-            "last_used": int(state.last_used) if state.last_used else None,
+            # Unix time; state.last_used is monotonic (the LRU order), which means nothing
+            # outside this process
+            "last_used": (
+                int(time.time() - (time.monotonic() - state.last_used)) if state.last_used else None
+            ),
         }
 
     def list(self) -> list[dict[str, Any]]:

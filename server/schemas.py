@@ -136,6 +136,9 @@ class AdapterInfo(Open):
     location: str = Field(description="Where it lives now: device, host or disk.")
     load_count: int
     requests: int
+    last_used: int | None = Field(
+        None, description="Unix time of its last request (or load); null before any"
+    )
 
 
 class AdapterList(BaseModel):

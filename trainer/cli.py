@@ -291,6 +291,9 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         print(line, flush=True)
     bar: tqdm | None = None
     eval_bar: tqdm | None = None
+    # the bar's postfix: the last train loss and, once an eval has run (eval_steps), the
+    # last eval loss, which stays shown until the next eval replaces it
+    postfix: dict[str, str] = {}
 
     def progress(update: ProgressUpdate) -> None:
         nonlocal bar, eval_bar
@@ -310,7 +313,11 @@ def _train(args: argparse.Namespace, config: Any) -> int:
             )
         bar.update(update.step - bar.n)
         if update.loss is not None:
-            bar.set_postfix(loss=f"{update.loss:.4f}")
+            postfix["loss"] = f"{update.loss:.4f}"
+        if update.eval_loss is not None:
+            postfix["eval_loss"] = f"{update.eval_loss:.4f}"
+        if postfix:
+            bar.set_postfix(postfix)
 
     from trainer.train import train
 

@@ -508,7 +508,11 @@ def compare_locally(
                 if rec.get("total_steps"):
                     bar.total = rec["total_steps"]
                 bar.n = rec.get("step") or 0
-                bar.set_postfix(phase=rec.get("phase") or rec["state"], loss=rec.get("loss"))
+                bar.set_postfix(
+                    phase=rec.get("phase") or rec["state"],
+                    loss=rec.get("loss"),
+                    eval_loss=rec.get("eval_loss"),
+                )
                 bar.refresh()
                 if rec["state"] in ("succeeded", "failed", "cancelled", "interrupted"):
                     rec = manager.wait(job_id)

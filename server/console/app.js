@@ -57,8 +57,9 @@ async function api(method, path, body, { raw = false } = {}) {
     throw new ApiError(r.status, err);
   }
   if (raw) return r;
-  const type = r.headers.get("content-type") || "";
-  return type.includes("json") ? r.json() : r.text();
+  // JSON only: the exports are application/jsonl, one document per line, read as text
+  const mime = (r.headers.get("content-type") || "").split(";")[0].trim();
+  return mime === "application/json" || mime.endsWith("+json") ? r.json() : r.text();
 }
 
 function showError(target, err) {
@@ -145,7 +146,8 @@ async function loadSession() {
 }
 
 async function refreshModels() {
-  try { state.models = (await api("GET", "/v1/models")).data.map((m) => m.id); } catch { state.models = []; }
+  // the models a chat can go to: /v1/models lists the embedder too (task "embed")
+  try { state.models = (await api("GET", "/v1/models")).data.filter((m) => m.task !== "embed").map((m) => m.id); } catch { state.models = []; }
   try {
     state.collections = state.session.admin ? (await api("GET", "/rag/collections")).data.map((c) => c.id) : state.session.collections || [];
   } catch { state.collections = []; }
@@ -284,6 +286,7 @@ async function adapters() {
       h("td", {}, h("code", {}, a.name), h("div", { class: "meta" }, "lora_name for /v1/load_lora_adapter and /v1/unload_lora_adapter")),
       h("td", {}, h("button", { class: "danger admin-only", type: "button", onclick: async () => {
         if (!confirm(`Delete adapter ${a.name}?`)) return;
+        err.textContent = ""; result.textContent = "";
         try { await api("DELETE", `/adapters/${encodeURIComponent(a.name)}`); await load(); } catch (e) { showError(err, e); }
       } }, "Delete")))) : [h("tr", {}, h("td", { colspan: 9, class: "muted" }, "no adapters registered"))]));
   }
@@ -292,7 +295,9 @@ async function adapters() {
   const replace = h("input", { type: "checkbox", id: "reg-replace" });
   let file = null;
   const picked = h("span", { class: "muted", id: "reg-file" });
-  const zone = dropZone("Drop a .tar.gz or .zip of the adapter folder here", ".tar.gz,.tgz,.tar,.zip", (files) => { file = files[0]; picked.textContent = file ? `${file.name} (${fmtBytes(file.size)})` : ""; });
+  // one source at a time: a dropped archive clears the path, typing a path drops the archive
+  const zone = dropZone("Drop a .tar.gz or .zip of the adapter folder here", ".tar.gz,.tgz,.tar,.zip", (files) => { file = files[0]; path.value = ""; picked.textContent = file ? `${file.name} (${fmtBytes(file.size)})` : ""; });
+  path.addEventListener("input", () => { file = null; zone.input.value = ""; picked.textContent = ""; });
   const result = h("p", { class: "ok", id: "reg-result" });
   const form = h("form", { class: "admin-only", onsubmit: async (e) => {
     e.preventDefault();
@@ -417,7 +422,9 @@ async function followJob(id, detail) {
   } }, "Cancel");
   function render() {
     bar.style.width = `${Math.round((job.progress || 0) * 100)}%`;
-    const phase = job.phase === "eval" ? ` · eval answers ${job.eval_done ?? 0}/${job.eval_total ?? "?"}` : "";
+    // the eval after training measures eval loss (adapter, base) before any answer: on a CPU
+    // that alone takes minutes, so say so rather than show "answers 0/N" all that time
+    const phase = job.phase !== "eval" ? "" : job.eval_done ? ` · eval answers ${job.eval_done}/${job.eval_total ?? "?"}` : ` · eval: loss, then ${job.eval_total ?? "?"} answers`;
     status.replaceChildren(h("span", { class: `pill ${job.state}` }, job.state), ` step ${job.step}/${job.total_steps ?? "?"} · loss ${num(job.loss)}${job.eval_loss != null ? ` · eval loss ${num(job.eval_loss)}` : ""} · eta ${job.eta_s ? `${Math.round(job.eta_s)} s` : "–"}${phase}`, job.error ? h("div", { class: "error" }, job.error) : "");
     const series = [{ name: "train loss", points: loss }];
     if (evalLoss.length) series.push({ name: "eval loss", points: evalLoss });
@@ -470,11 +477,14 @@ async function knowledge(params) {
   const err = h("p", { class: "error", role: "alert", id: "kb-error" });
   const selected = params.get("c") || state.collections[0] || "";
   const rows = h("tbody", { id: "kb-rows" });
-  if (state.session.admin) {
+  // the counts change with every upload and delete below: reloaded after each
+  async function loadCollections() {
+    if (!state.session.admin) return;
     const cols = (await api("GET", "/rag/collections")).data;
-    rows.replaceChildren(...cols.map((c) => h("tr", { class: `clickable${c.id === selected ? " selected" : ""}`, onclick: () => { location.hash = `#knowledge?c=${encodeURIComponent(c.id)}`; } },
+    rows.replaceChildren(...cols.map((c) => h("tr", { class: `clickable${c.id === selected ? " selected" : ""}`, "data-collection": c.id, onclick: () => { location.hash = `#knowledge?c=${encodeURIComponent(c.id)}`; } },
       h("td", {}, h("b", {}, c.id)), h("td", { class: "n" }, c.documents), h("td", { class: "n" }, c.chunks), h("td", {}, c.index_kind), h("td", { class: "muted" }, c.embedder))));
   }
+  await loadCollections();
   const newName = h("input", { type: "text", id: "kb-new", placeholder: "notes" });
   const create = h("form", { class: "row admin-only", onsubmit: async (e) => {
     e.preventDefault();
@@ -499,7 +509,8 @@ async function knowledge(params) {
     const r = await api("GET", `/rag/collections/${encodeURIComponent(selected)}/documents?limit=1000`);
     docs.replaceChildren(...r.data.map((d) => h("tr", {}, h("td", {}, d.id), h("td", { class: "n" }, d.chunks), h("td", { class: "n" }, d.chars), h("td", { class: "muted" }, JSON.stringify(d.metadata)),
       h("td", {}, h("button", { type: "button", class: "danger admin-only", onclick: async () => {
-        try { await api("DELETE", `/rag/collections/${encodeURIComponent(selected)}/documents/${encodeURIComponent(d.id)}`); await loadDocs(); } catch (e) { showError(err, e); }
+        err.textContent = "";
+        try { await api("DELETE", `/rag/collections/${encodeURIComponent(selected)}/documents/${encodeURIComponent(d.id)}`); await Promise.all([loadDocs(), loadCollections()]); } catch (e) { showError(err, e); }
       } }, "Delete")))));
   }
   if (selected && state.session.admin) {
@@ -511,7 +522,7 @@ async function knowledge(params) {
       try {
         const r = await api("POST", `/rag/collections/${encodeURIComponent(selected)}/documents`, fd);
         status.textContent = `added ${r.added}, replaced ${r.replaced}, unchanged ${r.unchanged}; ${r.chunks} chunks embedded; ${r.documents} documents now`;
-        await loadDocs();
+        await Promise.all([loadDocs(), loadCollections()]);
       } catch (e) { status.textContent = ""; showError(err, e); }
     }, { multiple: true }), status);
     await loadDocs();

@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 
 import httpx
 import pytest
@@ -124,3 +125,20 @@ def test_help_lists_fields(method, capsys):
     with pytest.raises(SystemExit):
         parse(["train", method, "--help"])
     assert "--rank" in capsys.readouterr().out
+
+
+def test_progress_bar_shows_the_eval_loss(tiny_model_dir, sft_data, tmp_path, capsys):
+    # an eval every step: the bar's postfix carries the eval loss next to the train loss
+    code = cli.main(
+        ["train", "sft", "--data", str(sft_data), "--name", "evalbar", "--base",
+         str(tiny_model_dir), "--quantization", "none", "--device", "cpu", "--rank", "4",
+         "--max-steps", "2", "--eval-fraction", "0.25", "--eval-steps", "1",
+         "--eval-max-examples", "0", "--output-dir", str(tmp_path / "adapter")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0
+    shown = re.findall(r"eval_loss=([0-9.]+)", err)
+    assert shown, err[-2000:]
+    assert all(float(v) > 0 for v in shown)
+    # the train loss is shown beside it
+    assert re.search(r"loss=[0-9.]+, eval_loss=", err)

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def test_register_list_describe_and_models(server, adapters):
     assert {"a0", "a1"} <= set(names(server))
     one = httpx.get(f"{server.url}/adapters/a0").json()
     assert one["size_bytes"] > 0 and one["load_count"] >= 1
+    # wall-clock time (Unix seconds), not the process's monotonic clock
+    assert abs(one["last_used"] - time.time()) < 3600, one["last_used"]
     models = {m.id: m for m in server.openai().models.list().data}
     assert models["a0"].parent == "base"
     assert Path(models["a0"].root).is_dir()

@@ -87,6 +87,7 @@ def server(tiny_model_path, tmp_path_factory) -> Iterator[LiveServer]:
         else:
             server = start_live_server(**settings)
         server.data_dir = data  # type: ignore[attr-defined]
+        server.tiny_model_path = tiny_model_path  # type: ignore[attr-defined]
         _wait_ready(server)
         # a collection to search, and an adapter to compare with the base
         h = admin_headers()
@@ -203,8 +204,14 @@ def ask(page, models: list[str], question: str) -> list:
     return columns
 
 
-def test_chat_streams_side_by_side_with_citations(admin):
+def test_chat_streams_side_by_side_with_citations(admin, server):
     page = admin
+    # the models a chat can go to: /v1/models lists the embedder too, which cannot chat
+    listed = httpx.get(f"{server.url}/v1/models", headers=admin_headers()).json()["data"]
+    assert any(m["task"] == "embed" for m in listed)
+    go(page, "#playground", "#pg-models input")
+    offered = [b.get_attribute("value") for b in page.query_selector_all("#pg-models input")]
+    assert offered == [m["id"] for m in listed if m["task"] == "generate"]
     models = ["base"] if BUNDLED else ["base", "demo"]
     columns = ask(page, models, "What does the Zorblax-7 reactor run on?")
     for col in columns:
@@ -240,6 +247,27 @@ def test_bad_adapter_shows_its_error_and_changes_nothing(admin, server, tmp_path
     ]
     assert "broken" not in names
     shot(page, "adapters")
+    if BUNDLED:
+        return
+    # typing a path drops the picked archive: a good folder registers by path
+    good = build_lora_adapter(server.tiny_model_path, tmp_path / "good-adapter")
+    page.fill("#reg-name", "demo2")
+    page.fill("#reg-path", str(good))
+    assert page.inner_text("#reg-file") == ""
+    page.click("#reg-submit")
+    page.wait_for_function("document.querySelector('#reg-result').textContent.includes('demo2')")
+    assert page.inner_text("#adapter-error") == ""
+    page.wait_for_selector("#adapter-rows tr[data-name=demo2]")
+    # an error on screen, then a delete: the delete clears it and the row goes
+    page.set_input_files(".drop input[type=file]", str(junk))
+    assert page.input_value("#reg-path") == ""
+    page.click("#reg-submit")
+    page.wait_for_selector("#adapter-error:not(:empty)")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#adapter-rows tr[data-name=demo2] button.danger")
+    page.wait_for_selector("#adapter-rows tr[data-name=demo2]", state="detached")
+    assert page.inner_text("#adapter-error") == ""
+    assert page.inner_text("#adapter-rows") == before
 
 
 def test_training_progress_updates_without_a_reload(admin, server, tmp_path):
@@ -307,6 +335,36 @@ def test_search_shows_hits(admin):
     shot(page, "knowledge")
 
 
+def test_collection_counts_follow_upload_and_delete(admin, tmp_path):
+    page = admin
+    go(page, "#knowledge?c=notes", "#kb-rows tr[data-collection=notes]")
+
+    def documents() -> int:
+        return int(page.inner_text("#kb-rows tr[data-collection=notes] td:nth-child(2)"))
+
+    before = documents()
+    extra = tmp_path / "lighthouse.md"
+    extra.write_text("The old lighthouse on the island was lit for the last time in 1962.")
+    page.set_input_files(".drop input[type=file]", str(extra))
+    page.wait_for_function(
+        "document.querySelector('#kb-upload-result').textContent.startsWith('added 1')"
+    )
+    # the table's counts follow the upload without a reload
+    page.wait_for_function(
+        "document.querySelector('#kb-rows tr[data-collection=notes] td:nth-child(2)')"
+        f".textContent == '{before + 1}'"
+    )
+    page.click("#kb-docs tr:has-text('lighthouse.md') button.danger")
+    page.wait_for_function(
+        "!document.querySelector('#kb-docs').textContent.includes('lighthouse.md')"
+    )
+    page.wait_for_function(
+        "document.querySelector('#kb-rows tr[data-collection=notes] td:nth-child(2)')"
+        f".textContent == '{before}'"
+    )
+    assert documents() == before
+
+
 def test_experiment_chart_renders(admin, tmp_path):
     page = admin
     go(page, "#experiments", "#exp-start")
@@ -334,6 +392,44 @@ def test_experiment_chart_renders(admin, tmp_path):
     assert len(page.query_selector_all("#exp-charts svg rect")) >= 4  # bars and legends
     assert len(page.query_selector_all("#exp-charts svg")) >= 1
     assert "[" in page.inner_text("#exp-summary")  # intervals
+
+
+def test_split_feedback_exports_download(admin, server):
+    """A split's traffic and feedback counts, and its exports (DPO pairs, KTO) downloaded
+    from the page as JSONL."""
+    page = admin
+    h = admin_headers()
+    arms = [{"name": "a", "model": "base"}, {"name": "b", "model": "base" if BUNDLED else "demo"}]
+    r = httpx.post(f"{server.url}/ab/splits", json={"name": "sp", "arms": arms}, headers=h)
+    assert r.status_code == 201, r.text
+    for i, user in enumerate(["u1", "u2", "u3", "u4", "u5", "u6"]):
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "ab:sp",
+                "user": user,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Say hi"}],
+            },
+            headers=h,
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        fb = {"response_id": r.json()["id"], "rating": 1 if i % 2 else -1}
+        assert httpx.post(f"{server.url}/ab/feedback", json=fb, headers=h).status_code == 200
+    go(page, "#experiments", "#split-rows")
+    page.wait_for_function("document.querySelector('#split-rows').textContent.includes('sp')")
+    assert "feedback" in page.inner_text("#split-rows")
+    buttons = page.query_selector_all("#split-rows button")
+    assert {b.inner_text() for b in buttons} >= {"DPO pairs", "KTO"}
+    for button in buttons:
+        with page.expect_download() as download:
+            button.click()
+        lines = Path(download.value.path()).read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert rows, button.inner_text()
+        key = "chosen" if button.inner_text() == "DPO pairs" else "label"
+        assert all(key in row for row in rows), rows
 
 
 def test_server_page(admin):
