@@ -186,8 +186,12 @@ async def stream_timings(client: openai.AsyncOpenAI, model: str, prompt: str, to
 
 async def measure(url: str, target: str, paths: list[Path], tokens: int) -> dict[str, float]:
     n = len(paths)
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=1800)
-    async with httpx.AsyncClient(timeout=1800) as http:
+    async with (
+        openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=1800
+        ) as client,
+        httpx.AsyncClient(timeout=1800) as http,
+    ):
         for i, path in enumerate(paths):
             await register(http, url, target, f"ad{i}", path)
         # warm-up: every adapter once, so the figures see no first-use cost
