@@ -557,13 +557,25 @@ def test_a_forced_tool_call_returns_valid_arguments(server, tool_choice):
     jsonschema.validate(json.loads(call.function.arguments), COUNT["function"]["parameters"])
 
 
-def test_logit_bias_forces_a_token(server, tokenizer):
-    _, srv = server
+def test_logit_bias_forces_a_token(server, tokenizer, reference):
+    engine, srv = server
     token = tokenizer.convert_tokens_to_ids("!")
+    prompt = [2, 40, 41, 42]
     r = srv.openai().completions.create(
-        model="base", prompt=PROMPTS[0], max_tokens=3, temperature=0, logit_bias={str(token): 100}
+        model="base",
+        prompt=prompt,
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(token): 100},
+        logprobs=1,
     )
     assert r.choices[0].text == "!!!"
+    first = r.choices[0].logprobs.token_logprobs[0]
+    if engine == "hf":  # logprobs after logit_bias: the forced token is all there is
+        assert first == pytest.approx(0.0, abs=1e-3)
+    else:  # vLLM's raw logprobs (README): the model's own, before logit_bias
+        want = float(reference(prompt)[-1, token])
+        assert want < -1 and first == pytest.approx(want, abs=LOGPROB_TOL)
 
 
 def test_disconnect_frees_the_slot(server):
