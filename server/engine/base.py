@@ -100,7 +100,7 @@ class SamplingParams:
     # Log probabilities of each generated token, with this many most likely alternatives
     # (0: the chosen token's only; None: none). From the distribution the row sampled from:
     # after its adapter, penalties, logit_bias and the grammar mask; before temperature and
-    # top_p.
+    # top_p. (The vllm engine: vLLM's raw logprobs, before logit_bias and penalties too.)
     logprobs: int | None = None
     # The prompt's own token logprobs (completions' echo), with this many alternatives.
     prompt_logprobs: int | None = None

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,16 @@ from server.engine.base import (
     EngineShutdownError,
     GenerationOutput,
     GenerationRequest,
+    Logprob,
     QueueFullError,
     RequestTimeoutError,
     SamplingParams,
+    StructuredOutput,
+    TokenLogprobs,
     UnknownAdapterError,
 )
 from server.engine.kinds.base import BaseModelShape, config_dims
+from server.engine.structured import compact_schema
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +71,23 @@ def vllm_lora_rank(max_lora_rank: int) -> int:
 
 
 class UnsupportedFieldError(EngineError):
-    """A request field the vllm engine does not translate yet: a 400 naming it."""
+    """A request field the vllm engine cannot honour: a 400 naming it."""
 
     status = 400
     code = "unsupported_field"
+
+
+def to_vllm_structured(spec: StructuredOutput) -> Any:
+    """Our structured output as vLLM's, for its llguidance backend (the library the hf
+    engine uses, chosen at start-up): JSON as compact as on the hf engine (llguidance's
+    options ride in the schema's "x-guidance"), Lark grammars (forced tool calls) as they
+    are."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.grammar is not None:
+        return StructuredOutputsParams(grammar=spec.grammar)
+    schema = spec.json_schema if spec.json_schema is not None else {"type": "object"}
+    return StructuredOutputsParams(json=compact_schema(schema))
 
 
 def to_vllm_sampling(params: SamplingParams, stop_token_ids: list[int]) -> Any:
@@ -78,37 +95,16 @@ def to_vllm_sampling(params: SamplingParams, stop_token_ids: list[int]) -> Any:
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    # never a silent drop: what this translation does not carry yet is refused by name
-    if params.logprobs is not None:
-        raise UnsupportedFieldError(
-            "logprobs are not available on the vllm engine yet (the hf engine has them)",
-            param="logprobs",
-        )
-    if params.prompt_logprobs is not None:
-        raise UnsupportedFieldError(
-            "prompt logprobs (echo) are not available on the vllm engine yet", param="echo"
-        )
-    structured = None
     spec = params.structured_outputs
-    if spec is not None:
-        from vllm.sampling_params import StructuredOutputsParams
-
-        if spec.json_schema is not None:
-            structured = StructuredOutputsParams(json=spec.json_schema)
-        elif spec.grammar is not None:
-            # our grammars are llguidance's Lark dialect; not yet wired to vLLM's backends
-            raise UnsupportedFieldError(
-                "tool calling (a grammar-constrained output) is not available on the vllm "
-                "engine yet (the hf engine has it)",
-                param="tools",
-            )
-        else:
-            structured = StructuredOutputsParams(json_object=spec.json_object)
     return VSamplingParams(
-        structured_outputs=structured,
+        structured_outputs=to_vllm_structured(spec) if spec is not None else None,
         logit_bias=dict(params.logit_bias) or None,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         n=params.n,
-        max_tokens=params.max_tokens,
+        # vLLM decodes at least one token: for max_tokens 0 (the prompt's logprobs only)
+        # `_outputs` drops it
+        max_tokens=max(params.max_tokens, 1),
         temperature=params.temperature,
         top_p=params.top_p,
         seed=params.seed,
@@ -121,6 +117,39 @@ def to_vllm_sampling(params: SamplingParams, stop_token_ids: list[int]) -> Any:
         frequency_penalty=params.frequency_penalty,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def token_logprobs(
+    position: Mapping[int, Any], token: int, k: int, token_bytes: Callable[[int], bytes]
+) -> TokenLogprobs:
+    """vLLM's logprobs at one position ({token id: Logprob(logprob, rank)}: the chosen
+    token with its rank, and the `k` most likely with ranks 1..k) as ours. Tokens the
+    grammar forbids (-inf) are no alternatives, as on the hf engine."""
+    chosen = position[token]
+    ranked = sorted(
+        (lp.rank, tid, lp.logprob)
+        for tid, lp in position.items()
+        if lp.rank is not None and lp.rank <= k and lp.logprob != float("-inf")
+    )[:k]
+    return TokenLogprobs(
+        chosen=Logprob(token, float(chosen.logprob), token_bytes(token)),
+        top=[Logprob(tid, float(lp), token_bytes(tid)) for _, tid, lp in ranked],
+    )
+
+
+def prompt_token_logprobs(
+    positions: Sequence[Mapping[int, Any] | None],
+    prompt: list[int],
+    k: int,
+    token_bytes: Callable[[int], bytes],
+) -> list[TokenLogprobs]:
+    """vLLM's prompt logprobs (None first: nothing comes before the first token) as ours."""
+    out = [TokenLogprobs(chosen=Logprob(prompt[0], None, token_bytes(prompt[0])))]
+    for i in range(1, len(prompt)):
+        position = positions[i]
+        assert position is not None
+        out.append(token_logprobs(position, prompt[i], k, token_bytes))
+    return out
 
 
 def cpu_thread_binding(world_size: int, cpus: list[int] | None = None) -> str:
@@ -264,6 +293,7 @@ class VLLMEngine:
         self._stopping = False
         self._tmp = tempfile.TemporaryDirectory(prefix="swapserve-vllm-")
         self._zero: Any = None  # the LoRARequest base rows use on the CPU backend
+        self._token_bytes: list[bytes] | None = None  # each token's bytes, for logprobs
         quant = getattr(config, "quantization_config", None)
         quant_method = quant.get("quant_method") if isinstance(quant, dict) else None
         bytes_per = 4 if self._dtype() == "float32" else 2
@@ -294,6 +324,7 @@ class VLLMEngine:
         return self.settings.max_loras + (1 if self.device == "cpu" else 0)
 
     def _build(self) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -330,6 +361,12 @@ class VLLMEngine:
             data_parallel_size=s.data_parallel_size,
             # LoRA runs eagerly on the CPU backend; on a GPU vLLM captures graphs
             enforce_eager=self.device == "cpu",
+            # the grammar library of the hf engine (server/engine/grammar.py): the same
+            # schemas compile, and forced tool calls are its Lark grammars
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
+            # logprobs of the logits after the adapter and the grammar mask, before
+            # logit_bias, penalties, temperature and top_p (vLLM's default, named here)
+            logprobs_mode="raw_logprobs",
             disable_log_stats=True,
             **kwargs,
         )
@@ -384,14 +421,24 @@ class VLLMEngine:
             with contextlib.suppress(Exception):
                 llm.shutdown()
 
+    def token_bytes(self, token: int) -> bytes:
+        if self._token_bytes is None:
+            from server.engine.token_bytes import token_bytes_table
+
+            size = max(int(self._info.vocab_size or 0), len(self.tokenizer))
+            self._token_bytes = token_bytes_table(self.tokenizer, size)[0]
+        return self._token_bytes[token] if token < len(self._token_bytes) else b""
+
     # --- prompts ----------------------------------------------------------------------------
 
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=True
-        )
+        from trainer.chat import render_prompt
+
+        # as the hf engine and the trainer render it: a template without a tool format
+        # (SmolLM2's) gets tools, calls and results as plain turns, never silently dropped
+        return render_prompt(self.tokenizer, messages, tools)
 
     def tokenize(self, text: str) -> list[int]:
         # The chat template already writes <bos>; a raw completion prompt gets one here.
@@ -480,6 +527,8 @@ class VLLMEngine:
     # --- generation -----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        from vllm.exceptions import VLLMValidationError
+
         if self._stopping:
             raise EngineShutdownError("the server is shutting down")
         limit = self.settings.max_num_seqs + self.max_queue
@@ -489,6 +538,9 @@ class VLLMEngine:
             )
         lora = self._lora_request(request.adapter)
         params = to_vllm_sampling(request.sampling, self.stop_token_ids)
+        wants = request.sampling.logprobs, request.sampling.prompt_logprobs
+        if self._token_bytes is None and wants != (None, None):
+            await asyncio.to_thread(self.token_bytes, 0)  # the table, once, off the loop
         timeout = request.timeout_s or self.request_timeout_s
         self._in_flight += request.sampling.n
         stream = self.llm.generate(
@@ -507,10 +559,17 @@ class VLLMEngine:
         timer = asyncio.get_running_loop().call_later(timeout, expire)
         finished = False
         try:
-            async for out in self._outputs(request, stream):
-                if timed_out.is_set():
-                    break
-                yield out
+            try:
+                async for out in self._outputs(request, stream):
+                    if timed_out.is_set():
+                        break
+                    yield out
+            except VLLMValidationError as exc:  # what vLLM's own checks refuse: a 400
+                finished = True  # refused, not cancelled
+                raise UnsupportedFieldError(
+                    f"the vllm engine cannot serve this request: {exc}",
+                    param=_refused_param(exc, request.sampling),
+                ) from exc
             if timed_out.is_set():
                 self.vstats.timed_out += 1
                 raise RequestTimeoutError("the request ran past its timeout")
@@ -528,25 +587,48 @@ class VLLMEngine:
     async def _outputs(
         self, request: GenerationRequest, stream: AsyncIterator[Any]
     ) -> AsyncIterator[GenerationOutput]:
-        prompt_tokens = len(request.prompt_token_ids)
+        sampling = request.sampling
+        prompt = list(request.prompt_token_ids)
         counts: dict[int, int] = {}
+        prompt_lps: list[TokenLogprobs] | None = None
+        given: set[int] = set()  # choices whose first output went out (with prompt_lps)
         async for result in stream:
-            for choice in result.outputs:
-                ids = list(choice.token_ids)
-                finish = choice.finish_reason
-                if finish == "stop" and not isinstance(choice.stop_reason, str) and ids:
-                    ids = ids[:-1]  # an eos / stop token, which the hf engine does not count
-                counts[choice.index] = counts.get(choice.index, 0) + len(ids)
-                if not ids and not choice.text and finish is None:
-                    continue
-                yield GenerationOutput(
-                    index=choice.index,
-                    text=choice.text,
-                    token_ids=ids,
-                    finish_reason=finish,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=counts[choice.index],
+            if sampling.prompt_logprobs is not None and result.prompt_logprobs is not None:
+                prompt_lps = prompt_lps or prompt_token_logprobs(
+                    result.prompt_logprobs, prompt, sampling.prompt_logprobs, self.token_bytes
                 )
+            for choice in result.outputs:
+                if sampling.max_tokens == 0:
+                    # the prompt's logprobs only: the one token vLLM decoded is dropped
+                    if choice.index in given:
+                        continue
+                    counts[choice.index] = 0
+                    out = GenerationOutput(
+                        index=choice.index, text="", token_ids=[], finish_reason="length"
+                    )
+                else:
+                    ids = list(choice.token_ids)
+                    finish = choice.finish_reason
+                    if finish == "stop" and not isinstance(choice.stop_reason, str) and ids:
+                        ids = ids[:-1]  # an eos / stop token, which the hf engine does not count
+                    counts[choice.index] = counts.get(choice.index, 0) + len(ids)
+                    if not ids and not choice.text and finish is None:
+                        continue
+                    out = GenerationOutput(
+                        index=choice.index, text=choice.text, token_ids=ids, finish_reason=finish
+                    )
+                    if sampling.logprobs is not None and choice.logprobs is not None:
+                        k = sampling.logprobs
+                        out.logprobs = [
+                            token_logprobs(choice.logprobs[i], t, k, self.token_bytes)
+                            for i, t in enumerate(ids)
+                        ]
+                out.prompt_tokens = len(prompt)
+                out.completion_tokens = counts[choice.index]
+                if choice.index not in given:
+                    out.prompt_logprobs = prompt_lps  # with each choice's first output
+                    given.add(choice.index)
+                yield out
 
     def stats(self) -> dict[str, float]:
         s = self.vstats
@@ -562,6 +644,16 @@ class VLLMEngine:
             "timed_out": s.timed_out,
             "adapters_registered": len(self._loras),
         }
+
+
+def _refused_param(exc: Any, sampling: SamplingParams) -> str | None:
+    """The request field behind one of vLLM's validation errors."""
+    if getattr(exc, "parameter", None) is not None:
+        return str(exc.parameter)
+    spec = sampling.structured_outputs
+    if spec is None:
+        return None
+    return "tools" if spec.grammar is not None else "response_format"
 
 
 def _vllm_device(device: str) -> str:

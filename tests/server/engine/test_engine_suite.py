@@ -4,7 +4,8 @@ Each engine serves the same tiny random model as the real server, `swapserve ser
 process of its own, driven over HTTP by the real `openai` SDK: generation, stop and length,
 several adapters in one batch each matching its solo run, load/unload while requests run,
 unknown adapter 404, a client that disconnects frees its slot, a trained token row
-served or refused, and shutdown drains. The `hf` engine always runs; the `vllm` engine
+served or refused, logprobs and echo against the model's own logits, structured outputs and
+forced tool calls that validate, logit_bias, and shutdown drains. The `hf` engine always runs; the `vllm` engine
 runs where its environment is (`make vllm-env` builds .venv-vllm; SWAPSERVE_VLLM_PYTHON
 names another interpreter), with a tensor-parallel check besides.
 """
@@ -300,6 +301,281 @@ def test_a_training_job_registers_its_adapter_live(server):
         model="trained", messages=[{"role": "user", "content": QA[0][0]}], max_tokens=4
     )
     assert answer.usage.completion_tokens >= 1
+
+
+# --- what real clients ask for: logprobs, echo, structured outputs, tool calls --------------
+# Both engines serve these the same way (vLLM through its SamplingParams and its llguidance
+# backend, the grammar library of the hf engine); log probabilities are checked against a
+# log-softmax of the same model's logits computed here, outside the server.
+
+# cross-implementation tolerance: vLLM's CPU kernels against a plain transformers forward
+LOGPROB_TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """token ids -> log-softmax of the model's logits at every position, (seq, vocab)."""
+    import torch
+
+    from tests.support import load_causal_lm
+
+    lm = load_causal_lm(model)
+
+    def logprobs(ids: list[int]):
+        with torch.inference_mode():
+            return torch.log_softmax(lm(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    return logprobs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def test_logprobs_of_greedy_tokens_are_the_models_top(server, reference):
+    import torch
+
+    _, srv = server
+    prompt = [2, 40, 41, 42, 43]  # token ids: what is scored is exactly what is sent
+    r = srv.openai().completions.create(
+        model="base", prompt=prompt, max_tokens=4, temperature=0, logprobs=3
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    ids = list(prompt)
+    for i in range(4):
+        ref = reference(ids)[-1]
+        # greedy: the chosen token's logprob is the largest of its alternatives
+        assert lp.token_logprobs[i] == max(lp.top_logprobs[i].values())
+        assert lp.token_logprobs[i] == pytest.approx(float(ref.max()), abs=LOGPROB_TOL)
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        assert top == pytest.approx(torch.topk(ref, 3).values.tolist(), abs=LOGPROB_TOL)
+        ids.append(int(torch.argmax(ref)))
+    # chat: logprobs + top_logprobs, one entry per completion token, streamed alike
+    client = srv.openai()
+    kwargs = dict(
+        model="base",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    whole = client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    assert content and len(content) == whole.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 5 and entry.bytes
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(**kwargs, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for e in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in content
+    ]
+
+
+def test_echo_returns_the_prompt_token_logprobs(server, reference):
+    """What lm-evaluation-harness sends for loglikelihood: echo, max_tokens 0 or 1."""
+    _, srv = server
+    prompt = [2, 50, 60, 70, 80, 90]
+    ref = reference(prompt)
+    for max_tokens in (0, 1):
+        r = srv.openai().completions.create(
+            model="base", prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=1, echo=True
+        )
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(prompt) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for i in range(1, len(prompt)):
+            want = float(ref[i - 1, prompt[i]])
+            assert lp.token_logprobs[i] == pytest.approx(want, abs=LOGPROB_TOL)
+            best = max(lp.top_logprobs[i].values())
+            assert best == pytest.approx(float(ref[i - 1].max()), abs=LOGPROB_TOL)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == max_tokens
+    # a text prompt is echoed before the answer
+    r = srv.openai().completions.create(
+        model="base", prompt=PROMPTS[0], max_tokens=2, temperature=0, echo=True, logprobs=0
+    )
+    assert r.choices[0].text.startswith(PROMPTS[0])
+
+
+# every field bounded: the longest answer fits in max_tokens, so each one must close
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 4},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "role": {"enum": ["admin", "user"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+        "home": {
+            "type": "object",
+            "properties": {"zip": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["zip"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "role", "tags", "home"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_parses_and_validates(server):
+    import jsonschema
+
+    _, srv = server
+    client = srv.openai()
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
+    for seed in range(2):
+        kwargs = dict(
+            model="base",
+            messages=[{"role": "user", "content": "A person as JSON."}],
+            max_tokens=96,
+            temperature=1.0,
+            seed=seed,
+            response_format=response_format,
+        )
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+        chunks = client.chat.completions.create(**kwargs, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == r.choices[0].message.content  # same seed, same answer
+    # JSON mode on completions: an object, or cut by max_tokens
+    c = client.completions.create(
+        model="base",
+        prompt="A person:",
+        max_tokens=32,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    if c.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(c.choices[0].text), dict)
+    else:
+        assert c.choices[0].text.startswith("{")
+
+
+def test_logprobs_under_a_grammar_list_only_allowed_tokens(server):
+    _, srv = server
+    r = srv.openai().chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        response_format={"type": "json_object"},
+    )
+    first = r.choices[0].logprobs.content[0]  # after the grammar mask: "{" is all there is
+    assert first.token == "{" and first.logprob == pytest.approx(0.0, abs=1e-5)
+    assert [t.token for t in first.top_logprobs] == ["{"]
+
+
+def test_constrained_and_free_rows_on_different_adapters_match_their_solo_runs(
+    server, adapter_dirs
+):
+    """A row under a JSON schema on one adapter, a free row with logprobs on the base and
+    one more adapter row, in one batch: each equals its run alone."""
+    _, srv = server
+    for name in ("a0", "a2"):
+        r = register(srv, name, adapter_dirs[name])
+        assert r.status_code in (201, 409), r.text  # 409: registered by an earlier test
+    client = srv.openai()
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
+
+    def constrained() -> str:
+        r = client.chat.completions.create(
+            model="a0",
+            messages=[{"role": "user", "content": "A person as JSON."}],
+            max_tokens=96,
+            temperature=0,
+            response_format=response_format,
+        )
+        return r.choices[0].message.content
+
+    def free() -> tuple[str, list[float]]:
+        r = client.completions.create(
+            model="base", prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=2
+        )
+        return r.choices[0].text, [round(x, 4) for x in r.choices[0].logprobs.token_logprobs]
+
+    calls = [constrained, free, lambda: greedy(srv, "a2", PROMPTS[2])]
+    solo = [call() for call in calls]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        together = list(pool.map(lambda call: call(), calls))
+    assert together == solo
+    assert json.loads(solo[0]).keys() == PERSON["properties"].keys()
+
+
+COUNT = {
+    "type": "function",
+    "function": {
+        "name": "count",
+        "parameters": {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "count"}}]
+)
+def test_a_forced_tool_call_returns_valid_arguments(server, tool_choice):
+    import jsonschema
+
+    _, srv = server
+    r = srv.openai().chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "Count."}],
+        tools=[COUNT],
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
+        max_tokens=64,
+        temperature=0,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "count"
+    jsonschema.validate(json.loads(call.function.arguments), COUNT["function"]["parameters"])
+
+
+def test_logit_bias_forces_a_token(server, tokenizer, reference):
+    engine, srv = server
+    token = tokenizer.convert_tokens_to_ids("!")
+    prompt = [2, 40, 41, 42]
+    r = srv.openai().completions.create(
+        model="base",
+        prompt=prompt,
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(token): 100},
+        logprobs=1,
+    )
+    assert r.choices[0].text == "!!!"
+    first = r.choices[0].logprobs.token_logprobs[0]
+    if engine == "hf":  # logprobs after logit_bias: the forced token is all there is
+        assert first == pytest.approx(0.0, abs=1e-3)
+    else:  # vLLM's raw logprobs (README): the model's own, before logit_bias
+        want = float(reference(prompt)[-1, token])
+        assert want < -1 and first == pytest.approx(want, abs=LOGPROB_TOL)
 
 
 def test_disconnect_frees_the_slot(server):
