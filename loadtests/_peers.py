@@ -16,9 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA_CPP_HOW = (
-    "llama.cpp: skipped (llama-cpp-python is not installed; `pip install "
-    "'.[peers]'` builds it from source, about 20 minutes on 2 cores, "
-    "with a C compiler and CMake's pip package)"
+    "llama.cpp: skipped (llama-cpp-python is not installed; `pip install '.[peers]'` builds "
+    "it from source, 20-75 minutes on 2 cores, with a C compiler and CMake's pip package; "
+    "where the native build dies with SIGILL, build for an explicit instruction set: see the "
+    "README's Benchmarks)"
 )
 
 

@@ -176,6 +176,7 @@ def main() -> None:
     results: dict[str, float] = {}
     growth: list[tuple[int, float]] = []
     with running_server(env) as url:
+        ready = httpx.get(f"{url}/ready", timeout=30).json()
         for i in range(n):
             register(url, f"ad{i}", paths[i])
         # warm-up at the measured batch size, mixed and not (on a GPU the first batch of a
@@ -219,7 +220,10 @@ def main() -> None:
             llama.decode_rate(PROMPT, tokens) for _ in range(3)
         )
 
-    print(f"\n{BENCH_BASE}, NF4, {hardware()}; {n} streams x {tokens} tokens, rank-16 adapters")
+    print(
+        f"\n{BENCH_BASE}, {ready['quantization']} ({ready['weights_format']}), {hardware()}; "
+        f"{n} streams x {tokens} tokens, rank-16 adapters"
+    )
     print(f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s")
     print(f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s")
     print(f"  naive set_adapter, one at a time: {naive:7.2f} tok/s")
