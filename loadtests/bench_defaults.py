@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = []
     print()
-    print("held-out prompts, bundled Gemma 3 270M (NF4), no tuning flag; base -> adapter")
+    from trainer.base_model import DEFAULT_BUNDLED
+
+    print(f"held-out prompts, {DEFAULT_BUNDLED.title} (NF4), no tuning flag; base -> adapter")
     header = ("task", "format", "follows", "clean stop", "exact", "steps", "lr", "train s")
     rows = [header]
     for name in tasks:
