@@ -73,6 +73,32 @@ def start_live_server(**settings_kwargs) -> LiveServer:
     return LiveServer(create_app(settings), port).start()
 
 
+def start_tiny_server_with_adapter(
+    tiny_model_path, tmp_path_factory, prefix: str, *, name: str = "tuned", seed: int = 1
+) -> LiveServer:
+    """The tiny model served (8 tokens by default) with one random LoRA registered as
+    ``name``; the server's data folder is ``server.data_dir``."""
+    import httpx
+
+    from tests.tiny_model import build_lora_adapter
+
+    data = tmp_path_factory.mktemp(f"{prefix}-data")
+    adapter = build_lora_adapter(
+        tiny_model_path, tmp_path_factory.mktemp(f"{prefix}-lora") / "a", seed=seed
+    )
+    server = start_live_server(
+        base_model=str(tiny_model_path),
+        quantization="none",
+        max_model_len=256,
+        default_max_tokens=8,
+        data_dir=data,
+    )
+    r = httpx.post(f"{server.url}/adapters", json={"name": name, "path": str(adapter)})
+    assert r.status_code == 201, r.text
+    server.data_dir = data
+    return server
+
+
 class ServerProcess:
     """`swapserve serve` in a process of its own, so a test can SIGTERM or SIGKILL it.
 

@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from server.cli import main as swapserve
-from tests.support import start_live_server
-from tests.tiny_model import build_lora_adapter
+from tests.support import start_tiny_server_with_adapter
 from trainer.base_model import ensure_chat_template
 from trainer.data import load_jsonl
 
@@ -34,18 +33,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
-    data = tmp_path_factory.mktemp("kto-loop-data")
-    adapter = build_lora_adapter(tiny_model_path, tmp_path_factory.mktemp("kto-lora") / "a", seed=3)
-    server = start_live_server(
-        base_model=str(tiny_model_path),
-        quantization="none",
-        max_model_len=256,
-        default_max_tokens=8,
-        data_dir=data,
-    )
-    r = httpx.post(f"{server.url}/adapters", json={"name": "tuned", "path": str(adapter)})
-    assert r.status_code == 201, r.text
-    server.data_dir = data
+    server = start_tiny_server_with_adapter(tiny_model_path, tmp_path_factory, "kto-loop", seed=3)
     yield server
     server.stop()
 

@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from server.ab.splits import assign_arm
-from tests.support import start_live_server
-from tests.tiny_model import build_lora_adapter
+from tests.support import start_tiny_server_with_adapter
 from trainer.data import load_jsonl
 
 QUESTIONS = [
@@ -23,17 +22,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
-    data = tmp_path_factory.mktemp("ab-data")
-    adapter = build_lora_adapter(tiny_model_path, tmp_path_factory.mktemp("ab-lora") / "a", seed=1)
-    server = start_live_server(
-        base_model=str(tiny_model_path),
-        quantization="none",
-        max_model_len=256,
-        default_max_tokens=8,
-        data_dir=data,
-    )
-    r = httpx.post(f"{server.url}/adapters", json={"name": "tuned", "path": str(adapter)})
-    assert r.status_code == 201, r.text
+    server = start_tiny_server_with_adapter(tiny_model_path, tmp_path_factory, "ab", seed=1)
     yield server
     server.stop()
 
