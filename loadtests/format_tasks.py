@@ -163,8 +163,9 @@ class FormatTask:
     make: Callable[[random.Random, str], tuple[str, str]]  # (rng, "train"|"eval") -> (q, a)
 
     def follows(self, answer: str) -> bool:
-        """The answer begins with the format (whatever comes after it)."""
-        return re.match(self.pattern, answer.strip()) is not None
+        """The answer begins with the format, whatever comes after it, but not inside a word:
+        "The metal" does not begin with one word in capitals because it begins with "T"."""
+        return re.match(f"(?:{self.pattern})(?!\\w)", answer.strip()) is not None
 
     def exact_format(self, answer: str) -> bool:
         """The answer is the format and nothing else."""
@@ -214,7 +215,7 @@ TASKS: dict[str, FormatTask] = {
         FormatTask(
             "who_when", "a fixed two-line template", r"Who: [^\n]+\nWhen: [^\n]+", _make_who_when
         ),
-        FormatTask("shout", "one word in capitals", r"[A-Z]+", _make_shout),
+        FormatTask("shout", "one word in capitals", r"[A-Z]{2,}", _make_shout),
         FormatTask(
             "bullets", "exactly three bullet lines", r"- [^\n]+\n- [^\n]+\n- [^\n]+", _make_bullets
         ),

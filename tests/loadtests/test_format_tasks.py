@@ -45,3 +45,11 @@ def test_judging_follows_clean_stops_and_exact():
     ]
     j = judge(task, answers, ["[topic: food]"] * 4)
     assert (j.follows, j.clean, j.exact) == (3, 1, 2)
+
+
+def test_following_a_format_ends_at_a_word_boundary():
+    shout, tag = TASKS["shout"], TASKS["tag"]
+    assert shout.follows("NICKEL") and shout.follows("NICKEL is a metal.")
+    assert not shout.follows("The metal is a metal")  # "T" alone is not a word in capitals
+    assert not shout.follows("I can think of a bird.")  # "I": a pronoun, not the answer
+    assert tag.follows("[topic: food] and more") and not tag.follows("[topic: foods")
