@@ -35,15 +35,15 @@ def build_engine(settings: Settings) -> Engine:
         device=device,
         cache_dir=settings.cache_dir,
     )
-    int8_lm_head = settings.lm_head == "int8" or (
-        settings.lm_head == "auto"
-        and settings.quantization == "nf4"
-        and loaded.device == "cpu"
-        and (int4 or not native_bf16("cpu"))
-    )
+    lm_head: str | None = settings.lm_head if settings.lm_head in ("int4", "int8") else None
+    if settings.lm_head == "auto" and settings.quantization == "nf4" and loaded.device == "cpu":
+        if int4:
+            lm_head = "int4"
+        elif not native_bf16("cpu"):
+            lm_head = "int8"
     return HFEngine(
         loaded,
-        int8_lm_head=int8_lm_head,
+        lm_head=lm_head,
         int4_weights=int4,
         fast_path=settings.fast_path,
         max_model_len=settings.max_model_len,

@@ -22,7 +22,11 @@ from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape, config_dims
 from server.engine.kinds.lora import base_weight
-from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
+from server.engine.lm_head import (
+    LM_HEAD_SCREEN_GROUP_SIZE,
+    table_is_most_of_the_model,
+    use_int8_lm_head,
+)
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
@@ -77,7 +81,7 @@ def use_fast_path(setting: str, model: Any, device: str) -> bool:
 def _weights_format(model: Any) -> dict[str, str]:
     """What each kind of weight is held as, for /ready."""
     from server.engine.int4 import Int4Linear
-    from server.engine.lm_head import Int8Embedding, Int8LMHead
+    from server.engine.lm_head import REFINE_TOP_K, Int8Embedding, Int8LMHead
 
     linear = "as loaded"
     groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
@@ -91,7 +95,14 @@ def _weights_format(model: Any) -> dict[str, str]:
                 break
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    out = "int8, one scale per row" if isinstance(head, Int8LMHead) else _dtype_of(head)
+    out = _dtype_of(head)
+    if isinstance(head, Int8LMHead):
+        out = "int8, one scale per row"
+        if head.screen is not None:
+            out = (
+                f"int4 screen (group size {head.screen_group_size}), each row's leading "
+                f"{REFINE_TOP_K} logits from the int8 table (one scale per row)"
+            )
     emb = "shares the int8 output table" if isinstance(embedding, Int8Embedding) else None
     return {
         "linear": linear,
@@ -163,12 +174,14 @@ class HFEngine:
         max_queue: int = 64,
         prefill_chunk_tokens: int = 512,
         request_timeout_s: float = 600.0,
-        int8_lm_head: bool = False,
+        lm_head: str | None = None,
         int4_weights: bool = False,
         fast_path: str = "auto",
     ):
         """``int4_weights``: re-pack the decoder's linear layers for the CPU's int4 kernel
-        (server/engine/int4.py). ``fast_path``: auto, on or off (see use_fast_path)."""
+        (server/engine/int4.py). ``lm_head``: "int8", "int4" (int8, screened in int4) or
+        None for the output layer as loaded (server/engine/lm_head.py). ``fast_path``: auto,
+        on or off (see use_fast_path)."""
         self.loaded = loaded
         model = loaded.model
         num_parameters = _parameter_count(model)  # as loaded, before any re-packing
@@ -177,9 +190,10 @@ class HFEngine:
         if int4_weights:
             repack_linear_layers(model)
             quantization = "int4"
-        if int8_lm_head and use_int8_lm_head(model, share_embedding=share):
-            logger.info("output layer in int8 (SWAPSERVE_LM_HEAD=native keeps it as loaded)")
-        if int4_weights or int8_lm_head:
+        screen = LM_HEAD_SCREEN_GROUP_SIZE if lm_head == "int4" else None
+        if lm_head and use_int8_lm_head(model, share_embedding=share, screen_group_size=screen):
+            logger.info("output layer in %s (SWAPSERVE_LM_HEAD=native keeps it as loaded)", lm_head)
+        if int4_weights or lm_head:
             release_freed_memory()
         self.tokenizer = loaded.tokenizer
         self.request_timeout_s = request_timeout_s

@@ -10,6 +10,13 @@ keeps the bfloat16 table; the int8 copy adds a quarter of the full-precision siz
 In a model whose output layer is tied to its input embedding (Gemma), the embedding can
 look its rows up in the same int8 table instead (``share_embedding``): one 8-bit table
 serves both, and the full-precision one is freed. The fast path does this.
+
+On the fast path the logits are screened in 4 bits first (``screen_group_size``): an int4
+copy of the table (half the int8 one's size) goes through PyTorch's fused int4 kernel,
+~1.8x quicker than the int8 kernel at one row and ~1.5x at eight, and only each row's
+leading logits are then computed from the int8 rows, in float32. The choice among the
+leaders is the int8 weights' (greedy decoding and the top log probabilities as before);
+the rest of the vocabulary carries the int4 screen's values (sampling's far tail).
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.engine.int4 import fits_int4, int4_kernel_available, pack_int4
+
 # how many of each row's leading logits are recomputed in float32 (see Int8LMHead.forward)
 REFINE_TOP_K = 64
+# input columns per scale and zero of the int4 screen (the int4 kernel's group size)
+LM_HEAD_SCREEN_GROUP_SIZE = 64
 
 
 class Int8LMHead(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, screen_group_size: int | None = None):
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
@@ -32,15 +43,35 @@ class Int8LMHead(nn.Module):
         self.register_buffer("scale_f32", scale.contiguous(), persistent=False)  # the refinement's
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
+        self.screen_group_size: int | None = None
+        self.screen: torch.Tensor | None
+        self.screen_scales: torch.Tensor | None
+        self.register_buffer("screen", None, persistent=False)
+        self.register_buffer("screen_scales", None, persistent=False)
+        if (
+            screen_group_size is not None
+            and int4_kernel_available()
+            and fits_int4(self.in_features, self.out_features, screen_group_size)
+        ):
+            # plain min/max per group: the screen only has to rank, the leaders are recomputed
+            packed, scales = pack_int4(w, screen_group_size, shrinks=(1.0,))
+            self.screen, self.screen_scales = packed, scales
+            self.screen_group_size = screen_group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_int8, self.scale)
+        if self.screen is not None:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.screen, self.screen_group_size, self.screen_scales
+            )
+        else:
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_int8, self.scale)
         out = out.float()
-        # The kernel writes bfloat16: 8 significant bits, so logits near 25 come in steps of
+        # The kernels write bfloat16: 8 significant bits, so logits near 25 come in steps of
         # 0.125 and the leading candidates of a small model often tie or swap (SmolLM2 answered
         # "L'Etoile..." for Paris). The leading candidates are recomputed in float32 from the
-        # same int8 rows: the choice among them is the int8 weights', not the rounding's.
+        # int8 rows: the choice among them is the int8 weights', not the rounding's (nor the
+        # int4 screen's).
         top = out.topk(min(REFINE_TOP_K, self.out_features), dim=-1).indices  # (M, k)
         rows = self.weight_int8[top].float()  # (M, k, in)
         exact = torch.einsum("mi,mki->mk", flat.float(), rows) * self.scale_f32[top]
@@ -72,11 +103,14 @@ class Int8Embedding(nn.Module):
         return rows * self.embed_scale if self.embed_scale != 1.0 else rows
 
 
-def use_int8_lm_head(model: nn.Module, *, share_embedding: bool = False) -> bool:
+def use_int8_lm_head(
+    model: nn.Module, *, share_embedding: bool = False, screen_group_size: int | None = None
+) -> bool:
     """Swap the model's output layer for an int8 one; False where it has none to swap.
 
     With ``share_embedding``, a tied input embedding is replaced too, by lookups into the
-    same int8 table."""
+    same int8 table. With ``screen_group_size``, logits are screened in int4 first (see
+    the module's docstring)."""
     head = getattr(model, "lm_head", None)
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or weight is None or head.bias is not None:
@@ -84,7 +118,7 @@ def use_int8_lm_head(model: nn.Module, *, share_embedding: bool = False) -> bool
     get_embedding = getattr(model, "get_input_embeddings", None)
     embedding = get_embedding() if get_embedding is not None else None
     tied = embedding is not None and getattr(embedding, "weight", None) is weight
-    new_head = Int8LMHead(weight)
+    new_head = Int8LMHead(weight, screen_group_size=screen_group_size)
     model.lm_head = new_head
     if share_embedding and tied and isinstance(embedding, nn.Embedding):
         scale = getattr(embedding, "embed_scale", None)

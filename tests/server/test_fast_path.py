@@ -208,6 +208,8 @@ def test_int4_engine_on_the_tiny_model(tmp_path, arch):
     linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(linears) == 2 * 7
     assert isinstance(model.lm_head, Int8LMHead)
+    assert model.lm_head.screen is not None  # logits screened in int4 on the fast path
+    assert info.weights_format["output_layer"].startswith("int4 screen")
     assert not isinstance(model.get_input_embeddings(), Int8Embedding)
     assert info.weights_format["embedding"] == "float32"
     assert info.weights_bytes < info.fp32_bytes / 2  # 4-bit layers, an 8-bit output table

@@ -51,6 +51,39 @@ def test_leading_logits_are_exact_for_the_int8_weights_not_rounded_to_bfloat16()
     torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
 
 
+def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits():
+    """Screened in int4, then each row's leaders recomputed from the int8 rows: the choice
+    and the leading logits are the int8 head's; the rest of the vocabulary stays within
+    the int4 copy's error of the weights."""
+    torch.manual_seed(2)
+    weight = torch.randn(4096, 128)
+    x = torch.randn(12, 128)
+    plain = Int8LMHead(weight)
+    screened = Int8LMHead(weight, screen_group_size=64)
+    assert screened.screen is not None and plain.screen is None
+    assert torch.equal(screened.weight_int8, plain.weight_int8)
+    deq = plain.weight_int8.float() * plain.scale_f32[:, None]
+    x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))
+    want = x @ deq.t()
+    out = screened(x)
+    assert torch.equal(out.argmax(-1), want.argmax(-1))
+    lead = want.topk(16, dim=-1)
+    torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
+    # the screen is a coarser copy, not another function: the tail within int4's error
+    ref = x @ weight.t()
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.15, f"relative error {err:.4f}"
+    # the int4 copy costs half the int8 table's bytes (plus a scale and zero per group)
+    screen_bytes = screened.screen.numel() + screened.screen_scales.numel() * 2
+    assert screen_bytes < 0.6 * screened.weight_int8.numel()
+
+
+def test_a_screen_is_skipped_where_the_kernel_cannot_take_the_table():
+    head = Int8LMHead(torch.randn(100, 96), screen_group_size=64)  # 96 % 64, 100 % 16
+    assert head.screen is None
+    assert head(torch.randn(2, 96)).shape == (2, 100)
+
+
 def test_only_a_plain_linear_head_is_swapped():
     class WithBias(nn.Module):
         def __init__(self):
