@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,12 +39,16 @@ def running_server(
 def server_process(
     env: dict[str, str] | None = None, timeout_s: float = 600, python: str | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The server's URL and its process (e.g. to read the CPU time it spent)."""
+    """The server's URL and its process (e.g. to read the CPU time it spent). Its data
+    directory is a fresh one unless ``env`` names one: a benchmark neither serves nor
+    touches the adapters, keys and jobs of the user's own server."""
     port = free_port()
+    scratch = tempfile.TemporaryDirectory(prefix="swapserve-bench-")
     child_env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "SWAPSERVE_BASE_MODEL": BENCH_BASE,
+        "SWAPSERVE_DATA_DIR": scratch.name,
         **(env or {}),
     }
     proc = subprocess.Popen(
@@ -81,3 +86,5 @@ def server_process(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        scratch.cleanup()

@@ -1,6 +1,7 @@
 """Multi-adapter serving on the bundled model (NF4), every figure a ratio measured in one run.
 
     python loadtests/bench_adapters.py [--tokens 32] [--streams 8] [--max-registered 64]
+                                       [--rounds 3]
 
 a) throughput, 8 streams over 8 adapters / 8 streams on one adapter        (goal >= 0.9)
 b) our server, 8 streams over 8 adapters / naive one-at-a-time set_adapter (goal >= 3x)
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-registered", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of a) and c), in turns")
     args = parser.parse_args()
     n, tokens = args.streams, args.tokens
 
@@ -183,10 +185,21 @@ def main() -> None:
         # new size pays for kernel selection: measured first, it looked half as fast)
         asyncio.run(throughput(url, ["ad0"] * n, 8))
         asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], 8))
-        results["one_adapter"] = asyncio.run(throughput(url, ["ad0"] * n, tokens))
-        results["n_adapters"] = asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], tokens))
-        idle, loaded = asyncio.run(ttft_under_load(url, tokens))
-        results["ttft_idle"], results["ttft_loaded"] = idle, loaded
+        # in turns, round after round, so that the machine's drift moves both alike; the
+        # medians and each round's ratio are printed
+        one, mixed, idles, loadeds = [], [], [], []
+        for _ in range(args.rounds):
+            one.append(asyncio.run(throughput(url, ["ad0"] * n, tokens)))
+            mixed.append(asyncio.run(throughput(url, [f"ad{i}" for i in range(n)], tokens)))
+            idle, loaded = asyncio.run(ttft_under_load(url, tokens))
+            idles.append(idle)
+            loadeds.append(loaded)
+        results["one_adapter"] = statistics.median(one)
+        results["n_adapters"] = statistics.median(mixed)
+        results["ttft_idle"] = statistics.median(idles)
+        results["ttft_loaded"] = statistics.median(loadeds)
+        per_round = [m / o for m, o in zip(mixed, one, strict=True)]
+        ttft_rounds = [b / a for a, b in zip(idles, loadeds, strict=True)]
         results["register_to_token_ms"] = asyncio.run(
             register_to_first_token(url, paths[args.max_registered])
         )
@@ -217,25 +230,31 @@ def main() -> None:
     if llama is not None:
         llama.decode_rate(PROMPT, 4)  # warm-up
         results["llama_cpp"] = statistics.median(
-            llama.decode_rate(PROMPT, tokens) for _ in range(3)
+            llama.decode_rate(PROMPT, tokens) for _ in range(max(3, args.rounds))
         )
 
     print(
         f"\n{BENCH_BASE}, {ready['quantization']} ({ready['weights_format']}), {hardware()}; "
         f"{n} streams x {tokens} tokens, rank-16 adapters"
     )
-    print(f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s")
-    print(f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s")
+    print(
+        f"  {n} streams on one adapter:        {results['one_adapter']:7.2f} tok/s"
+        f"  (median of {args.rounds}: {', '.join(f'{x:.1f}' for x in one)})"
+    )
+    print(
+        f"  {n} streams over {n} adapters:       {results['n_adapters']:7.2f} tok/s"
+        f"  (median of {args.rounds}: {', '.join(f'{x:.1f}' for x in mixed)})"
+    )
     print(f"  naive set_adapter, one at a time: {naive:7.2f} tok/s")
     print(
         f"a) {n} adapters / one adapter:        {results['n_adapters'] / results['one_adapter']:.2f}"
-        "  (goal >= 0.9)"
+        f"  (goal >= 0.9; per round: {', '.join(f'{r:.2f}' for r in per_round)})"
     )
     print(f"b) ours / naive set_adapter:         {results['n_adapters'] / naive:.2f}x  (goal >= 3)")
     print(
         f"c) TTFT under load / idle:           {results['ttft_loaded'] / results['ttft_idle']:.2f}"
         f"  ({results['ttft_loaded'] * 1000:.0f} ms vs {results['ttft_idle'] * 1000:.0f} ms;"
-        " goal <= 1.5)"
+        f" goal <= 1.5; per round: {', '.join(f'{r:.2f}' for r in ttft_rounds)})"
     )
     print(f"d) POST /adapters -> first token:    {results['register_to_token_ms']:.0f} ms")
     print(
