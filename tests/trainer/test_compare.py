@@ -67,3 +67,13 @@ def test_compare_refuses_before_any_job(tiny_model_dir, sft_data, tmp_path, monk
     assert code == 2
     assert "num_virtual_tokens: method prompt_tuning:" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # no job folder, no adapter
+
+
+def test_serving_reports_the_median_run_and_a_refusal_over_any_figure():
+    from trainer.compare import median_run
+
+    runs = [{"tok_s": 90.0}, {"tok_s": 60.0}, {"tok_s": 75.0}]
+    got = median_run(runs)
+    assert got["tok_s"] == 75.0 and got["runs_tok_s"] == [90.0, 60.0, 75.0]
+    refused = {"tok_s": None, "error": "not served: 400"}
+    assert median_run([{"tok_s": 80.0}, refused, {"tok_s": 70.0}]) == refused
