@@ -7,8 +7,10 @@ was itself converted from the Q4_K_M GGUF, so "float32" means that file's values
 - nf4:  bitsandbytes NF4 (SWAPSERVE_FAST_PATH=off, and QLoRA training);
 - int4: linear layers re-quantized to int4 (group 32) for PyTorch's int4 kernel, output
         layer and embedding in one int8 table;
-- int4-screen: the CPU fast path: int4 as above, the output layer's logits screened by an
-        int4 copy of the table (group 64) and each row's 64 leading ones from the int8 rows;
+- int8-dynamic: the CPU fast path: int4 as above, the output layer's logits screened by
+        FBGEMM's int8 matmul (activations quantized per row) and each row's 64 leading ones
+        from the int8 rows in float32;
+- int4-screen: the same with an int4 copy of the table (group 64) as the screen;
 - int4 from nf4: the same kernel format re-packed from NF4 instead of from the checkpoint
         (what a re-pack of loaded NF4 weights would give; shown for the choice made).
 Printed per variant:
@@ -63,7 +65,7 @@ def _load(variant: str):
     from server.engine.int4 import repack_linear_layers
     from server.engine.lm_head import use_int8_lm_head
 
-    if variant in ("int4", "int4-screen", "int4-bf16-embedding"):
+    if variant in ("int4", "int4-screen", "int8-dynamic", "int4-bf16-embedding"):
         model = load_base_model(BENCH_BASE, quantization="none", device="cpu").model
     else:  # int4 from nf4
         model = load_base_model(BENCH_BASE, quantization="nf4", device="cpu").model
@@ -74,10 +76,9 @@ def _load(variant: str):
         embedding = model.get_input_embeddings()
         embedding.weight = torch.nn.Parameter(embedding.weight.detach().to(torch.bfloat16).float())
         use_int8_lm_head(model, share_embedding=False)
-    elif variant == "int4-screen":
-        from server.engine.lm_head import LM_HEAD_SCREEN_GROUP_SIZE
-
-        use_int8_lm_head(model, share_embedding=True, screen_group_size=LM_HEAD_SCREEN_GROUP_SIZE)
+    elif variant in ("int4-screen", "int8-dynamic"):
+        screen = "int4" if variant == "int4-screen" else "int8-dynamic"
+        use_int8_lm_head(model, share_embedding=True, screen=screen)
     else:
         use_int8_lm_head(model, share_embedding=True)
     return model
@@ -116,7 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument(
-        "--variants", nargs="+", default=["float32", "nf4", "int4", "int4-screen", "int4-from-nf4"]
+        "--variants",
+        nargs="+",
+        default=["float32", "nf4", "int4", "int8-dynamic", "int4-screen", "int4-from-nf4"],
     )
     args = parser.parse_args()
 

@@ -31,13 +31,14 @@ class Settings(BaseSettings):
     served_model_name: str = Field("base", description="The `model` id clients use for the base.")
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit bitsandbytes.")
     device: str = Field("auto", description="auto, cpu or cuda[:N].")
-    lm_head: Literal["auto", "int4", "int8", "native"] = Field(
+    lm_head: Literal["auto", "int8-dynamic", "int4", "int8", "native"] = Field(
         "auto",
-        description="Output layer: int8 (weight-only, one scale per vocabulary row), int4 "
-        "(the int8 table, with logits screened by an int4 copy and each row's leading ones "
-        "recomputed from the int8 rows) or as loaded. auto = int4 on the CPU fast path (the "
-        "int8 table then also serves a tied input embedding), int8 with nf4 on a CPU where "
-        "bfloat16 matmuls are not native, else as loaded.",
+        description="Output layer: int8 (weight-only, one scale per vocabulary row); "
+        "int8-dynamic or int4 (the int8 table, the logits screened by FBGEMM's int8 matmul "
+        "or by an int4 copy, each row's leading ones recomputed from the int8 rows); or as "
+        "loaded. auto = int8-dynamic on the CPU fast path (int4 where PyTorch lacks FBGEMM; "
+        "the int8 table then also serves a tied input embedding), int8 with nf4 on a CPU "
+        "where bfloat16 matmuls are not native, else as loaded.",
     )
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -198,7 +199,7 @@ class Settings(BaseSettings):
                         "checkpoint); or keep nf4 with SWAPSERVE_ENGINE=hf"
                     )
                 self.quantization = "none"  # the vllm engine's default: nothing to apply
-            if self.lm_head in ("int4", "int8"):
+            if self.lm_head not in ("auto", "native"):
                 raise ValueError(
                     f"lm_head={self.lm_head} is the hf engine's output layer; vLLM keeps its own: unset "
                     "SWAPSERVE_LM_HEAD (or set it to auto) with SWAPSERVE_ENGINE=vllm"

@@ -22,11 +22,7 @@ from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape, config_dims
 from server.engine.kinds.lora import base_weight
-from server.engine.lm_head import (
-    LM_HEAD_SCREEN_GROUP_SIZE,
-    table_is_most_of_the_model,
-    use_int8_lm_head,
-)
+from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
@@ -52,14 +48,15 @@ def _parameter_count(model: Any) -> int:
 
 
 def _resident_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers, each tensor counted once."""
+    """Bytes of the model's parameters and buffers, each tensor counted once, and of the
+    packed tables kernels hold outside tensors (``packed_bytes``)."""
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
-    return total
+    return total + sum(int(getattr(m, "packed_bytes", 0)) for m in model.modules())
 
 
 def use_fast_path(setting: str, model: Any, device: str) -> bool:
@@ -98,10 +95,15 @@ def _weights_format(model: Any) -> dict[str, str]:
     out = _dtype_of(head)
     if isinstance(head, Int8LMHead):
         out = "int8, one scale per row"
-        if head.screen is not None:
+        if head.screen_kind == "int8-dynamic":
             out = (
-                f"int4 screen (group size {head.screen_group_size}), each row's leading "
-                f"{REFINE_TOP_K} logits from the int8 table (one scale per row)"
+                "int8, one scale per row; logits screened by FBGEMM's int8 matmul (activations "
+                f"quantized per row), each row's leading {REFINE_TOP_K} in float32"
+            )
+        elif head.screen_kind == "int4":
+            out = (
+                f"int8, one scale per row; logits screened by an int4 copy (group size "
+                f"{head.screen_group_size}), each row's leading {REFINE_TOP_K} in float32"
             )
     emb = "shares the int8 output table" if isinstance(embedding, Int8Embedding) else None
     return {
@@ -179,9 +181,9 @@ class HFEngine:
         fast_path: str = "auto",
     ):
         """``int4_weights``: re-pack the decoder's linear layers for the CPU's int4 kernel
-        (server/engine/int4.py). ``lm_head``: "int8", "int4" (int8, screened in int4) or
-        None for the output layer as loaded (server/engine/lm_head.py). ``fast_path``: auto,
-        on or off (see use_fast_path)."""
+        (server/engine/int4.py). ``lm_head``: "int8", "int8-dynamic" or "int4" (the int8
+        table with that screen of the logits) or None for the output layer as loaded
+        (server/engine/lm_head.py). ``fast_path``: auto, on or off (see use_fast_path)."""
         self.loaded = loaded
         model = loaded.model
         num_parameters = _parameter_count(model)  # as loaded, before any re-packing
@@ -190,8 +192,8 @@ class HFEngine:
         if int4_weights:
             repack_linear_layers(model)
             quantization = "int4"
-        screen = LM_HEAD_SCREEN_GROUP_SIZE if lm_head == "int4" else None
-        if lm_head and use_int8_lm_head(model, share_embedding=share, screen_group_size=screen):
+        screen = lm_head if lm_head in ("int4", "int8-dynamic") else None
+        if lm_head and use_int8_lm_head(model, share_embedding=share, screen=screen):
             logger.info("output layer in %s (SWAPSERVE_LM_HEAD=native keeps it as loaded)", lm_head)
         if int4_weights or lm_head:
             release_freed_memory()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from torch import nn
 
-from server.engine.lm_head import Int8LMHead, use_int8_lm_head
+from server.engine.lm_head import Int8LMHead, fbgemm_available, use_int8_lm_head
 from tests.support import greedy_alone_and_batched
 
 
@@ -59,7 +60,7 @@ def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits():
     weight = torch.randn(4096, 128)
     x = torch.randn(12, 128)
     plain = Int8LMHead(weight)
-    screened = Int8LMHead(weight, screen_group_size=64)
+    screened = Int8LMHead(weight, screen="int4")
     assert screened.screen is not None and plain.screen is None
     assert torch.equal(screened.weight_int8, plain.weight_int8)
     deq = plain.weight_int8.float() * plain.scale_f32[:, None]
@@ -78,8 +79,42 @@ def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits():
     assert screen_bytes < 0.6 * screened.weight_int8.numel()
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="PyTorch built without FBGEMM")
+def test_an_int8_dynamic_screen_keeps_the_choice_and_is_exactly_batch_invariant():
+    """FBGEMM's integer matmul with each row's activations quantized on its own scale: the
+    leaders are the int8 head's, the rest within the activations' 7 bits, and a row's logits
+    are bit for bit the same alone and beside rows of any other size (integer sums are exact,
+    the quantization range is fixed)."""
+    torch.manual_seed(3)
+    weight = torch.randn(4096, 128)
+    x = torch.randn(12, 128)
+    x[5] *= 40  # a row far larger than the others must not coarsen theirs
+    plain = Int8LMHead(weight)
+    screened = Int8LMHead(weight, screen="int8-dynamic")
+    assert screened.screen_kind == "int8-dynamic" and screened.packed is not None
+    deq = plain.weight_int8.float() * plain.scale_f32[:, None]
+    x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))
+    x[5] *= 40
+    want = x @ deq.t()
+    out = screened(x)
+    assert torch.equal(out.argmax(-1), want.argmax(-1))
+    lead = want.topk(16, dim=-1)
+    torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-3, rtol=1e-5)
+    err = ((out - want).abs().amax(-1) / want.abs().amax(-1)).max()
+    assert 0 < err < 0.05, f"relative error {err:.4f}"
+    alone = torch.cat([screened(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(alone, out)
+    # the packed table is counted in the resident size
+    assert screened.packed_bytes >= screened.weight_int8.numel()
+
+
+def test_an_unknown_screen_is_refused():
+    with pytest.raises(ValueError, match="screen"):
+        Int8LMHead(torch.randn(64, 64), screen="int2")
+
+
 def test_a_screen_is_skipped_where_the_kernel_cannot_take_the_table():
-    head = Int8LMHead(torch.randn(100, 96), screen_group_size=64)  # 96 % 64, 100 % 16
+    head = Int8LMHead(torch.randn(100, 96), screen="int4")  # 96 % 64, 100 % 16
     assert head.screen is None
     assert head(torch.randn(2, 96)).shape == (2, 100)
 
