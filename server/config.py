@@ -31,14 +31,14 @@ class Settings(BaseSettings):
     served_model_name: str = Field("base", description="The `model` id clients use for the base.")
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit bitsandbytes.")
     device: str = Field("auto", description="auto, cpu or cuda[:N].")
-    lm_head: Literal["auto", "int8-dynamic", "int4", "int8", "native"] = Field(
+    lm_head: Literal["auto", "int4", "int8-dynamic", "int8", "native"] = Field(
         "auto",
-        description="Output layer: int8 (weight-only, one scale per vocabulary row); "
-        "int8-dynamic or int4 (the int8 table, the logits screened by FBGEMM's int8 matmul "
-        "or by an int4 copy, each row's leading ones recomputed from the int8 rows); or as "
-        "loaded. auto = int8-dynamic on the CPU fast path (int4 where PyTorch lacks FBGEMM; "
-        "the int8 table then also serves a tied input embedding), int8 with nf4 on a CPU "
-        "where bfloat16 matmuls are not native, else as loaded.",
+        description="Output layer: int8 (weight-only, one scale per vocabulary row); int4 "
+        "or int8-dynamic (the int8 table, the logits screened by an int4 copy or by FBGEMM's "
+        "int8 matmul, each row's leading ones recomputed from the int8 rows: int8-dynamic is "
+        "quicker from a few rows up and holds a second 8-bit copy); or as loaded. auto = "
+        "int4 on the CPU fast path (the int8 table then also serves a tied input embedding), "
+        "int8 with nf4 on a CPU where bfloat16 matmuls are not native, else as loaded.",
     )
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",

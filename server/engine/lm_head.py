@@ -15,14 +15,15 @@ The logits can be screened first (``screen``), and only each row's leading logit
 computed from the int8 rows, in float32: the choice among the leaders is the int8 weights'
 (greedy decoding and the top log probabilities), the rest of the vocabulary carries the
 screen's values (sampling's far tail). Two screens:
-- ``"int8-dynamic"`` (the fast path's, where PyTorch has FBGEMM): the int8 table packed for
-  FBGEMM's integer matmul, each row's activations quantized to 8 bits on the fly (7 on a
-  CPU without VNNI, whose 16-bit pair sums would saturate), scaled by the row's own largest
-  value, so that a row's logits do not depend on the other rows of the batch (integer sums
-  are exact). Twice the int4
-  screen's pace at 8 rows, the same at one; the packed copy is as large as the int8 table.
-- ``"int4"``: an int4 copy of the table (half the int8 one's size) through PyTorch's fused
-  int4 kernel: ~1.8x quicker than the int8 kernel at one row and ~1.5x at eight.
+- ``"int4"`` (the fast path's): an int4 copy of the table (half the int8 one's size)
+  through PyTorch's fused int4 kernel: ~1.8x quicker than the int8 kernel at one row and
+  ~1.5x at eight.
+- ``"int8-dynamic"``: the int8 table packed for FBGEMM's integer matmul, each row's
+  activations quantized to 8 bits on the fly (7 on a CPU without VNNI, whose 16-bit pair
+  sums would saturate), scaled by the row's own largest value, so that a row's logits do not
+  depend on the other rows of the batch (integer sums are exact). A decode step of 8 rows
+  of Gemma 3 270M measured 16 % quicker than with the int4 screen, one row 8 % slower (it
+  reads twice the bytes); the packed copy is as large as the int8 table.
 """
 
 from __future__ import annotations

@@ -108,6 +108,28 @@ def test_an_int8_dynamic_screen_keeps_the_choice_and_is_exactly_batch_invariant(
     assert screened.packed_bytes >= screened.weight_int8.numel()
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="PyTorch built without FBGEMM")
+def test_engine_with_the_int8_dynamic_screen_decodes_the_same_alone_and_batched(
+    tiny_model_path,
+):
+    from server.config import Settings
+    from server.engine.factory import build_engine
+
+    engine = build_engine(
+        Settings(base_model=str(tiny_model_path), quantization="nf4", lm_head="int8-dynamic")
+    )
+    head = engine.runner.model.lm_head
+    assert isinstance(head, Int8LMHead) and head.screen_kind == "int8-dynamic"
+    assert "FBGEMM" in engine.info.weights_format["output_layer"]
+    asyncio.run(engine.start())
+    try:
+        prompts = ["Hello world, this is", "One base", "The quick brown fox jumps"]
+        alone, together = greedy_alone_and_batched(engine, prompts)
+        assert together == alone
+    finally:
+        asyncio.run(engine.shutdown())
+
+
 def test_an_unknown_screen_is_refused():
     with pytest.raises(ValueError, match="screen"):
         Int8LMHead(torch.randn(64, 64), screen="int2")
