@@ -14,6 +14,7 @@ right after it, so a row's cache column is its position, as in PEFT.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -41,7 +42,9 @@ class FastModelRunner:
 
     @property
     def device(self) -> torch.device:
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+        # the first tensor found, lazily: building the lists of every parameter and buffer
+        # cost a few milliseconds, once per decode step
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
             return tensor.device
         return torch.device("cpu")
 
