@@ -2,16 +2,18 @@
 
     python loadtests/bench_quality.py [--tokens 32]
 
-Three variants of the bundled Gemma 3 270M (the float32 checkpoint is the reference; it
-was itself converted from the Q4_K_M GGUF, so "float32" means that file's values):
+Variants of the bundled Gemma 3 270M (the float32 checkpoint is the reference; it was
+itself converted from the Q4_K_M GGUF, so "float32" means that file's values), chosen with
+``--variants``:
 - nf4:  bitsandbytes NF4 (SWAPSERVE_FAST_PATH=off, and QLoRA training);
 - int4: linear layers re-quantized to int4 (group 32) for PyTorch's int4 kernel, output
-        layer and embedding in one int8 table;
-- int8-dynamic: the CPU fast path: int4 as above, the output layer's logits screened by
-        FBGEMM's int8 matmul (activations quantized per row) and each row's 64 leading ones
-        from the int8 rows in float32;
-- int4-screen: the same with an int4 copy of the table (group 64) as the screen;
-- int4 from nf4: the same kernel format re-packed from NF4 instead of from the checkpoint
+        layer and embedding in one int8 table (SWAPSERVE_LM_HEAD=int8);
+- int4-screen: the CPU fast path: int4 as above, the output layer's logits screened by an
+        int4 copy of the table (group 64) and each row's 64 leading ones from the int8
+        rows in float32;
+- int8-dynamic: the same with FBGEMM's int8 matmul as the screen (activations quantized
+        per row; SWAPSERVE_LM_HEAD=int8-dynamic);
+- int4-from-nf4: the int4 kernel format re-packed from NF4 instead of from the checkpoint
         (what a re-pack of loaded NF4 weights would give; shown for the choice made).
 Printed per variant:
 - greedy agreement: of the float32 model's greedy tokens on fixed prompts, the share the
