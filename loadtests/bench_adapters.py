@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -165,6 +167,7 @@ def main() -> None:
     base_path = resolve_base_model(BENCH_BASE)
     shapes = linear_shapes_from_config(json.loads((base_path / "config.json").read_text()))
     work = Path(tempfile.mkdtemp(prefix="swapserve-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # its adapters: ~2 GB on Gemma
     paths = [
         random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i, base_name=base_path.name)
         for i in range(args.max_registered + 1)

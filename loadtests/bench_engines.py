@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,6 +238,7 @@ def main() -> None:
     config = json.loads((model / "config.json").read_text())
     shapes = linear_shapes_from_config(config.get("text_config", config))
     work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    atexit.register(shutil.rmtree, work, True)
     paths = [
         random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i, base_name=base_name)
         for i in range(args.streams)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -182,6 +184,7 @@ def main() -> None:
     base_path = resolve_base_model(BENCH_BASE)
     shapes = linear_shapes_from_config(json.loads((base_path / "config.json").read_text()))
     work = Path(tempfile.mkdtemp(prefix="swapserve-bench-"))
+    atexit.register(shutil.rmtree, work, True)
     env = {
         "SWAPSERVE_DATA_DIR": str(work / "data"),
         "SWAPSERVE_MAX_LORAS": str(n),

@@ -21,7 +21,9 @@ Timings move with the machine's load: compare the parts and ratios of one run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -166,6 +168,7 @@ def main() -> None:
         config = json.loads((engine.loaded.path / "config.json").read_text())
         shapes = linear_shapes_from_config(config)
         work = Path(tempfile.mkdtemp(prefix="swapserve-profile-"))
+        atexit.register(shutil.rmtree, work, True)
         adapters = []
         for i in range(args.adapters):
             path = random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i)
