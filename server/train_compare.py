@@ -234,19 +234,18 @@ class CompareService:
         targets = ["__base__"] + [
             record["names"][m] for m, j in jobs.items() if j.get("registered")
         ]
-        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
-        for _ in range(table.SERVE_ROUNDS):  # in turns, so that drift moves every target alike
-            for target in targets:
-                model = self.base_model_name if target == "__base__" else target
-                if self.measure is None:
-                    runs[target].append({"tok_s": None, "error": "the server is not serving yet"})
-                    continue
-                try:
-                    runs[target].append(await self.measure(model))
-                except Exception as exc:  # one adapter failing to serve must not lose the rest
-                    logger.exception("comparison %s: measuring %s failed", cmp_id, model)
-                    runs[target].append({"tok_s": None, "error": f"not served: {exc}"})
-        serving.update({t: table.median_run(r) for t, r in runs.items()})
+
+        async def measure(target: str, _round: int) -> dict[str, Any]:
+            model = self.base_model_name if target == "__base__" else target
+            if self.measure is None:
+                return {"tok_s": None, "error": "the server is not serving yet"}
+            try:
+                return await self.measure(model)
+            except Exception as exc:  # one adapter failing to serve must not lose the rest
+                logger.exception("comparison %s: measuring %s failed", cmp_id, model)
+                return {"tok_s": None, "error": f"not served: {exc}"}
+
+        serving.update(await table.measure_in_rounds(targets, measure))
         for m, j in jobs.items():
             name = record["names"][m]
             if name not in serving and j.get("state") == "succeeded":

@@ -26,6 +26,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,18 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ordered[len(ordered) // 2], "runs_tok_s": [r["tok_s"] for r in runs]}
 
 
+async def measure_in_rounds(
+    targets: list[str], measure: Callable[[str, int], Awaitable[dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """``measure(target, round)`` for every target, SERVE_ROUNDS times in turns (so that the
+    machine's drift moves every target alike); per target, its median run (median_run)."""
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    for round_ in range(SERVE_ROUNDS):
+        for target in targets:
+            runs[target].append(await measure(target, round_))
+    return {t: median_run(r) for t, r in runs.items()}
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -544,18 +557,18 @@ def compare_locally(
         manager.close()
     serving: dict[str, Any] = {}
     if server:
+        base = _served_base(server, api_key)
+
+        async def measure(target: str, round_: int) -> dict[str, Any]:
+            model = base if target == "__base__" else target
+            print(
+                f"serving {STREAMS} streams on {model} (round {round_ + 1} of {SERVE_ROUNDS}) ...",
+                file=sys.stderr,
+            )
+            return await serving_throughput(server, model, api_key=api_key)
+
         targets = ["__base__", *(names[m] for m in configs if records[m].get("registered"))]
-        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
-        for round_ in range(SERVE_ROUNDS):  # in turns, so that drift moves every target alike
-            for target in targets:
-                model = target if target != "__base__" else _served_base(server, api_key)
-                print(
-                    f"serving {STREAMS} streams on {model} (round {round_ + 1} of "
-                    f"{SERVE_ROUNDS}) ...",
-                    file=sys.stderr,
-                )
-                runs[target].append(asyncio.run(serving_throughput(server, model, api_key=api_key)))
-        serving = {t: median_run(r) for t, r in runs.items()}
+        serving = asyncio.run(measure_in_rounds(targets, measure))
     else:
         serving = {n: {"tok_s": None, "error": "no --server to measure on"} for n in names.values()}
     first = next(iter(configs.values()))
