@@ -22,7 +22,7 @@ from server.engine.int4 import repack_linear_layers
 from server.engine.kinds import kind_for
 from server.engine.kinds.base import CONFIG_FILE, AdapterError, BaseModelShape, config_dims
 from server.engine.kinds.lora import base_weight
-from server.engine.lm_head import table_is_most_of_the_model, use_int8_lm_head
+from server.engine.lm_head import SCREENS, table_is_most_of_the_model, use_int8_lm_head
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from server.engine.token_bytes import token_bytes_table
@@ -95,15 +95,14 @@ def _weights_format(model: Any) -> dict[str, str]:
     out = _dtype_of(head)
     if isinstance(head, Int8LMHead):
         out = "int8, one scale per row"
-        if head.screen_kind == "int8-dynamic":
-            out = (
-                "int8, one scale per row; logits screened by FBGEMM's int8 matmul (activations "
-                f"quantized per row), each row's leading {REFINE_TOP_K} in float32"
-            )
-        elif head.screen_kind == "int4":
-            out = (
-                f"int8, one scale per row; logits screened by an int4 copy (group size "
-                f"{head.screen_group_size}), each row's leading {REFINE_TOP_K} in float32"
+        screens = {
+            "int8-dynamic": "FBGEMM's int8 matmul (activations quantized per row)",
+            "int4": f"an int4 copy (group size {head.screen_group_size})",
+        }
+        if head.screen_kind in screens:
+            out += (
+                f"; logits screened by {screens[head.screen_kind]}, each row's leading "
+                f"{REFINE_TOP_K} in float32"
             )
     emb = "shares the int8 output table" if isinstance(embedding, Int8Embedding) else None
     return {
@@ -192,7 +191,7 @@ class HFEngine:
         if int4_weights:
             repack_linear_layers(model)
             quantization = "int4"
-        screen = lm_head if lm_head in ("int4", "int8-dynamic") else None
+        screen = lm_head if lm_head in SCREENS else None
         if lm_head and use_int8_lm_head(model, share_embedding=share, screen=screen):
             logger.info("output layer in %s (SWAPSERVE_LM_HEAD=native keeps it as loaded)", lm_head)
         if int4_weights or lm_head:
