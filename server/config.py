@@ -37,8 +37,10 @@ class Settings(BaseSettings):
         "or int8-dynamic (the int8 table, the logits screened by an int4 copy or by FBGEMM's "
         "int8 matmul, each row's leading ones recomputed from the int8 rows: int8-dynamic is "
         "quicker from a few rows up and holds a second 8-bit copy); or as loaded. auto = "
-        "int4 on the CPU fast path (the int8 table then also serves a tied input embedding), "
-        "int8 with nf4 on a CPU where bfloat16 matmuls are not native, else as loaded.",
+        "on the CPU fast path the int4 screen, and beside it int8-dynamic for forwards of 4 "
+        "rows or more where FBGEMM and VNNI are there (the int8 table then also serves a "
+        "tied input embedding); int8 with nf4 on a CPU where bfloat16 matmuls are not "
+        "native; else as loaded.",
     )
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -18,6 +18,7 @@ def build_engine(settings: Settings) -> Engine:
         return build_vllm_engine(settings)
     from server.engine.hf import HFEngine
     from server.engine.int4 import int4_kernel_available
+    from server.engine.lm_head import auto_screen
     from trainer.base_model import load_base_model, native_bf16, pick_device
 
     device = pick_device(settings.device)
@@ -37,8 +38,8 @@ def build_engine(settings: Settings) -> Engine:
     )
     lm_head: str | None = None if settings.lm_head in ("auto", "native") else settings.lm_head
     if settings.lm_head == "auto" and settings.quantization == "nf4" and loaded.device == "cpu":
-        if int4:  # the quicker screen at one row, and half the int8-dynamic one's bytes
-            lm_head = "int4"
+        if int4:
+            lm_head = auto_screen()
         elif not native_bf16("cpu"):
             lm_head = "int8"
     return HFEngine(

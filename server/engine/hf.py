@@ -78,7 +78,12 @@ def use_fast_path(setting: str, model: Any, device: str) -> bool:
 def _weights_format(model: Any) -> dict[str, str]:
     """What each kind of weight is held as, for /ready."""
     from server.engine.int4 import Int4Linear
-    from server.engine.lm_head import REFINE_TOP_K, Int8Embedding, Int8LMHead
+    from server.engine.lm_head import (
+        DYNAMIC_FROM_ROWS,
+        REFINE_TOP_K,
+        Int8Embedding,
+        Int8LMHead,
+    )
 
     linear = "as loaded"
     groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
@@ -95,9 +100,12 @@ def _weights_format(model: Any) -> dict[str, str]:
     out = _dtype_of(head)
     if isinstance(head, Int8LMHead):
         out = "int8, one scale per row"
+        dynamic = "FBGEMM's int8 matmul (activations quantized per row)"
+        int4 = f"an int4 copy (group size {head.screen_group_size})"
         screens = {
-            "int8-dynamic": "FBGEMM's int8 matmul (activations quantized per row)",
-            "int4": f"an int4 copy (group size {head.screen_group_size})",
+            "int8-dynamic": dynamic,
+            "int4": int4,
+            "int4+int8-dynamic": f"{int4} below {DYNAMIC_FROM_ROWS} rows, {dynamic} from there",
         }
         if head.screen_kind in screens:
             out += (

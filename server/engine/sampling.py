@@ -14,6 +14,7 @@ import torch
 
 from server.engine.base import SamplingParams
 from server.engine.grammar import RowGrammar, apply_bitmask, new_bitmask
+from server.engine.topk import argmax_rows
 
 # Temperatures below this decode greedily (vLLM does the same): dividing logits by a
 # temperature such as 1e-300 overflows to inf, and softmax of inf is NaN.
@@ -116,7 +117,7 @@ class RowSampler:
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.greedy:
-            return int(torch.argmax(logits))
+            return int(argmax_rows(logits.reshape(1, -1)))
         logits = logits / self.params.temperature
         probs = torch.softmax(logits, dim=-1)
         if not bool(torch.isfinite(probs).all()):
@@ -142,7 +143,9 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     plain = [i for i, s in enumerate(samplers) if s.plain]
     out: list[int] = [0] * len(samplers)
     if plain:
-        best = torch.argmax(logits[plain], dim=-1).tolist()
+        # every row plain (the usual case): no copy of the rows
+        rows = logits if len(plain) == len(samplers) else logits[plain]
+        best = argmax_rows(rows.contiguous()).tolist()
         for row, token in zip(plain, best, strict=True):
             out[row] = int(token)
     done = set(plain)

@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.lm_head import Int8LMHead, fbgemm_available, use_int8_lm_head
+from server.engine.lm_head import (
+    DYNAMIC_FROM_ROWS,
+    Int8LMHead,
+    fbgemm_available,
+    use_int8_lm_head,
+)
 from tests.support import greedy_alone_and_batched
 
 
@@ -106,6 +111,47 @@ def test_an_int8_dynamic_screen_keeps_the_choice_and_is_exactly_batch_invariant(
     assert torch.equal(alone, out)
     # the packed table is counted in the resident size
     assert screened.packed_bytes >= screened.weight_int8.numel()
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="PyTorch built without FBGEMM")
+def test_both_screens_held_each_forward_takes_the_one_for_its_row_count():
+    """int4+int8-dynamic: fewer than DYNAMIC_FROM_ROWS rows are screened as by the int4
+    head, more as by the int8-dynamic head, bit for bit; the leaders are the int8 weights'
+    either way, and both copies are counted in the resident size."""
+    torch.manual_seed(4)
+    weight = torch.randn(4096, 128)
+    both = Int8LMHead(weight, screen="int4+int8-dynamic")
+    int4 = Int8LMHead(weight, screen="int4")
+    dynamic = Int8LMHead(weight, screen="int8-dynamic")
+    assert both.screen_kind == "int4+int8-dynamic"
+    assert both.screen is not None and both.packed is not None
+    assert both.packed_bytes == dynamic.packed_bytes
+    x = torch.randn(DYNAMIC_FROM_ROWS + 2, 128) * 3
+    few, many = x[: DYNAMIC_FROM_ROWS - 1], x
+    assert torch.equal(both(few), int4(few)) and not torch.equal(both(few), dynamic(few))
+    assert torch.equal(both(many), dynamic(many)) and not torch.equal(both(many), int4(many))
+    deq = both.weight_int8.float() * both.scale_f32[:, None]
+    for rows in (few, many):
+        want = rows @ deq.t()
+        out = both(rows)
+        assert torch.equal(out.argmax(-1), want.argmax(-1))
+        lead = want.topk(16, dim=-1)
+        torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
+
+
+def test_the_fast_path_holds_both_screens_where_vnni_makes_the_integer_one_quicker(
+    monkeypatch,
+):
+    from server.engine import lm_head
+
+    monkeypatch.setattr(lm_head, "fbgemm_available", lambda: True)
+    monkeypatch.setattr(lm_head, "cpu_has_vnni", lambda: True)
+    assert lm_head.auto_screen() == "int4+int8-dynamic"
+    monkeypatch.setattr(lm_head, "cpu_has_vnni", lambda: False)  # 7-bit, not measured
+    assert lm_head.auto_screen() == "int4"
+    monkeypatch.setattr(lm_head, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(lm_head, "fbgemm_available", lambda: False)
+    assert lm_head.auto_screen() == "int4"
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="PyTorch built without FBGEMM")
