@@ -1,7 +1,7 @@
 """Where a decode step of the hf engine spends its time, by part of the model and by operator.
 
     python loadtests/profile_decode.py [--batch 1 8] [--steps 10] [--adapters 0]
-                                       [--fast-path auto|off] [--threads N]
+                                       [--fast-path auto|off] [--threads N] [--compile]
 
 Builds the engine exactly as the server does (same settings, SWAPSERVE_* honoured),
 prefills one prompt per row, then runs decode steps under torch's profiler. Printed per
@@ -149,6 +149,12 @@ def main() -> None:
     parser.add_argument("--fast-path", choices=["auto", "on", "off"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the fast path's decoder under torch.compile (the compile time is printed; "
+        "each new batch size compiles again)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -179,8 +185,15 @@ def main() -> None:
         f"{info.model_id}, {info.quantization}, runner {info.runner}, "
         f"{torch.get_num_threads()} threads; weights: {info.weights_format}"
     )
+    if args.compile:
+        decoder = engine.runner.decoder  # the fast path's (FastDecoder)
+        decoder.forward = torch.compile(decoder.forward)
     results = []
     for batch_size in args.batch:
+        if args.compile:  # compiled (or compiled again) for this batch size before timing
+            start = time.perf_counter()
+            profile(engine, batch_size, 1, adapters)
+            print(f"\nbatch {batch_size}: compiled in {time.perf_counter() - start:.0f} s")
         r = profile(engine, batch_size, args.steps, adapters)
         results.append(r)
         print(
