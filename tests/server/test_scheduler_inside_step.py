@@ -16,7 +16,7 @@ from server.engine.fast_runner import FastModelRunner
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from tests.support import load_causal_lm, read_adapter
-from tests.tiny_model import build_lora_adapter, build_tiny_model
+from tests.tiny_model import build_lora_adapter, build_peft_adapter, build_tiny_model
 
 LONG = [2, 40, 41, 42, 43, 44, 45]  # the stream that is decoding
 SHORT = [2, 60, 61, 62]  # the newcomer: one chunk
@@ -27,11 +27,27 @@ ARRIVES_AT_STEP = 3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """Two LoRA adapters, a prompt-tuning one (5 virtual tokens in front of the prompt)
+    and a prefix-tuning one (6 cache columns in front of it)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
     root = tmp_path_factory.mktemp("inside-step")
     model_path = build_tiny_model(root / "model")
     adapters = {
         "a": build_lora_adapter(model_path, root / "a", r=4, seed=1),
         "b": build_lora_adapter(model_path, root / "b", r=4, seed=2),
+        "prompt": build_peft_adapter(
+            model_path,
+            root / "prompt",
+            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+            seed=3,
+        ),
+        "prefix": build_peft_adapter(
+            model_path,
+            root / "prefix",
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+            seed=4,
+        ),
     }
     return model_path, adapters
 
@@ -110,7 +126,7 @@ def sequences(prompt, adapter, max_tokens, name, events, outputs):
     return new_sequences(request, emit, default_timeout_s=60)
 
 
-def serve(runner_class, setup, requests, *, newcomer=None):
+def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK):
     """Run the long request (and the newcomer, submitted inside step ARRIVES_AT_STEP) on a
     fresh scheduler; returns (tokens by name, events, runner)."""
     model_path, adapter_paths = setup
@@ -124,7 +140,7 @@ def serve(runner_class, setup, requests, *, newcomer=None):
         [],
         max_model_len=128,
         max_num_seqs=4,
-        prefill_chunk_tokens=CHUNK,
+        prefill_chunk_tokens=chunk,
     )
     runner.scheduler = scheduler
     outputs: dict[str, list[int]] = {}
@@ -169,6 +185,22 @@ def test_newcomer_gets_its_first_token_inside_the_step_and_both_decode_as_alone(
     if long_adapter != BASE_ADAPTER:
         plain = serve(FastModelRunner, setup, [(LONG, BASE_ADAPTER, 10, "long")])[0]["long"]
         assert plain != alone_long
+
+
+@pytest.mark.parametrize("adapters", [("prompt", "prefix"), ("prefix", "prompt")])
+def test_virtual_tokens_and_kv_prefixes_inside_the_step(setup, adapters):
+    """A prompt-tuning row's placeholders and a prefix-tuning row's cache columns go
+    through the same prefill inside the step (9 input columns: one chunk of 16)."""
+    long_adapter, short_adapter = adapters
+    long = (LONG, long_adapter, 8, "long")
+    short = (SHORT, short_adapter, 6, "short")
+    alone_long = serve(FastModelRunner, setup, [long], chunk=16)[0]["long"]
+    alone_short = serve(FastModelRunner, setup, [short], chunk=16)[0]["short"]
+    outputs, log, _ = serve(FastModelRunner, setup, [long], newcomer=short, chunk=16)
+    assert first_token_before_step_end(log, "short", ARRIVES_AT_STEP)
+    assert outputs == {"long": alone_long, "short": alone_short}
+    plain = serve(FastModelRunner, setup, [(SHORT, BASE_ADAPTER, 6, "short")])[0]["short"]
+    assert plain != alone_short
 
 
 def test_newcomer_done_at_its_first_token_leaves_at_the_join(setup):
