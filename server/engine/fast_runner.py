@@ -138,7 +138,9 @@ class FastModelRunner:
         """One decode step. ``between_layers`` runs after each layer and returns True when
         it ran a forward of its own (a newcomer's prefill, on its own cache): that forward
         planned the adapters for its rows, so this step's rows are planned again before
-        the next layer."""
+        the next layer. It runs outside inference mode, as it would between steps: the
+        newcomer's cache outlives this step and is changed in place later (merge, select),
+        which an inference tensor refuses outside inference mode."""
         device = self.device
         batch.ensure_step()
         positions = batch.positions(device)  # (batch, 1)
@@ -148,7 +150,9 @@ class FastModelRunner:
             callback = between_layers
 
             def hook() -> None:
-                if callback():
+                with torch.inference_mode(False):
+                    ran = callback()
+                if ran:
                     self.adapters.set_rows(adapters, None)
 
         logits = self._forward(adapters, None, input_ids, positions, batch, between_layers=hook)

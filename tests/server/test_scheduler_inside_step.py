@@ -126,9 +126,10 @@ def sequences(prompt, adapter, max_tokens, name, events, outputs):
     return new_sequences(request, emit, default_timeout_s=60)
 
 
-def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK):
-    """Run the long request (and the newcomer, submitted inside step ARRIVES_AT_STEP) on a
-    fresh scheduler; returns (tokens by name, events, runner)."""
+def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK, also=()):
+    """Run the long request (and the newcomer with those in ``also``, submitted together
+    inside step ARRIVES_AT_STEP) on a fresh scheduler; returns (tokens by name, events,
+    runner)."""
     model_path, adapter_paths = setup
     events = Events()
     runner = recording(runner_class, events)(load_causal_lm(model_path), pad_token_id=0)
@@ -144,9 +145,9 @@ def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK):
     )
     runner.scheduler = scheduler
     outputs: dict[str, list[int]] = {}
-    names = [r[3] for r in requests] + ([newcomer[3]] if newcomer else [])
-    if newcomer is not None:
-        runner.pending = sequences(*newcomer, events, outputs)
+    arriving = ([newcomer] if newcomer else []) + list(also)
+    names = [r[3] for r in requests + arriving]
+    runner.pending = [seq for r in arriving for seq in sequences(*r, events, outputs)]
     scheduler.start()
     try:
         for prompt, adapter, max_tokens, name in requests:
@@ -212,6 +213,27 @@ def test_newcomer_done_at_its_first_token_leaves_at_the_join(setup):
     assert outputs["short"] == alone_short and len(alone_short) == 1
     assert outputs["long"] == serve(FastModelRunner, setup, [long])[0]["long"]
     assert runner.scheduler.stats.requests_finished == 2
+
+
+def test_newcomers_join_a_batch_emptied_by_the_step(setup):
+    """The long stream ends in the very step inside which two newcomers are prefilled: the
+    newcomers' own cache becomes the batch, and one of them leaves it at once (max_tokens
+    1), so the batch's rows move in place after the step, outside inference mode."""
+    long = (LONG, "a", 5, "long")  # its 5th token comes from step 3
+    first = (SHORT, "b", 1, "first")
+    second = ([2, 63, 64], BASE_ADAPTER, 6, "second")
+    alone = {
+        name: serve(FastModelRunner, setup, [r])[0][name]
+        for r, name in ((long, "long"), (first, "first"), (second, "second"))
+    }
+    outputs, log, runner = serve(FastModelRunner, setup, [long], newcomer=first, also=[second])
+    # the long stream's last token is sampled from step 3's logits, before step 4 runs
+    ended = log.index(("finished", "long"))
+    assert log.index(("step end", str(ARRIVES_AT_STEP))) < ended
+    assert ended < log.index(("step end", str(ARRIVES_AT_STEP + 1)))
+    assert first_token_before_step_end(log, "second", ARRIVES_AT_STEP)
+    assert outputs == alone
+    assert runner.scheduler.stats.requests_finished == 3
 
 
 def test_a_prompt_longer_than_one_chunk_waits_for_the_step(setup):
