@@ -341,9 +341,13 @@ class Scheduler:
         seqs = self._running
         tokens_in = [s.generated[-1] for s in seqs]
         adapters = [s.adapter_row for s in seqs]
-        if self.runner.preempts_decode:  # the fast runner's decode takes the callback
-            logits = cast("FastModelRunner", self.runner).decode(
-                self._batch, tokens_in, adapters, between_layers=self._prefill_inside_step
+        if self.runner.preempts_decode:  # the fast runner, over a StaticKV: takes the callback
+            fast = cast("FastModelRunner", self.runner)
+            logits = fast.decode(
+                cast(StaticKV, self._batch),
+                tokens_in,
+                adapters,
+                between_layers=self._prefill_inside_step,
             )
         else:
             logits = self.runner.decode(self._batch, tokens_in, adapters)
