@@ -22,6 +22,7 @@ not otherwise); anything else runs on the reference path (server/engine/runner.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,12 +166,17 @@ class FastDecoder:
         cache: StaticKV,
         *,
         keep: torch.Tensor | None = None,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run ``input_ids`` (n, T) at ``positions`` (n, T) for cache rows 0..n-1.
 
         Writes their keys and values at those positions, attends over each row's cache
         up to its own position, and returns logits (n, len(keep), vocab) for the columns
         in ``keep`` (all columns when None). A row's cache column is its position.
+
+        ``between_layers``, in a decode forward (T == 1), is called after each layer: a
+        newcomer's prefill may run there rather than wait for the whole step. This
+        forward keeps nothing but its own tensors across the call.
         """
         model = self.model
         n, t = input_ids.shape
@@ -238,6 +244,8 @@ class FastDecoder:
             else:
                 h = residual + out
                 h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            if decode and between_layers is not None:
+                between_layers()
         h = self._norm(model.model.norm, h)
         if keep is not None:
             h = h[:, keep]

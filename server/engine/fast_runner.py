@@ -15,6 +15,7 @@ right after it, so a row's cache column is its position, as in PEFT.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,6 @@ import torch
 from server.engine.decoder import FastDecoder
 from server.engine.multi_adapter import MultiAdapter, adapter_dtype, compute_dtype
 from server.engine.runner import (
-    PROMPT_LOGPROB_POSITIONS,
     ModelRunner,
     PrefillGroup,
     take_chunk_logits,
@@ -32,6 +32,8 @@ from server.engine.static_kv import StaticKV
 
 class FastModelRunner:
     kind = "fast"
+    # decode() takes a between-layers callback (the scheduler prefills newcomers there)
+    preempts_decode = True
 
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model
@@ -80,11 +82,14 @@ class FastModelRunner:
         positions: torch.Tensor,
         cache: StaticKV,
         keep: torch.Tensor | None = None,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         self.adapters.set_rows(adapters, input_start)
         try:
             with torch.inference_mode():
-                return self.decoder.forward(input_ids, positions, cache, keep=keep)
+                return self.decoder.forward(
+                    input_ids, positions, cache, keep=keep, between_layers=between_layers
+                )
         finally:
             self.adapters.clear_rows()
 
@@ -92,10 +97,7 @@ class FastModelRunner:
         device = self.device
         if group.done == 0 and group.width:
             self._write_prefixes(group)
-        start = group.done
-        if group.wants_prompt_logprobs:
-            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(group.prompts)))
-        end = min(group.total, start + chunk_tokens)
+        start, end = group.done, group.chunk_end(chunk_tokens)
         rows = []
         for prompt in group.prompts:
             piece = prompt[start:end]
@@ -126,11 +128,33 @@ class FastModelRunner:
         logits = torch.stack([group.last_logits[i] for i in range(len(group.prompts))])
         return cache, logits  # logits: (batch, vocab)
 
-    def decode(self, batch: StaticKV, tokens: list[int], adapters: list[str]) -> torch.Tensor:
+    def decode(
+        self,
+        batch: StaticKV,
+        tokens: list[int],
+        adapters: list[str],
+        between_layers: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """One decode step. ``between_layers`` runs after each layer and returns True when
+        it ran a forward of its own (a newcomer's prefill, on its own cache): that forward
+        planned the adapters for its rows, so this step's rows are planned again before
+        the next layer. It runs outside inference mode, as it would between steps: the
+        newcomer's cache outlives this step and is changed in place later (merge, select),
+        which an inference tensor refuses outside inference mode."""
         device = self.device
         batch.ensure_step()
         positions = batch.positions(device)  # (batch, 1)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
-        logits = self._forward(adapters, None, input_ids, positions, batch)
+        hook: Callable[[], None] | None = None
+        if between_layers is not None:
+            callback = between_layers
+
+            def hook() -> None:
+                with torch.inference_mode(False):
+                    ran = callback()
+                if ran:
+                    self.adapters.set_rows(adapters, None)
+
+        logits = self._forward(adapters, None, input_ids, positions, batch, between_layers=hook)
         batch.advance()
         return logits[:, -1, :].float()  # (batch, vocab)

@@ -66,6 +66,13 @@ class PrefillGroup:
         """Cache columns before the first input column: room for the longest prefix."""
         return max(self.prefix, default=0)
 
+    def chunk_end(self, chunk_tokens: int) -> int:
+        """Where the next chunk of at most ``chunk_tokens`` columns ends. With prompt
+        logprobs a chunk keeps logits for every position: fewer columns then."""
+        if self.wants_prompt_logprobs:
+            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(self.prompts)))
+        return min(self.total, self.done + chunk_tokens)
+
 
 # With prompt logprobs a chunk keeps logits for every position of every row: at most this
 # many (rows x columns), about 1 MB each for a 262k-token vocabulary.
@@ -76,6 +83,8 @@ class ModelRunner:
     """The reference path: the model's own forward over a growing cache."""
 
     kind = "reference"
+    # decode() is the model's own forward, with no place between layers for other work
+    preempts_decode = False
 
     def __init__(self, model: Any, pad_token_id: int):
         self.model = model  # a transformers model; LoRA layers are wrapped into it
@@ -129,10 +138,7 @@ class ModelRunner:
             self._write_prefixes(group)
         lengths = torch.tensor(group.lengths, device=device)
         prefix = torch.tensor(group.prefix or [0] * len(group.prompts), device=device)
-        start = group.done
-        if group.wants_prompt_logprobs:
-            chunk_tokens = max(1, min(chunk_tokens, PROMPT_LOGPROB_POSITIONS // len(group.prompts)))
-        end = min(group.total, start + chunk_tokens)
+        start, end = group.done, group.chunk_end(chunk_tokens)
         rows = []
         for prompt in group.prompts:
             piece = prompt[start:end]

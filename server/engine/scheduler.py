@@ -8,6 +8,12 @@ The main loop (`Scheduler._loop`) runs in one thread and owns the model: each tu
      for more than one chunk; a finished group joins the decode batch,
   5. runs ONE decode forward over every running row, each row with its own adapter,
   6. samples, detokenises, checks stop conditions and hands outputs back to their callers.
+
+A newcomer need not wait for the decode step under way: on a runner that allows it
+(``preempts_decode``), the step calls back between its layers, and a group whose whole
+prompt fits in one chunk is admitted and prefilled there, its first tokens sent at once
+(``_prefill_inside_step``). It joins the batch after the step's own sampling, since the
+step is using the batch's cache rows and the running list.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from server.engine.base import (
     EngineShutdownError,
@@ -74,6 +80,16 @@ class Sequence:
 
 
 @dataclass
+class Prefilled:
+    """A group whose prefill is done and whose first tokens are sent, before it joins the
+    decode batch: ``done`` holds the rows that finished at their first token."""
+
+    batch: KVBatch | StaticKV
+    seqs: list[Sequence]
+    done: set[int]
+
+
+@dataclass
 class SchedulerStats:
     waiting: int = 0
     running: int = 0
@@ -115,6 +131,8 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._prefill: tuple[PrefillGroup, list[Sequence]] | None = None
+        # prefilled inside a decode step; joins the batch once that step has sampled
+        self._prefilled: Prefilled | None = None
         self._batch: KVBatch | StaticKV | None = None
         self._running: list[Sequence] = []
         self._stopping = False
@@ -164,6 +182,8 @@ class Scheduler:
 
     def _free_rows(self) -> int:
         prefilling = len(self._prefill[1]) if self._prefill else 0
+        if self._prefilled is not None:
+            prefilling += len(self._prefilled.seqs)
         return max(0, self.max_num_seqs - len(self._running) - prefilling)
 
     def _has_work(self) -> bool:
@@ -202,13 +222,16 @@ class Scheduler:
         self.stats.running = len(self._running)
         self.stats.prefilling = len(self._prefill[1]) if self._prefill else 0
 
-    def _reap(self) -> None:
-        now = time.monotonic()
+    def _reap_waiting(self, now: float) -> None:
         with self._cv:
             for seq in list(self._waiting):
                 if seq.cancelled or now > seq.deadline:
                     self._waiting.remove(seq)
                     self._end_early(seq, now)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        self._reap_waiting(now)
         if self._prefill is not None and all(
             s.cancelled or now > s.deadline for s in self._prefill[1]
         ):
@@ -255,11 +278,17 @@ class Scheduler:
         self._prefill = (group, seqs)
 
     def _step_prefill(self) -> None:
+        prefilled = self._prefill_chunk()
+        if prefilled is not None:
+            self._join(prefilled)
+
+    def _prefill_chunk(self) -> Prefilled | None:
+        """One chunk of the group in progress; when that finishes it, its first tokens."""
         assert self._prefill is not None
         group, seqs = self._prefill
         self.runner.prefill_chunk(group, self.prefill_chunk_tokens)
         if not group.finished:
-            return
+            return None
         self._prefill = None
         batch, logits = self.runner.finish_prefill(group)
         for i, seq in enumerate(seqs):
@@ -270,26 +299,58 @@ class Scheduler:
                 seq.prompt_logprobs = [first, *group.prompt_lps[i][virtual:]]
         self.stats.prompt_tokens += sum(group.lengths)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
+        done = {i for i, (s, t) in enumerate(zip(seqs, tokens, strict=True)) if self._advance(s, t)}
+        return Prefilled(batch, seqs, done)
+
+    def _join(self, prefilled: Prefilled) -> None:
+        """A prefilled group joins the decode batch; rows done at their first token leave."""
         if self._batch is None:
-            self._batch = batch
+            self._batch = prefilled.batch
         else:
-            self._batch.merge(batch)
-        self._running.extend(seqs)
-        offset = len(self._running) - len(seqs)
-        done = {
-            offset + i
-            for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
-            if self._advance(s, t)
-        }
-        if done:
-            self._drop_rows(done)
+            self._batch.merge(prefilled.batch)
+        offset = len(self._running)
+        self._running.extend(prefilled.seqs)
+        if prefilled.done:
+            self._drop_rows({offset + i for i in prefilled.done})
+
+    def _prefill_inside_step(self) -> bool:
+        """Called between two layers of a decode step: prefill newcomers now, when their
+        whole group fits in one chunk, rather than after the step. True when it ran a
+        forward (the runner then plans its own rows again).
+
+        Control calls never run here (they change the model); the step's batch and
+        running list are not touched (the group waits in ``_prefilled`` to join). One
+        group per step: it bounds what a step can be stretched by to one chunk."""
+        if self._prefilled is not None:
+            return False
+        if self._prefill is None:
+            if not self._waiting or not self._free_rows():  # a look without the lock
+                return False
+            self._reap_waiting(time.monotonic())
+            self._admit()
+            if self._prefill is None:
+                return False
+        group, _ = self._prefill
+        if group.chunk_end(self.prefill_chunk_tokens) < group.total:
+            return False  # a longer prompt goes on chunk by chunk between steps
+        self._prefilled = self._prefill_chunk()
+        return True
 
     def _step_decode(self) -> None:
         assert self._batch is not None
         seqs = self._running
-        logits = self.runner.decode(
-            self._batch, [s.generated[-1] for s in seqs], [s.adapter_row for s in seqs]
-        )
+        tokens_in = [s.generated[-1] for s in seqs]
+        adapters = [s.adapter_row for s in seqs]
+        if self.runner.preempts_decode:  # the fast runner, over a StaticKV: takes the callback
+            fast = cast("FastModelRunner", self.runner)
+            logits = fast.decode(
+                cast(StaticKV, self._batch),
+                tokens_in,
+                adapters,
+                between_layers=self._prefill_inside_step,
+            )
+        else:
+            logits = self.runner.decode(self._batch, tokens_in, adapters)
         self.stats.steps += 1
         self.stats.last_batch_size = len(seqs)
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(seqs))
@@ -297,6 +358,9 @@ class Scheduler:
         done = {i for i, (s, t) in enumerate(zip(seqs, tokens, strict=True)) if self._advance(s, t)}
         if done:
             self._drop_rows(done)
+        if self._prefilled is not None:
+            prefilled, self._prefilled = self._prefilled, None
+            self._join(prefilled)
 
     # --- one token for one sequence ----------------------------------------------------------
 
@@ -373,12 +437,15 @@ class Scheduler:
             seqs = list(self._waiting) + list(self._running)
             if self._prefill is not None:
                 seqs += self._prefill[1]
+            if self._prefilled is not None:
+                seqs += self._prefilled.seqs
             self._waiting.clear()
             calls = list(self._calls)
             self._calls.clear()
         self._running = []
         self._batch = None
         self._prefill = None
+        self._prefilled = None
         for seq in seqs:
             if not seq.finished:
                 seq.finished = True
