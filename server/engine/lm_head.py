@@ -95,7 +95,6 @@ class Int8LMHead(nn.Module):
         self.register_buffer("scale_f32", scale.contiguous(), persistent=False)  # the refinement's
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
-        self.screen_kind: str | None = None
         self.screen_group_size: int | None = None
         self.screen: torch.Tensor | None
         self.screen_scales: torch.Tensor | None
@@ -114,7 +113,15 @@ class Int8LMHead(nn.Module):
             packed, scales = pack_int4(w, LM_HEAD_SCREEN_GROUP_SIZE, shrinks=(1.0,))
             self.screen, self.screen_scales = packed, scales
             self.screen_group_size = LM_HEAD_SCREEN_GROUP_SIZE
-            self.screen_kind = "int4+int8-dynamic" if self.packed is not None else "int4"
+
+    @property
+    def screen_kind(self) -> str | None:
+        """The screens held (one of SCREENS), or None: the int8 kernel for every logit."""
+        if self.packed is not None and self.screen is not None:
+            return "int4+int8-dynamic"
+        if self.packed is not None:
+            return "int8-dynamic"
+        return "int4" if self.screen is not None else None
 
     def _pack_fbgemm(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         with warnings.catch_warnings():  # PyTorch's quantized tensors warn of their future
@@ -130,7 +137,6 @@ class Int8LMHead(nn.Module):
         self.register_buffer("pad", pad, persistent=False)
         # the packed rows, and per row a scale, a zero point and a column offset
         self.packed_bytes = self.out_features * (self.in_features + 8 + 8 + 4)
-        self.screen_kind = "int8-dynamic"
         # 8-bit activations where VNNI sums them exactly, else 7 (no 16-bit saturation)
         self.reduce_range = not cpu_has_vnni()
 
@@ -195,8 +201,8 @@ def use_int8_lm_head(
     """Swap the model's output layer for an int8 one; False where it has none to swap.
 
     With ``share_embedding``, a tied input embedding is replaced too, by lookups into the
-    same int8 table. With ``screen`` ("int8-dynamic" or "int4"), logits are screened first
-    (see the module's docstring; a screen the CPU lacks falls back to the next)."""
+    same int8 table. With ``screen`` (one of SCREENS), logits are screened first (see the
+    module's docstring); a screen whose kernel the CPU lacks is not held."""
     head = getattr(model, "lm_head", None)
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or weight is None or head.bias is not None:
