@@ -8,9 +8,12 @@ itself converted from the Q4_K_M GGUF, so "float32" means that file's values), c
 - nf4:  bitsandbytes NF4 (SWAPSERVE_FAST_PATH=off, and QLoRA training);
 - int4: linear layers re-quantized to int4 (group 32) for PyTorch's int4 kernel, output
         layer and embedding in one int8 table (SWAPSERVE_LM_HEAD=int8);
-- int4-screen: the CPU fast path: int4 as above, the output layer's logits screened by an
-        int4 copy of the table (group 64) and each row's 64 leading ones from the int8
-        rows in float32;
+- int4-screen: int4 as above, the output layer's logits screened by an int4 copy of the
+        table (group 64) and each row's 64 leading ones from the int8 rows in float32
+        (the CPU fast path with SWAPSERVE_INT4_KERNEL=torch);
+- vnni: the same weights on the VNNI kernel (server/engine/vnni.py), each row's
+        activations rounded to 8 bits per group of inputs: the CPU fast path where
+        AVX-512 VNNI is there;
 - int8-dynamic: the same with FBGEMM's int8 matmul as the screen (activations quantized
         per row; SWAPSERVE_LM_HEAD=int8-dynamic);
 - int4-from-nf4: the int4 kernel format re-packed from NF4 instead of from the checkpoint
@@ -67,20 +70,21 @@ def _load(variant: str):
     from server.engine.int4 import repack_linear_layers
     from server.engine.lm_head import use_int8_lm_head
 
-    if variant in ("int4", "int4-screen", "int8-dynamic", "int4-bf16-embedding"):
+    if variant in ("int4", "int4-screen", "int8-dynamic", "int4-bf16-embedding", "vnni"):
         model = load_base_model(BENCH_BASE, quantization="none", device="cpu").model
     else:  # int4 from nf4
         model = load_base_model(BENCH_BASE, quantization="nf4", device="cpu").model
-    repack_linear_layers(model)
+    kernel = "vnni" if variant == "vnni" else "torch"
+    repack_linear_layers(model, kernel=kernel)
     if variant == "int4-bf16-embedding":
         import torch
 
         embedding = model.get_input_embeddings()
         embedding.weight = torch.nn.Parameter(embedding.weight.detach().to(torch.bfloat16).float())
         use_int8_lm_head(model, share_embedding=False)
-    elif variant in ("int4-screen", "int8-dynamic"):
-        screen = "int4" if variant == "int4-screen" else "int8-dynamic"
-        use_int8_lm_head(model, share_embedding=True, screen=screen)
+    elif variant in ("int4-screen", "int8-dynamic", "vnni"):
+        screen = "int8-dynamic" if variant == "int8-dynamic" else "int4"
+        use_int8_lm_head(model, share_embedding=True, screen=screen, kernel=kernel)
     else:
         use_int8_lm_head(model, share_embedding=True)
     return model
@@ -121,7 +125,15 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["float32", "nf4", "int4", "int8-dynamic", "int4-screen", "int4-from-nf4"],
+        default=[
+            "float32",
+            "nf4",
+            "int4",
+            "int8-dynamic",
+            "int4-screen",
+            "vnni",
+            "int4-from-nf4",
+        ],
     )
     args = parser.parse_args()
 

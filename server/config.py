@@ -42,6 +42,14 @@ class Settings(BaseSettings):
         "tied input embedding); int8 with nf4 on a CPU where bfloat16 matmuls are not "
         "native; else as loaded.",
     )
+    int4_kernel: Literal["auto", "vnni", "torch"] = Field(
+        "auto",
+        description="Which kernel multiplies the fast path's 4-bit weights (decoder layers "
+        "and the logits' int4 screen): vnni = activations in 8 bits, integer dot products "
+        "(server/engine/vnni.py, compiled at first use; needs AVX-512 VNNI and a C "
+        "compiler); torch = PyTorch's int4 kernel, bfloat16 activations. auto = vnni where "
+        "it runs.",
+    )
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",
         description="The hf engine's fast path on a CPU: decoder linear layers re-packed "

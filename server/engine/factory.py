@@ -19,6 +19,7 @@ def build_engine(settings: Settings) -> Engine:
     from server.engine.hf import HFEngine
     from server.engine.int4 import int4_kernel_available
     from server.engine.lm_head import auto_screen
+    from server.engine.vnni import resolve as resolve_int4_kernel
     from trainer.base_model import load_base_model, native_bf16, pick_device
 
     device = pick_device(settings.device)
@@ -36,16 +37,18 @@ def build_engine(settings: Settings) -> Engine:
         device=device,
         cache_dir=settings.cache_dir,
     )
+    kernel = resolve_int4_kernel(settings.int4_kernel) if int4 else "torch"
     lm_head: str | None = None if settings.lm_head in ("auto", "native") else settings.lm_head
     if settings.lm_head == "auto" and settings.quantization == "nf4" and loaded.device == "cpu":
         if int4:
-            lm_head = auto_screen()
+            lm_head = auto_screen(kernel)
         elif not native_bf16("cpu"):
             lm_head = "int8"
     return HFEngine(
         loaded,
         lm_head=lm_head,
         int4_weights=int4,
+        int4_kernel=kernel,
         fast_path=settings.fast_path,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,

@@ -86,9 +86,11 @@ def _weights_format(model: Any) -> dict[str, str]:
     )
 
     linear = "as loaded"
-    groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
-    if groups:
-        linear = f"int4, group size {min(groups)} (CPU int4 kernel)"
+    int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if int4_layers:
+        kernels = sorted({_KERNEL_NAMES[m.kernel] for m in int4_layers})
+        groups = min(m.group_size for m in int4_layers)
+        linear = f"int4, group size {groups} ({' and '.join(kernels)})"
     else:
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -101,7 +103,8 @@ def _weights_format(model: Any) -> dict[str, str]:
     if isinstance(head, Int8LMHead):
         out = "int8, one scale per row"
         dynamic = "FBGEMM's int8 matmul (activations quantized per row)"
-        int4 = f"an int4 copy (group size {head.screen_group_size})"
+        screen_kernel = _KERNEL_NAMES.get(head.screen_kernel or "")
+        int4 = f"an int4 copy (group size {head.screen_group_size}; {screen_kernel})"
         screens = {
             "int8-dynamic": dynamic,
             "int4": int4,
@@ -118,6 +121,12 @@ def _weights_format(model: Any) -> dict[str, str]:
         "output_layer": out,
         "embedding": emb or _dtype_of(embedding),
     }
+
+
+_KERNEL_NAMES = {
+    "torch": "CPU int4 kernel",
+    "vnni": "VNNI kernel, activations in 8 bits",
+}
 
 
 def _dtype_of(module: Any) -> str:
@@ -185,10 +194,12 @@ class HFEngine:
         request_timeout_s: float = 600.0,
         lm_head: str | None = None,
         int4_weights: bool = False,
+        int4_kernel: str = "torch",
         fast_path: str = "auto",
     ):
         """``int4_weights``: re-pack the decoder's linear layers for the CPU's int4 kernel
-        (server/engine/int4.py). ``lm_head``: "int8", "int8-dynamic" or "int4" (the int8
+        (server/engine/int4.py), multiplied by ``int4_kernel`` (torch or vnni: see
+        server/engine/vnni.py; also the int4 screen's). ``lm_head``: "int8", "int8-dynamic" or "int4" (the int8
         table with that screen of the logits) or None for the output layer as loaded
         (server/engine/lm_head.py). ``fast_path``: auto, on or off (see use_fast_path)."""
         self.loaded = loaded
@@ -197,10 +208,12 @@ class HFEngine:
         quantization: str = loaded.quantization
         share = int4_weights and table_is_most_of_the_model(model)  # as loaded
         if int4_weights:
-            repack_linear_layers(model)
+            repack_linear_layers(model, kernel=int4_kernel)
             quantization = "int4"
         screen = lm_head if lm_head in SCREENS else None
-        if lm_head and use_int8_lm_head(model, share_embedding=share, screen=screen):
+        if lm_head and use_int8_lm_head(
+            model, share_embedding=share, screen=screen, kernel=int4_kernel
+        ):
             logger.info("output layer in %s (SWAPSERVE_LM_HEAD=native keeps it as loaded)", lm_head)
         if int4_weights or lm_head:
             release_freed_memory()

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from server.engine import vnni
+
 logger = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -113,9 +115,17 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Te
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T (+ bias) with W in 4 bits, on ``_weight_int4pack_mm_for_cpu``."""
+    """y = x @ W.T (+ bias) with W in 4 bits, on ``_weight_int4pack_mm_for_cpu`` or, with
+    ``kernel="vnni"``, on the VNNI kernel (server/engine/vnni.py): the same quantized
+    weights either way, in the layout of the kernel that serves them."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int = 32,
+        kernel: str = "torch",
+    ):
         super().__init__()
         out_f, in_f = weight.shape
         if not fits_int4(int(in_f), int(out_f), group_size):
@@ -123,29 +133,44 @@ class Int4Linear(nn.Module):
                 f"a {in_f} x {out_f} layer does not fit the int4 kernel with group size "
                 f"{group_size} (in_features a multiple of it, out_features of 16)"
             )
-        packed, scales_and_zeros = pack_int4(weight, group_size)
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        self.register_buffer(
-            "bias", None if bias is None else bias.detach().float().clone(), persistent=False
-        )
+        if kernel not in ("torch", "vnni"):
+            raise ValueError(f"kernel must be torch or vnni, not {kernel!r}")
         self.in_features = int(in_f)
         self.out_features = int(out_f)
         self.group_size = group_size
+        self.kernel = kernel
+        self.vnni: vnni.Packed | None = None
+        if kernel == "vnni":
+            q, scales_and_zeros = quantize_int4(weight, group_size)
+            self.vnni = vnni.pack(q, scales_and_zeros, group_size)
+            self.vnni.register_on(self)
+        else:
+            packed, scales_and_zeros = pack_int4(weight, group_size)
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().float().clone(), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, self.group_size, self.scales_and_zeros
-        )
-        if x.dtype != torch.bfloat16:
+        flat = x.reshape(-1, self.in_features)
+        if self.vnni is not None:
+            out = vnni.matmul(flat, self.vnni)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
+            )
+        if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+            f"kernel={self.kernel}"
+        )
 
 
 def float_weight(module: nn.Module) -> torch.Tensor | None:
@@ -178,8 +203,9 @@ def _is_linear(module: nn.Module) -> bool:
         return False
 
 
-def repack_linear_layers(model: nn.Module, group_size: int = 32) -> int:
-    """Replace every linear layer of the decoder (not the output layer) by an Int4Linear.
+def repack_linear_layers(model: nn.Module, group_size: int = 32, kernel: str = "torch") -> int:
+    """Replace every linear layer of the decoder (not the output layer) by an Int4Linear on
+    ``kernel`` (torch or vnni).
 
     Returns the number of layers converted. One layer at a time, so the float copy of
     only one weight exists at once.
@@ -199,7 +225,14 @@ def repack_linear_layers(model: nn.Module, group_size: int = 32) -> int:
         if weight is None or not fits_int4(*_in_out(weight), group_size):
             continue
         bias: Any = getattr(child, "bias", None)
-        setattr(parent, child_name, Int4Linear(weight, bias, group_size))
+        # a layer the VNNI layout cannot take stays on the int4 kernel
+        layer_kernel = kernel if vnni.fits(*_in_out(weight), group_size) else "torch"
+        setattr(parent, child_name, Int4Linear(weight, bias, group_size, layer_kernel))
         converted += 1
-    logger.info("re-packed %d linear layers to 4-bit (group size %d)", converted, group_size)
+    logger.info(
+        "re-packed %d linear layers to 4-bit (group size %d, %s kernel)",
+        converted,
+        group_size,
+        kernel,
+    )
     return converted

@@ -17,7 +17,10 @@ computed from the int8 rows, in float32: the choice among the leaders is the int
 screen's values (sampling's far tail). Two screens:
 - ``"int4"`` (the fast path's): an int4 copy of the table (half the int8 one's size)
   through PyTorch's fused int4 kernel: ~1.8x quicker than the int8 kernel at one row and
-  ~1.5x at eight.
+  ~1.5x at eight; or, with ``kernel="vnni"``, through the VNNI kernel
+  (server/engine/vnni.py), each row's activations in 8 bits: 5.6 against 7.5 ms for Gemma
+  3's table at one row, 10 against 38 ms at eight (and against 15 for int8-dynamic), so
+  that where it runs the int4 copy is the only screen held.
 - ``"int8-dynamic"``: the int8 table packed for FBGEMM's integer matmul, each row's
   activations quantized to 8 bits on the fly (7 on a CPU without VNNI, whose 16-bit pair
   sums would saturate), scaled by the row's own largest value, so that a row's logits do not
@@ -39,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.engine.int4 import fits_int4, int4_kernel_available, pack_int4
+from server.engine import vnni
+from server.engine.int4 import fits_int4, int4_kernel_available, pack_int4, quantize_int4
 from server.engine.topk import top_k_indices
 
 # how many of each row's leading logits are recomputed in float32 (see Int8LMHead.forward)
@@ -75,18 +79,23 @@ def fbgemm_available() -> bool:
     )
 
 
-def auto_screen() -> str:
-    """The fast path's screen: the int4 copy (the quicker at one row, with half the bytes),
-    and beside it FBGEMM's integer matmul for batches where VNNI's dot products make it the
-    quicker (16 % less per decode step of 8 rows on Gemma 3 270M)."""
+def auto_screen(kernel: str = "torch") -> str:
+    """The fast path's screen: the int4 copy (the quicker at one row, with half the bytes);
+    on PyTorch's int4 kernel, beside it FBGEMM's integer matmul for batches where VNNI's dot
+    products make it the quicker (16 % less per decode step of 8 rows on Gemma 3 270M). On
+    the VNNI kernel (``kernel="vnni"``) the int4 copy is the quicker at every row count."""
+    if kernel == "vnni":
+        return "int4"
     return "int4+int8-dynamic" if fbgemm_available() and cpu_has_vnni() else "int4"
 
 
 class Int8LMHead(nn.Module):
-    def __init__(self, weight: torch.Tensor, screen: str | None = None):
+    def __init__(self, weight: torch.Tensor, screen: str | None = None, kernel: str = "torch"):
         super().__init__()
         if screen is not None and screen not in SCREENS:
             raise ValueError(f"screen must be one of {SCREENS}, not {screen!r}")
+        if kernel not in ("torch", "vnni"):
+            raise ValueError(f"kernel must be torch or vnni, not {kernel!r}")
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -100,28 +109,43 @@ class Int8LMHead(nn.Module):
         self.screen_scales: torch.Tensor | None
         self.register_buffer("screen", None, persistent=False)
         self.register_buffer("screen_scales", None, persistent=False)
+        self.screen_vnni: vnni.Packed | None = None  # the int4 screen on the VNNI kernel
         self.packed: Any = None  # FBGEMM's packed int8 table (not a tensor)
         self.packed_bytes = 0
         self.reduce_range = True
         if screen in ("int8-dynamic", "int4+int8-dynamic") and fbgemm_available():
             self._pack_fbgemm(q, scale)
-        if screen in ("int4", "int4+int8-dynamic") and (
-            int4_kernel_available()
-            and fits_int4(self.in_features, self.out_features, LM_HEAD_SCREEN_GROUP_SIZE)
-        ):
-            # plain min/max per group: the screen only has to rank, the leaders are recomputed
-            packed, scales = pack_int4(w, LM_HEAD_SCREEN_GROUP_SIZE, shrinks=(1.0,))
+        if screen in ("int4", "int4+int8-dynamic"):
+            self._hold_int4_screen(w, kernel)
+
+    def _hold_int4_screen(self, w: torch.Tensor, kernel: str) -> None:
+        # plain min/max per group: the screen only has to rank, the leaders are recomputed
+        group = LM_HEAD_SCREEN_GROUP_SIZE
+        if kernel == "vnni" and vnni.fits(self.in_features, self.out_features, group):
+            self.screen_vnni = _vnni_screen(w, group)
+            self.screen_vnni.register_on(self, prefix="vnni_")
+            self.screen_group_size = group
+        elif int4_kernel_available() and fits_int4(self.in_features, self.out_features, group):
+            packed, scales = pack_int4(w, group, shrinks=(1.0,))
             self.screen, self.screen_scales = packed, scales
-            self.screen_group_size = LM_HEAD_SCREEN_GROUP_SIZE
+            self.screen_group_size = group
 
     @property
     def screen_kind(self) -> str | None:
         """The screens held (one of SCREENS), or None: the int8 kernel for every logit."""
-        if self.packed is not None and self.screen is not None:
+        int4 = self.screen is not None or self.screen_vnni is not None
+        if self.packed is not None and int4:
             return "int4+int8-dynamic"
         if self.packed is not None:
             return "int8-dynamic"
-        return "int4" if self.screen is not None else None
+        return "int4" if int4 else None
+
+    @property
+    def screen_kernel(self) -> str | None:
+        """Which kernel runs the int4 screen: "vnni", "torch", or None without one."""
+        if self.screen_vnni is not None:
+            return "vnni"
+        return "torch" if self.screen is not None else None
 
     def _pack_fbgemm(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         with warnings.catch_warnings():  # PyTorch's quantized tensors warn of their future
@@ -150,8 +174,11 @@ class Int8LMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.packed is not None and (self.screen is None or len(flat) >= DYNAMIC_FROM_ROWS):
+        int4 = self.screen is not None or self.screen_vnni is not None
+        if self.packed is not None and (not int4 or len(flat) >= DYNAMIC_FROM_ROWS):
             out = self._screen_int8_dynamic(flat)
+        elif self.screen_vnni is not None:
+            out = vnni.matmul(flat, self.screen_vnni, halves=1)  # it only ranks
         elif self.screen is not None:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.screen, self.screen_group_size, self.screen_scales
@@ -169,6 +196,23 @@ class Int8LMHead(nn.Module):
         exact = torch.einsum("mi,mki->mk", flat.float(), rows) * self.scale_f32[top]
         out.scatter_(1, top, exact)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _vnni_screen(weight: torch.Tensor, group_size: int) -> vnni.Packed:
+    """The table's int4 copy in the VNNI kernel's layout, a block of rows at a time (a 262k-row
+    table never has more than one block's float copies)."""
+    parts = []
+    for start in range(0, weight.shape[0], 16384):
+        q, scales_and_zeros = quantize_int4(weight[start : start + 16384], group_size, (1.0,))
+        parts.append(vnni.pack(q, scales_and_zeros, group_size))
+    return vnni.Packed(
+        torch.cat([p.nibbles for p in parts]),
+        torch.cat([p.scales for p in parts]),
+        torch.cat([p.minimums for p in parts]),
+        int(weight.shape[0]),
+        int(weight.shape[1]),
+        group_size,
+    )
 
 
 class Int8Embedding(nn.Module):
@@ -196,13 +240,18 @@ class Int8Embedding(nn.Module):
 
 
 def use_int8_lm_head(
-    model: nn.Module, *, share_embedding: bool = False, screen: str | None = None
+    model: nn.Module,
+    *,
+    share_embedding: bool = False,
+    screen: str | None = None,
+    kernel: str = "torch",
 ) -> bool:
     """Swap the model's output layer for an int8 one; False where it has none to swap.
 
     With ``share_embedding``, a tied input embedding is replaced too, by lookups into the
     same int8 table. With ``screen`` (one of SCREENS), logits are screened first (see the
-    module's docstring); a screen whose kernel the CPU lacks is not held."""
+    module's docstring), its int4 copy on ``kernel`` (torch or vnni); a screen whose kernel
+    the CPU lacks is not held."""
     head = getattr(model, "lm_head", None)
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or weight is None or head.bias is not None:
@@ -210,7 +259,7 @@ def use_int8_lm_head(
     get_embedding = getattr(model, "get_input_embeddings", None)
     embedding = get_embedding() if get_embedding is not None else None
     tied = embedding is not None and getattr(embedding, "weight", None) is weight
-    new_head = Int8LMHead(weight, screen=screen)
+    new_head = Int8LMHead(weight, screen=screen, kernel=kernel)
     model.lm_head = new_head
     if share_embedding and tied and isinstance(embedding, nn.Embedding):
         scale = getattr(embedding, "embed_scale", None)

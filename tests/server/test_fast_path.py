@@ -220,7 +220,12 @@ def test_int4_engine_on_the_tiny_model(tmp_path, arch):
     ref = _generate(reference, PROMPTS, [BASE_ADAPTER] * 4, chunk=8, forced=forced)
     for step, (a, b) in enumerate(zip(ref, fast, strict=True)):
         scale = a.abs().max()
-        assert (a - b).abs().max() <= 1e-3 * scale, f"step {step}"
+        # each row's leaders are recomputed from the int8 rows: within 1e-3; the rest of
+        # the vocabulary carries the 4-bit screen's values, and which candidate near the
+        # 64th is recomputed can differ between two paths' hidden states: within its error
+        lead = a.topk(16, dim=-1).indices
+        assert (a - b).gather(-1, lead).abs().max() <= 1e-3 * scale, f"step {step}"
+        assert (a - b).abs().max() <= 5e-2 * scale, f"step {step}"
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"greedy token differs at step {step}"
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from server.engine import vnni
 from server.engine.kinds.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -417,6 +418,7 @@ class _Plan:
     single: tuple[int, int] | None  # (offset, rank) when every row uses one adapter
     single_name: str | None
     mask: torch.Tensor | None  # (batch, 1, R) otherwise
+    slots: torch.Tensor  # (batch,) int32: each row's adapter in packing order, -1 for none
 
 
 class LoRALinear(nn.Module):
@@ -431,6 +433,14 @@ class LoRALinear(nn.Module):
         self.targets: set[str] = set()  # adapters with weights for this layer
         self.a_cat: torch.Tensor | None = None
         self.b_cat: torch.Tensor | None = None
+        # on a CPU over a 4-bit layer of the VNNI kernel: every adapter's blocks in 8 bits,
+        # each row reading only its own (vnni.lora_add) instead of a_cat / b_cat
+        self.int8: vnni.LoRAPack | None = None
+
+    @property
+    def on_kernel(self) -> bool:
+        """Whether this layer's blocks go to the CPU kernel (see LoRARows._pack)."""
+        return getattr(self.base, "kernel", None) == "vnni"
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor | None:
         plan = self._owner[0].current
@@ -447,6 +457,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        plan = self._owner[0].current
+        if self.int8 is not None and plan is not None:
+            # the base's fresh float32 output takes the deltas in place
+            flat = out.reshape(-1, self.out_features)
+            if flat.dtype != torch.float32 or not flat.is_contiguous():
+                flat = flat.to(torch.float32).contiguous()
+            tokens = x.shape[-2] if x.dim() == 3 else 1
+            vnni.lora_add(flat, x.reshape(-1, self.in_features), self.int8, plan.slots, tokens)
+            return flat.reshape(out.shape).to(out.dtype)
         delta = self._delta(x)
         return out if delta is None else out + delta.to(out.dtype)
 
@@ -558,8 +577,14 @@ class LoRARows:
             total += weights.rank
         for module, layer in self.layers.items():
             if total == 0:  # no adapter left: wrapped layers pass the base through
-                layer.a_cat = layer.b_cat = None
+                layer.a_cat = layer.b_cat = layer.int8 = None
                 layer.targets = set()
+                continue
+            if self._on_kernel(layer):
+                blocks = [weights.modules.get(module) for weights in self.adapters.values()]
+                layer.int8 = vnni.pack_lora(blocks, layer.in_features, layer.out_features)
+                layer.a_cat = layer.b_cat = None
+                layer.targets = {n for n, w in self.adapters.items() if module in w.modules}
                 continue
             a_cat = torch.zeros(layer.in_features, total, dtype=self.dtype)
             b_cat = torch.zeros(total, layer.out_features, dtype=self.dtype)
@@ -581,6 +606,14 @@ class LoRARows:
             layer.b_cat = b_cat.to(self.device)
             layer.targets = targets
 
+    def _on_kernel(self, layer: LoRALinear) -> bool:
+        return (
+            type(layer) is LoRALinear
+            and layer.on_kernel
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+        )
+
     def plan(self, rows: list[str | None], input_start: int | None) -> None:
         """Plan the next forward: row i uses adapter rows[i] (None: not a LoRA row)."""
         self.tokens.plan(rows, input_start)
@@ -588,11 +621,17 @@ class LoRARows:
         unknown = used - set(self.offsets)
         if unknown:
             raise KeyError(f"adapters not resident: {sorted(unknown)}")
+        order = {name: i for i, name in enumerate(self.adapters)}
+        slots = torch.tensor(
+            [-1 if name is None else order[name] for name in rows], dtype=torch.int32
+        )
         if not used:
             self.current = None
         elif len(used) == 1 and None not in rows:
             (name,) = used
-            self.current = _Plan(single=self.offsets[name], single_name=name, mask=None)
+            self.current = _Plan(
+                single=self.offsets[name], single_name=name, mask=None, slots=slots
+            )
         else:
             total = sum(rank for _, rank in self.offsets.values())
             mask = torch.zeros(len(rows), 1, total, dtype=self.dtype)
@@ -600,7 +639,9 @@ class LoRARows:
                 if row_name is not None:
                     off, rank = self.offsets[row_name]
                     mask[row, 0, off : off + rank] = 1
-            self.current = _Plan(single=None, single_name=None, mask=mask.to(self.device))
+            self.current = _Plan(
+                single=None, single_name=None, mask=mask.to(self.device), slots=slots
+            )
 
 
 def base_weight(model: nn.Module, module: str) -> torch.Tensor | None:
