@@ -14,6 +14,7 @@
 // A 64-byte step is one VPDPBUSD for 16 rows x 4 inputs per nibble half: no horizontal
 // sums, and each weight byte is read once for up to 8 rows of activations.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -154,7 +155,10 @@ int q4_matmul(const float* x, const uint8_t* w, const uint16_t* sc, const uint16
     float* sx = dx + M * groups;
     quantize_rows(x, M, K, G, halves, x1, x2, dx, sx);
     if (threads < 1 || blocks < 2 * threads) threads = 1;  // too little to share
-#pragma omp parallel for num_threads(threads) schedule(static)
+    // in chunks taken as threads come free: a thread the OS preempts (the HTTP side, a
+    // client on the same cores) delays its chunk, not half the layer
+    const int64_t chunk = blocks / (8 * threads) > 1 ? blocks / (8 * threads) : 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t* wb = w + b * (K / 2) * 16;
         const uint16_t* sb = sc + b * groups * 16;
@@ -242,6 +246,31 @@ int lora_add(const float* x, int64_t M, int64_t T, int64_t K, int64_t N, const i
                                           _mm512_fmadd_ps(acc, scale, _mm512_maskz_loadu_ps(mask, out)));
                 }
             }
+        }
+    }
+    return 0;
+}
+
+// ---- RMS norm, one call for all rows -----------------------------------------------------
+//
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, in float32 (a decode step runs some
+// hundred of them on a few rows each: one call instead of five framework operators).
+int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float eps, float* y) {
+    if (rows < 0 || dim < 1) return 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float* xr = x + r * dim;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < dim; k += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(dim - k), xr + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        float* yr = y + r * dim;
+        for (int64_t k = 0; k < dim; k += 16) {
+            const __mmask16 mask = tail_mask(dim - k);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + k), vinv);
+            _mm512_mask_storeu_ps(yr + k, mask, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + k)));
         }
     }
     return 0;

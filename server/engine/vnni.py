@@ -51,6 +51,7 @@ CFLAGS = (
     "-mfma",
     "-mf16c",
     "-fopenmp",
+    "-fno-math-errno",
     "-shared",
     "-fPIC",
 )
@@ -136,6 +137,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.q4_matmul.restype = c_int
     lib.lora_add.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p, p, p, p, c_int]
     lib.lora_add.restype = c_int
+    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.rms_norm.restype = c_int
     logger.info("4-bit VNNI kernel loaded (%s)", SOURCE.name)
     return lib, None
 
@@ -377,3 +380,31 @@ def lora_add(
     )
     if status != 0:
         raise _REFUSALS.get(status, RuntimeError(f"the LoRA kernel failed ({status})"))
+
+
+# --- RMS norm ------------------------------------------------------------------------------
+
+
+def serves(model: torch.nn.Module) -> bool:
+    """Whether the model's 4-bit layers are on this kernel (its other CPU kernels then serve
+    the model's decode step too: the LoRA rows, the norms)."""
+    return any(getattr(m, "kernel", None) == "vnni" for m in model.modules())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., dim) float32 -> x / sqrt(mean(x^2) + eps) * weight (weight float32 (dim,)),
+    in one call."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"the VNNI kernel is out: {reason}")
+    dim = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (dim,):
+        raise ValueError(f"rms_norm: float32 (..., {dim}) and ({dim},) wanted")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    out = torch.empty_like(x)
+    status = lib.rms_norm(x.data_ptr(), x.numel() // dim, dim, w.data_ptr(), eps, out.data_ptr())
+    if status != 0:
+        raise _REFUSALS[1]
+    return out
