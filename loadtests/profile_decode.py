@@ -89,7 +89,14 @@ def _prefilled(runner, tokens: list[int], adapters: list[str]):
     while not group.finished:
         runner.prefill_chunk(group, 512)
     batch, logits = runner.finish_prefill(group)
-    return batch, logits.argmax(-1).tolist()
+    return batch, _greedy(logits)
+
+
+def _greedy(logits) -> list[int]:
+    """Each row's argmax as the server's greedy sampling takes it (two passes over blocks)."""
+    from server.engine.topk import argmax_rows
+
+    return argmax_rows(logits.reshape(len(logits), -1)).tolist()
 
 
 def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
@@ -102,10 +109,10 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
     tokens = engine.tokenize(PROMPT)
     batch, next_tokens = _prefilled(runner, tokens, rows)
     for _ in range(3):  # warm-up
-        next_tokens = runner.decode(batch, next_tokens, rows).argmax(-1).tolist()
+        next_tokens = _greedy(runner.decode(batch, next_tokens, rows))
     start = time.perf_counter()
     for _ in range(steps):
-        next_tokens = runner.decode(batch, next_tokens, rows).argmax(-1).tolist()
+        next_tokens = _greedy(runner.decode(batch, next_tokens, rows))
     wall_ms = (time.perf_counter() - start) / steps * 1000
 
     handles = _hook_parts(runner.model)
@@ -114,7 +121,7 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
             start = time.perf_counter()
             for _ in range(steps):
                 with torch.autograd.profiler.record_function("decode step"):
-                    next_tokens = runner.decode(batch, next_tokens, rows).argmax(-1).tolist()
+                    next_tokens = _greedy(runner.decode(batch, next_tokens, rows))
             profiled_ms = (time.perf_counter() - start) / steps * 1000
     finally:
         for handle in handles:

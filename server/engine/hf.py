@@ -103,7 +103,7 @@ def _weights_format(model: Any) -> dict[str, str]:
     if isinstance(head, Int8LMHead):
         out = "int8, one scale per row"
         dynamic = "FBGEMM's int8 matmul (activations quantized per row)"
-        screen_kernel = _KERNEL_NAMES.get(head.screen_kernel or "")
+        screen_kernel = _SCREEN_KERNEL_NAMES.get(head.screen_kernel or "")
         int4 = f"an int4 copy (group size {head.screen_group_size}; {screen_kernel})"
         screens = {
             "int8-dynamic": dynamic,
@@ -125,8 +125,9 @@ def _weights_format(model: Any) -> dict[str, str]:
 
 _KERNEL_NAMES = {
     "torch": "CPU int4 kernel",
-    "vnni": "VNNI kernel, activations in 8 bits",
+    "vnni": "VNNI kernel, activations in two 8-bit halves; LoRA rows in 8 bits",
 }
+_SCREEN_KERNEL_NAMES = {"torch": "CPU int4 kernel", "vnni": "VNNI kernel, activations in 8 bits"}
 
 
 def _dtype_of(module: Any) -> str:

@@ -1,22 +1,27 @@
-"""4-bit weights times 8-bit activations on AVX-512 VNNI: a small C kernel, built at first use.
+"""The project's CPU kernels in C (``vnni.c``), built at first use: 4-bit weights times 8-bit
+activations on AVX-512 VNNI, LoRA rows in 8 bits, RMS norm.
 
 PyTorch's int4 CPU kernel (server/engine/int4.py) turns each 4-bit weight into a float and
 multiplies in float32: at one row it runs at a third of the speed the machine reads memory,
 and its cost grows with the rows (8 rows of a 2048 x 640 layer: 3x one row). llama.cpp's
 way is quicker on the same weights: quantize each activation row to 8 bits per group and
-sum the products in integers, 64 at a time, with VNNI's VPDPBUSD. ``vnni.c`` does that for
-the int4 layout of this project (per group of input columns a scale and a minimum, the
+sum the products in integers, 64 at a time, with VNNI's VPDPBUSD. ``q4_matmul`` does that
+for the int4 layout of this project (per group of input columns a scale and a minimum, the
 same quantized weights as the int4 kernel's, re-laid out at load), on the threads of
-PyTorch's own OpenMP runtime. Measured on a 2-core AVX-512 VNNI Xeon against the int4
-kernel: 2048 x 640 at one row 26 against 64 us, at 8 rows 80 against 192; Gemma 3's
-262144 x 640 output layer 5.6 against 7.5 ms at one row, 10 against 38 ms at 8.
+PyTorch's own OpenMP runtime. The decoder's layers take the activations in two 8-bit halves
+(``halves=2``: the remainder of the first rounding in the second, about 15 bits, finer
+than the bfloat16 the int4 kernel rounds them to); the logits' screen in one (it only
+ranks). Each row is quantized on its own scales and its sums are exact: a row's output is
+the same bit for bit alone or in any batch. Measured on a 2-core AVX-512 VNNI Xeon against
+the int4 kernel: a 2048 x 640 layer at one row 42 against 74 us, at 8 rows 131 against 253;
+Gemma 3's 262144 x 640 screen (one half) 5.6 against 7.5 ms at one row, 10 against 38 ms at 8.
 
-The cost is the activations' rounding: each group of 32 (or 64) of a row's inputs to 8
-bits of its largest magnitude, where the int4 kernel rounds them to bfloat16. On random
-layers the output's relative error against the float weights is ~0.5 % (0.23 % with the
-int4 kernel); ``loadtests/bench_quality.py`` measures what it does to the bundled model.
+``lora_add`` adds each row's own LoRA delta from blocks held in 8 bits (a quarter of the
+float32 bytes; each row reads only its adapter's), and ``rms_norm`` runs a norm in one call
+where torch takes five operators. The model's 4-bit layers being on this kernel
+(``serves``) is what turns the other two on.
 
-The kernel is compiled with the machine's C compiler (``$CC``, else ``cc`` or ``gcc``; half
+The library is compiled with the machine's C compiler (``$CC``, else ``cc`` or ``gcc``; half
 a second) into ``$XDG_CACHE_HOME/swapserve/kernels`` (else ``~/.cache``, else the temporary
 directory) the first time it is wanted, and loaded with ctypes (the GIL is released while
 it runs). Where the CPU lacks AVX-512 VNNI or nothing compiles it, ``unavailable()`` says why
