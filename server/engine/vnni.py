@@ -307,33 +307,49 @@ class LoRAPack:
         return tuple(t.data_ptr() for t in self._tensors())
 
 
-def pack_lora(
-    blocks: list[tuple[torch.Tensor, torch.Tensor] | None], in_features: int, out_features: int
-) -> LoRAPack:
-    """Per slot (A (r, in), B * scaling (out, r)) or None -> the 8-bit pack for lora_add."""
-    a_rows, a_scales, b_rows, b_scales, offsets = [], [], [], [], [0]
+@dataclass
+class LoRABlock:
+    """One adapter's LoRA block on one layer in 8 bits (quantized once, when the adapter
+    comes onto the device; packs are concatenations of these)."""
+
+    a: torch.Tensor  # int8 (r, in)
+    a_scale: torch.Tensor  # float32 (r,)
+    b: torch.Tensor  # int8 (r, out): B transposed
+    b_scale: torch.Tensor  # float32 (out,)
+
+
+def quantize_lora(a: torch.Tensor, b: torch.Tensor) -> LoRABlock:
+    """A (r, in) and B * scaling (out, r) -> 8 bits: A one scale per row, B one per output
+    column."""
+    a, bt = a.float(), b.float().t()
+    a_scale = a.abs().amax(dim=1).clamp_min(1e-30) / 127
+    b_scale = bt.abs().amax(dim=0).clamp_min(1e-30) / 127
+    return LoRABlock(
+        a=torch.round(a / a_scale[:, None]).to(torch.int8).contiguous(),
+        a_scale=a_scale.contiguous(),
+        b=torch.round(bt / b_scale[None, :]).to(torch.int8).contiguous(),
+        b_scale=b_scale.contiguous(),
+    )
+
+
+def pack_lora(blocks: list[LoRABlock | None], in_features: int, out_features: int) -> LoRAPack:
+    """Per slot an adapter's block (None: no block on this layer) -> the pack lora_add reads."""
+    present = [block for block in blocks if block is not None]
+    offsets = [0]
     for block in blocks:
-        if block is None:
-            b_scales.append(torch.zeros(out_features))
-            offsets.append(offsets[-1])
-            continue
-        a, b = block[0].float(), block[1].float().t()  # (r, in), (r, out)
-        a_scale = a.abs().amax(dim=1).clamp_min(1e-30) / 127
-        b_scale = b.abs().amax(dim=0).clamp_min(1e-30) / 127
-        a_rows.append(torch.round(a / a_scale[:, None]).to(torch.int8))
-        b_rows.append(torch.round(b / b_scale[None, :]).to(torch.int8))
-        a_scales.append(a_scale)
-        b_scales.append(b_scale)
-        offsets.append(offsets[-1] + a.shape[0])
-
-    def cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-        return torch.cat(parts).contiguous() if parts else empty
-
+        offsets.append(offsets[-1] + (0 if block is None else block.a.shape[0]))
+    none = torch.zeros(out_features)
     return LoRAPack(
-        a=cat(a_rows, torch.zeros(0, in_features, dtype=torch.int8)),
-        a_scale=cat(a_scales, torch.zeros(0)),
-        b=cat(b_rows, torch.zeros(0, out_features, dtype=torch.int8)),
-        b_scale=torch.stack(b_scales).contiguous() if b_scales else torch.zeros(0, out_features),
+        a=torch.cat([p.a for p in present])
+        if present
+        else torch.zeros(0, in_features, dtype=torch.int8),
+        a_scale=torch.cat([p.a_scale for p in present]) if present else torch.zeros(0),
+        b=torch.cat([p.b for p in present])
+        if present
+        else torch.zeros(0, out_features, dtype=torch.int8),
+        b_scale=torch.stack([none if p is None else p.b_scale for p in blocks])
+        if blocks
+        else torch.zeros(0, out_features),
         offsets=torch.tensor(offsets, dtype=torch.int32),
         in_features=in_features,
         out_features=out_features,

@@ -36,7 +36,7 @@ def test_each_row_gets_its_own_adapters_delta(in_f, out_f, tokens):
         _block(16, in_f, out_f, scale=0.01),
         _block(4, in_f, out_f),
     ]
-    pack = vnni.pack_lora(blocks, in_f, out_f)
+    pack = vnni.pack_lora([b and vnni.quantize_lora(*b) for b in blocks], in_f, out_f)
     assert pack.slots == 4 and pack.offsets.tolist() == [0, 8, 8, 24, 28]
     slots = torch.tensor([2, -1, 0, 3, 1, 2, 0], dtype=torch.int32)
     x = torch.randn(len(slots) * tokens, in_f)
@@ -58,13 +58,13 @@ def test_each_row_gets_its_own_adapters_delta(in_f, out_f, tokens):
 
 def test_eight_bit_blocks_are_a_quarter_of_float32():
     blocks = [_block(16, 640, 2048) for _ in range(8)]
-    pack = vnni.pack_lora(blocks, 640, 2048)
+    pack = vnni.pack_lora([vnni.quantize_lora(*b) for b in blocks], 640, 2048)
     float_bytes = sum(a.nbytes + b.nbytes for a, b in blocks)
     assert pack.nbytes < 0.3 * float_bytes
 
 
 def test_bad_inputs_are_refused_and_nothing_is_written():
-    pack = vnni.pack_lora([_block(4, 32, 16)], 32, 16)
+    pack = vnni.pack_lora([vnni.quantize_lora(*_block(4, 32, 16))], 32, 16)
     x, out = torch.randn(2, 32), torch.zeros(2, 16)
     with pytest.raises(ValueError, match="do not fit"):
         vnni.lora_add(out, torch.randn(2, 24), pack, torch.tensor([0, 0], dtype=torch.int32))
@@ -106,6 +106,10 @@ def test_lora_rows_over_a_kernel_layer_pack_in_8_bits_and_match_float32():
             want = _delta(x[i], blocks[name])
             delta = got[i] - base(x[i])
             assert float((delta - want).norm() / want.norm()) < 0.02, (names, i)
-    rows.remove("one")
-    rows.remove("two")
-    assert layer.int8 is None
+    # each adapter quantized once: a repack (another adapter joining) reuses its blocks
+    kept = rows._int8["one"]["proj"]
+    rows.add(LoRAWeights("three", {"proj": _block(4, 64, 96)}))
+    assert rows._int8["one"]["proj"] is kept and layer.int8.slots == 3
+    for name in ("one", "two", "three"):
+        rows.remove(name)
+    assert layer.int8 is None and not rows._int8

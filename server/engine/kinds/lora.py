@@ -518,6 +518,8 @@ class LoRARows:
         self.offsets: dict[str, tuple[int, int]] = {}
         self.current: _Plan | None = None
         self.tokens = TokenRows(model, device, dtype)
+        # adapter -> module -> its block in 8 bits, for the layers on the CPU kernel
+        self._int8: dict[str, dict[str, vnni.LoRABlock]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.adapters
@@ -535,6 +537,7 @@ class LoRARows:
 
     def remove(self, name: str) -> None:
         if self.adapters.pop(name, None) is not None:
+            self._int8.pop(name, None)
             self.tokens.remove(name)
             self._pack()
 
@@ -581,7 +584,7 @@ class LoRARows:
                 layer.targets = set()
                 continue
             if self._on_kernel(layer):
-                blocks = [weights.modules.get(module) for weights in self.adapters.values()]
+                blocks = [self._int8_block(name, module) for name in self.adapters]
                 layer.int8 = vnni.pack_lora(blocks, layer.in_features, layer.out_features)
                 layer.a_cat = layer.b_cat = None
                 layer.targets = {n for n, w in self.adapters.items() if module in w.modules}
@@ -605,6 +608,16 @@ class LoRARows:
             layer.a_cat = a_cat.to(self.device)
             layer.b_cat = b_cat.to(self.device)
             layer.targets = targets
+
+    def _int8_block(self, name: str, module: str) -> vnni.LoRABlock | None:
+        """An adapter's block on a kernel layer in 8 bits, quantized once while resident."""
+        pair = self.adapters[name].modules.get(module)
+        if pair is None:
+            return None
+        blocks = self._int8.setdefault(name, {})
+        if module not in blocks:
+            blocks[module] = vnni.quantize_lora(*pair)
+        return blocks[module]
 
     def _on_kernel(self, layer: LoRALinear) -> bool:
         return (
