@@ -23,6 +23,7 @@ multiple of the group size, an output width that is not a multiple of 16) are le
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -91,18 +92,45 @@ def quantize_int4(
     return q_int, scales_and_zeros
 
 
+# rows quantized at once when packing: a 262k-row table never has more than this many
+# rows' float copies (a multiple of both layouts' row blocks: 64 and 16)
+_PACK_ROWS = 16384
+
+
+def _quantized_row_blocks(
+    weight: torch.Tensor, group_size: int, shrinks: tuple[float, ...]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """quantize_int4 over ``_PACK_ROWS`` rows at a time (both kernels pack rows apart)."""
+    for start in range(0, weight.shape[0], _PACK_ROWS):
+        yield quantize_int4(weight[start : start + _PACK_ROWS], group_size, shrinks)
+
+
 def pack_int4(
     weight: torch.Tensor, group_size: int, shrinks: tuple[float, ...] = _RANGE_SHRINK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) weight -> (packed nibbles, scales_and_zeros) for the CPU kernel, a block
-    of rows at a time: a 262k-row table never has more than one block's float copies."""
-    block = 16384  # rows; the kernel packs rows independently (blocks of 64)
+    """(out, in) weight -> (packed nibbles, scales_and_zeros) for the CPU kernel."""
     packed, scales = [], []
-    for start in range(0, weight.shape[0], block):
-        q, sz = quantize_int4(weight[start : start + block], group_size, shrinks)
+    for q, sz in _quantized_row_blocks(weight, group_size, shrinks):
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
         scales.append(sz)
     return torch.cat(packed), torch.cat(scales, dim=1).contiguous()
+
+
+def pack_vnni(
+    weight: torch.Tensor, group_size: int, shrinks: tuple[float, ...] = _RANGE_SHRINK
+) -> vnni.Packed:
+    """(out, in) weight -> the same int4 weights in the VNNI kernel's layout."""
+    parts = [
+        vnni.pack(q, sz, group_size) for q, sz in _quantized_row_blocks(weight, group_size, shrinks)
+    ]
+    return vnni.Packed(
+        torch.cat([p.nibbles for p in parts]),
+        torch.cat([p.scales for p in parts]),
+        torch.cat([p.minimums for p in parts]),
+        int(weight.shape[0]),
+        int(weight.shape[1]),
+        group_size,
+    )
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -141,8 +169,7 @@ class Int4Linear(nn.Module):
         self.kernel = kernel
         self.vnni: vnni.Packed | None = None
         if kernel == "vnni":
-            q, scales_and_zeros = quantize_int4(weight, group_size)
-            self.vnni = vnni.pack(q, scales_and_zeros, group_size)
+            self.vnni = pack_vnni(weight, group_size)
             self.vnni.register_on(self)
         else:
             packed, scales_and_zeros = pack_int4(weight, group_size)

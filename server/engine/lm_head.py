@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from server.engine import vnni
-from server.engine.int4 import fits_int4, int4_kernel_available, pack_int4, quantize_int4
+from server.engine.int4 import fits_int4, int4_kernel_available, pack_int4, pack_vnni
 from server.engine.topk import top_k_indices
 
 # how many of each row's leading logits are recomputed in float32 (see Int8LMHead.forward)
@@ -61,15 +61,7 @@ def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI's 8-bit dot products (AVX512-VNNI or AVX-VNNI): FBGEMM's
     integer matmul then sums 8-bit activations exactly, where without it pairs of products
     saturate at 16 bits unless the activations keep to 7 (``reduce_range``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni"})
-    except OSError:
-        pass
-    return False
+    return bool(vnni.cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def fbgemm_available() -> bool:
@@ -122,7 +114,7 @@ class Int8LMHead(nn.Module):
         # plain min/max per group: the screen only has to rank, the leaders are recomputed
         group = LM_HEAD_SCREEN_GROUP_SIZE
         if kernel == "vnni" and vnni.fits(self.in_features, self.out_features, group):
-            self.screen_vnni = _vnni_screen(w, group)
+            self.screen_vnni = pack_vnni(w, group, shrinks=(1.0,))
             self.screen_vnni.register_on(self, prefix="vnni_")
             self.screen_group_size = group
         elif int4_kernel_available() and fits_int4(self.in_features, self.out_features, group):
@@ -133,7 +125,7 @@ class Int8LMHead(nn.Module):
     @property
     def screen_kind(self) -> str | None:
         """The screens held (one of SCREENS), or None: the int8 kernel for every logit."""
-        int4 = self.screen is not None or self.screen_vnni is not None
+        int4 = self.screen_kernel is not None
         if self.packed is not None and int4:
             return "int4+int8-dynamic"
         if self.packed is not None:
@@ -174,7 +166,7 @@ class Int8LMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        int4 = self.screen is not None or self.screen_vnni is not None
+        int4 = self.screen_kernel is not None
         if self.packed is not None and (not int4 or len(flat) >= DYNAMIC_FROM_ROWS):
             out = self._screen_int8_dynamic(flat)
         elif self.screen_vnni is not None:
@@ -196,23 +188,6 @@ class Int8LMHead(nn.Module):
         exact = torch.einsum("mi,mki->mk", flat.float(), rows) * self.scale_f32[top]
         out.scatter_(1, top, exact)
         return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def _vnni_screen(weight: torch.Tensor, group_size: int) -> vnni.Packed:
-    """The table's int4 copy in the VNNI kernel's layout, a block of rows at a time (a 262k-row
-    table never has more than one block's float copies)."""
-    parts = []
-    for start in range(0, weight.shape[0], 16384):
-        q, scales_and_zeros = quantize_int4(weight[start : start + 16384], group_size, (1.0,))
-        parts.append(vnni.pack(q, scales_and_zeros, group_size))
-    return vnni.Packed(
-        torch.cat([p.nibbles for p in parts]),
-        torch.cat([p.scales for p in parts]),
-        torch.cat([p.minimums for p in parts]),
-        int(weight.shape[0]),
-        int(weight.shape[1]),
-        group_size,
-    )
 
 
 class Int8Embedding(nn.Module):

@@ -66,7 +66,8 @@ BLOCK_ROWS = 16
 GROUP_MULTIPLE = 16
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -126,7 +127,7 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     """(the library, None) or (None, why not)."""
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     compiler = _compiler()
@@ -146,6 +147,24 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rms_norm.restype = c_int
     logger.info("4-bit VNNI kernel loaded (%s)", SOURCE.name)
     return lib, None
+
+
+def _lib() -> ctypes.CDLL:
+    """The loaded library, or an error saying why it is out."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"the VNNI kernel is out: {reason}")
+    return lib
+
+
+def _check(status: int) -> None:
+    """The C functions' status: 0, or why nothing was written."""
+    if status == 1:
+        raise ValueError("the kernel refused its inputs: shapes, halves (1 or 2) or adapter slots")
+    if status == 2:
+        raise MemoryError("the kernel's scratch for the activations could not be allocated")
+    if status != 0:
+        raise RuntimeError(f"the kernel failed ({status})")
 
 
 def unavailable() -> str | None:
@@ -242,9 +261,7 @@ def matmul(
     """x (M, in) -> (M, out) float32 = x @ W^T, on the VNNI kernel. ``halves``: each group of
     a row's inputs in two 8-bit halves (2: about 15 bits, twice the dot products) or one.
     Called for every layer of every step: a few microseconds of Python around the kernel."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"the VNNI kernel is out: {reason}")
+    lib = _lib()
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(f"expected (rows, {packed.in_features}) inputs, got {tuple(x.shape)}")
     if x.dtype != torch.float32 or not x.is_contiguous():
@@ -262,15 +279,8 @@ def matmul(
         out.data_ptr(),
         threads or torch.get_num_threads(),
     )
-    if status != 0:
-        raise _REFUSALS.get(status, RuntimeError(f"the VNNI kernel failed ({status})"))
+    _check(status)
     return out
-
-
-_REFUSALS = {
-    1: ValueError("the kernel refused its inputs: shapes, halves (1 or 2) or adapter slots"),
-    2: MemoryError("the VNNI kernel's scratch for the activations could not be allocated"),
-}
 
 
 # --- LoRA deltas, each row with its own adapter, weights in 8 bits ------------------------
@@ -362,9 +372,7 @@ def lora_add(
     """out (M, out) float32 += each row's LoRA delta, in place. x (M, in); ``slots`` (M /
     tokens,) int32: the pack slot of each sequence row (-1: none), whose ``tokens``
     consecutive rows of x share it."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"the VNNI kernel is out: {reason}")
+    lib = _lib()
     rows = x.shape[0]
     if (
         x.dim() != 2
@@ -399,8 +407,7 @@ def lora_add(
         out.data_ptr(),
         torch.get_num_threads(),
     )
-    if status != 0:
-        raise _REFUSALS.get(status, RuntimeError(f"the LoRA kernel failed ({status})"))
+    _check(status)
 
 
 # --- RMS norm ------------------------------------------------------------------------------
@@ -415,9 +422,7 @@ def serves(model: torch.nn.Module) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., dim) float32 -> x / sqrt(mean(x^2) + eps) * weight (weight float32 (dim,)),
     in one call."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"the VNNI kernel is out: {reason}")
+    lib = _lib()
     dim = x.shape[-1]
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (dim,):
         raise ValueError(f"rms_norm: float32 (..., {dim}) and ({dim},) wanted")
@@ -426,6 +431,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     w = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty_like(x)
     status = lib.rms_norm(x.data_ptr(), x.numel() // dim, dim, w.data_ptr(), eps, out.data_ptr())
-    if status != 0:
-        raise _REFUSALS[1]
+    _check(status)
     return out

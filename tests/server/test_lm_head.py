@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from server.engine import vnni
 from server.engine.lm_head import (
     DYNAMIC_FROM_ROWS,
     Int8LMHead,
@@ -57,16 +58,28 @@ def test_leading_logits_are_exact_for_the_int8_weights_not_rounded_to_bfloat16()
     torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
 
 
-def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits():
-    """Screened in int4, then each row's leaders recomputed from the int8 rows: the choice
-    and the leading logits are the int8 head's; the rest of the vocabulary stays within
-    the int4 copy's error of the weights."""
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "torch",
+        pytest.param(
+            "vnni",
+            marks=pytest.mark.skipif(
+                vnni.unavailable() is not None, reason=f"VNNI kernel out: {vnni.unavailable()}"
+            ),
+        ),
+    ],
+)
+def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits(kernel):
+    """Screened in int4 (on either kernel), then each row's leaders recomputed from the int8
+    rows: the choice and the leading logits are the int8 head's; the rest of the
+    vocabulary stays within the int4 copy's error of the weights."""
     torch.manual_seed(2)
     weight = torch.randn(4096, 128)
     x = torch.randn(12, 128)
     plain = Int8LMHead(weight)
-    screened = Int8LMHead(weight, screen="int4")
-    assert screened.screen is not None and plain.screen is None
+    screened = Int8LMHead(weight, screen="int4", kernel=kernel)
+    assert screened.screen_kernel == kernel and plain.screen_kernel is None
     assert torch.equal(screened.weight_int8, plain.weight_int8)
     deq = plain.weight_int8.float() * plain.scale_f32[:, None]
     x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))
@@ -80,7 +93,10 @@ def test_an_int4_screen_keeps_the_int8_choice_and_leading_logits():
     err = (out - ref).abs().max() / ref.abs().max()
     assert 0 < err < 0.15, f"relative error {err:.4f}"
     # the int4 copy costs half the int8 table's bytes (plus a scale and zero per group)
-    screen_bytes = screened.screen.numel() + screened.screen_scales.numel() * 2
+    table = {"weight_int8", "scale", "scale_f32"}
+    screen_bytes = sum(
+        b.numel() * b.element_size() for n, b in screened.named_buffers() if n not in table
+    )
     assert screen_bytes < 0.6 * screened.weight_int8.numel()
 
 

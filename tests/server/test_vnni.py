@@ -152,24 +152,15 @@ def test_int4_layer_on_either_kernel_stays_close_to_the_float_weight():
 
 
 @needs_kernel
-def test_the_output_layers_int4_screen_on_the_kernel_keeps_the_int8_choice():
+def test_the_output_layers_int4_screen_on_the_kernel_is_the_one_screen_and_batch_invariant():
+    """Its choice and leaders are checked with the torch kernel's in test_lm_head.py."""
     torch.manual_seed(2)
-    weight = torch.randn(4096, 128)
-    head = Int8LMHead(weight, screen="int4", kernel="vnni")
+    head = Int8LMHead(torch.randn(4096, 128), screen="int4", kernel="vnni")
     assert head.screen_kind == "int4" and head.screen_kernel == "vnni"
     assert head.screen is None and head.packed is None  # the one screen held
-    deq = head.weight_int8.float() * head.scale_f32[:, None]
     x = torch.randn(12, 128)
-    x = x * (25.0 / (x @ deq.t()).amax(-1, keepdim=True))
-    want = x @ deq.t()
-    out = head(x)
-    assert torch.equal(out.argmax(-1), want.argmax(-1))
-    lead = want.topk(16, dim=-1)
-    torch.testing.assert_close(out.gather(-1, lead.indices), lead.values, atol=1e-4, rtol=0)
-    ref = x @ weight.t()
-    assert 0 < (out - ref).abs().max() / ref.abs().max() < 0.15
     alone = torch.cat([head(x[i : i + 1]) for i in range(len(x))])
-    assert torch.equal(alone, out)  # batch-invariant, tail included
+    assert torch.equal(alone, head(x))  # batch-invariant, tail included
 
 
 def test_the_setting_resolves_to_a_kernel_that_runs(monkeypatch):
@@ -186,7 +177,7 @@ def test_the_setting_resolves_to_a_kernel_that_runs(monkeypatch):
 
 def test_a_failing_or_missing_compiler_is_said_not_crashed(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
-    monkeypatch.setattr(vnni, "_cpu_flags", lambda: set(vnni.CPU_FLAGS))
+    monkeypatch.setattr(vnni, "cpu_flags", lambda: set(vnni.CPU_FLAGS))
     monkeypatch.setattr(vnni.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     vnni._load.cache_clear()
     try:
@@ -198,7 +189,7 @@ def test_a_failing_or_missing_compiler_is_said_not_crashed(monkeypatch, tmp_path
         assert not list(tmp_path.rglob("*.so"))  # no partial library left behind
     finally:
         vnni._load.cache_clear()
-    monkeypatch.setattr(vnni, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(vnni, "cpu_flags", lambda: {"avx512f"})
     assert "avx512_vnni" in (vnni.unavailable() or "")
     vnni._load.cache_clear()
 
