@@ -7,7 +7,9 @@ Imported by locustfiles, so it must stay light: no torch, no server imports.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 CHAT_PATH = "/v1/chat/completions"
@@ -76,3 +78,27 @@ def sse_events(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any] | None]:
             yield None
             return
         yield json.loads(data)
+
+
+@dataclass
+class TokenTimes:
+    """When a streamed completion's tokens arrived, chunk by chunk (the ``openai`` SDK's
+    completion chunks): the first and the last chunk with text, and the completion tokens
+    the usage chunk counts."""
+
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+
+    def see(self, chunk: Any) -> None:
+        now = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            self.first = self.first or now
+            self.last = now
+        if chunk.usage:
+            self.tokens = chunk.usage.completion_tokens
+
+    def decode_rate(self) -> float:
+        """Tokens after the first over the time from the first to the last."""
+        assert self.first is not None and self.last is not None and self.last > self.first
+        return (self.tokens - 1) / (self.last - self.first)

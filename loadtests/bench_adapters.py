@@ -40,6 +40,7 @@ import openai  # noqa: E402
 
 from loadtests._adapters import linear_shapes_from_config, random_lora_adapter  # noqa: E402
 from loadtests._peers import hardware, llama_cpp, vllm_python  # noqa: E402
+from loadtests._requests import TokenTimes  # noqa: E402
 from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 from trainer.base_model import resolve_base_model  # noqa: E402
 
@@ -77,7 +78,7 @@ async def run_streams(url: str, models: list[str], tokens: int) -> Run:
     """Concurrent streamed completions, one per entry of `models`."""
     async with async_client(url) as client:
 
-        async def one(model: str) -> tuple[int, float, float]:
+        async def one(model: str) -> TokenTimes:
             stream = await client.completions.create(
                 model=model,
                 prompt=PROMPT,
@@ -87,23 +88,18 @@ async def run_streams(url: str, models: list[str], tokens: int) -> Run:
                 stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
             )
-            first = last = None
-            count = 0
+            times = TokenTimes()
             async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.choices and chunk.choices[0].text:
-                    first = first or now
-                    last = now
-                if chunk.usage:
-                    count = chunk.usage.completion_tokens
-            assert first is not None and last is not None
-            return count, first, last
+                times.see(chunk)
+            assert times.first is not None and times.last is not None
+            return times
 
         start = time.perf_counter()
         done = await asyncio.gather(*(one(m) for m in models))
-        firsts, lasts = [d[1] for d in done], [d[2] for d in done]
+        firsts = [t.first for t in done if t.first is not None]
+        lasts = [t.last for t in done if t.last is not None]
         return Run(
-            tokens=sum(d[0] for d in done),
+            tokens=sum(t.tokens for t in done),
             wall=max(lasts) - start,
             decoding=max(lasts) - min(firsts),
             streams=len(models),

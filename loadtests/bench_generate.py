@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests._peers import hardware, llama_cpp, vllm_python  # noqa: E402
+from loadtests._requests import TokenTimes  # noqa: E402
 from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -49,17 +50,10 @@ def server_decode_rate(client, tokens: int) -> float:
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
-    first = last = None
-    completion = 0
+    times = TokenTimes()
     for chunk in stream:
-        now = time.perf_counter()
-        if chunk.choices and chunk.choices[0].text:
-            first = first or now
-            last = now
-        if chunk.usage:
-            completion = chunk.usage.completion_tokens
-    assert first is not None and last is not None and last > first
-    return (completion - 1) / (last - first)
+        times.see(chunk)
+    return times.decode_rate()
 
 
 def in_process_decoder(tokens: int) -> tuple[Callable[[], float], Callable[[], None]]:
