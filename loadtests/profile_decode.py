@@ -8,9 +8,9 @@ prefills one prompt per row, then runs decode steps under torch's profiler. Prin
 batch size:
 - the wall time of a step without the profiler;
 - by part: time inside the model's own modules (embedding, the q/k/v/o projections, the
-  MLPs, the output layer; LoRA deltas apart from the base layers when adapters are on),
-  and the rest of the step (attention itself, norms, rotary embedding, cache updates,
-  masks and the Python and framework work between operators);
+  MLPs' projections, the output layer; LoRA deltas apart from the base layers when adapters
+  are on), and the rest of the step (attention itself, norms, rotary embedding, the MLPs'
+  activation, cache updates, masks and the Python and framework work between operators);
 - by operator: the operators with the most self time, and how many operators a step
   launches (each costs a few microseconds of framework work on top of its arithmetic).
 
@@ -40,7 +40,9 @@ _PARTS = {
     "k_proj": "attention projections (q, k, v, o)",
     "v_proj": "attention projections (q, k, v, o)",
     "o_proj": "attention projections (q, k, v, o)",
-    "mlp": "MLP (gate, up, down, activation)",
+    "gate_proj": "MLP projections (gate, up, down)",
+    "up_proj": "MLP projections (gate, up, down)",
+    "down_proj": "MLP projections (gate, up, down)",
     "lm_head": "output layer (logits)",
     "embed_tokens": "embedding",
 }
@@ -134,7 +136,9 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
         lora = by_label[_WRAPPED] - by_label.get(_WRAPPED_BASE, 0.0)
         parts["  of which LoRA (in the two above)"] = max(0.0, lora)
     in_modules = sum(v for k, v in parts.items() if not k.startswith("  "))
-    parts["rest: attention, norms, rotary, cache, Python"] = max(0.0, step_ms - in_modules)
+    parts["rest: attention, norms, rotary, activation, cache, Python"] = max(
+        0.0, step_ms - in_modules
+    )
     ops = [e for e in events if "::" in e.key]  # operators, not our labelled ranges
     top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     launched = sum(e.count for e in ops if e.key.startswith("aten::")) / steps

@@ -10,6 +10,9 @@ only what a step needs:
   engine's LoRA layers (and any other per-row adapter layer wrapped around them) apply
   exactly as in the reference path;
 - stock RMS norms run as one fused ``rms_norm`` (a wrapped norm is called as a module);
+- on a model whose 4-bit layers are on the project's CPU kernel (server/engine/vnni.py),
+  norms, a stock gated MLP's activation and a decode step's attention run on its kernels,
+  one call each;
 - keys and values go straight into a preallocated cache (server/engine/static_kv.py),
   each row at its own position, with no padding columns: the mask is causal (and the
   sliding window where a layer has one), nothing else;
@@ -39,6 +42,8 @@ _FAMILIES = {"gemma3_text": True, "llama": False}
 _ONE_PLUS_NORMS = {"Gemma3RMSNorm"}
 _PLAIN_NORMS = {"LlamaRMSNorm"}
 _STATIC_ROPE = {"default", "linear", "llama3"}
+# MLPs computing down(act(gate(x)) * up(x))
+_GATED_MLPS = {"Gemma3MLP", "LlamaMLP"}
 
 
 def supported(model: nn.Module) -> str | None:
@@ -105,8 +110,10 @@ class FastDecoder:
             self.ropes[kind] = _Rope(inv.detach().float().clone(), float(scaling))
         self.scalings = [float(layer.self_attn.scaling) for layer in model.model.layers]
         self._norm_weights: dict[int, tuple[torch.Tensor, float]] = {}
-        # on the VNNI kernel's model, its norm too: one call where torch takes five operators
-        self.c_norms = vnni.serves(model)
+        # on the VNNI kernel's model, the project's other CPU kernels too: norms, the MLP's
+        # activation and a decode step's attention, one call each where torch takes several
+        # operators (five for a norm, some forty for attention)
+        self.c_kernels = vnni.serves(model)
 
     # --- building blocks ---------------------------------------------------------------
 
@@ -115,25 +122,51 @@ class FastDecoder:
             self.num_layers, self.num_kv_heads, self.head_dim, rows, capacity, dtype, device
         )
 
-    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        cached = self._norm_weights.get(id(module))
-        if cached is None:
+    def _norm_params(self, module: nn.Module) -> tuple[torch.Tensor, float] | None:
+        """A stock RMS norm's float32 weight (as used: 1 + w for Gemma's) and epsilon; None
+        for a wrapped or unknown norm (it runs as its own module)."""
+        key = id(module)
+        if key not in self._norm_weights:
             kind = type(module).__name__
             if kind not in _ONE_PLUS_NORMS and kind not in _PLAIN_NORMS:
-                return module(x)  # a wrapped or unknown norm: its own forward
+                return None  # not cached: a wrapper may come and go with adapters
             weight = module.weight.detach().float()
             if kind in _ONE_PLUS_NORMS:
                 weight = 1.0 + weight
             eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
-            cached = (weight, eps)
-            self._norm_weights[id(module)] = cached
-        weight, eps = cached
-        if self.c_norms and x.dtype == torch.float32:
-            return vnni.rms_norm(x, weight, eps)
+            self._norm_weights[key] = (weight.contiguous(), eps)
+        return self._norm_weights[key]
+
+    def _norm(
+        self, module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """module(x), plus ``residual`` where given."""
+        params = self._norm_params(module)
+        if params is None:
+            out = module(x)
+            return out if residual is None else residual + out
+        weight, eps = params
+        if self.c_kernels and x.dtype == torch.float32:
+            return vnni.rms_norm(x, weight, eps, residual)
         # the model's own arithmetic, in float32, in the fewest operators
         x32 = x if x.dtype == torch.float32 else x.float()
         out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        out = out if x.dtype == torch.float32 else out.to(x.dtype)
+        return out if residual is None else residual + out
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The MLP; a stock gated one with its activation and product in one kernel call."""
+        act = getattr(mlp, "act_fn", None)
+        if (
+            not self.c_kernels
+            or type(mlp).__name__ not in _GATED_MLPS
+            or type(act).__name__ not in vnni.ACTIVATIONS
+        ):
+            return mlp(x)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if gate.dtype != torch.float32 or up.dtype != torch.float32:
+            return mlp.down_proj(act(gate) * up)
+        return mlp.down_proj(vnni.act_mul(gate, up, type(act).__name__))
 
     def _cos_sin(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """positions (n, T) -> per layer type, cos and signed sin of shape
@@ -161,6 +194,107 @@ class FastDecoder:
             if window is not None:
                 masks[window] = causal & (cols > pos - window)
         return masks
+
+    # --- attention ---------------------------------------------------------------------------
+
+    def _attend_decode(
+        self,
+        i: int,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cache: StaticKV,
+        positions: torch.Tensor,
+        cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor | None:
+        """Layer i's attention in a decode step on the CPU kernel (vnni.attend_decode): the
+        norms of q and k, rotary embedding, cache writes and attention in one call. None
+        where it does not apply (a wrapped q or k norm): _attend runs then."""
+        q_norm = k_norm = None
+        eps = 0.0
+        if self.gemma:
+            q_params = self._norm_params(attn.q_norm)
+            k_params = self._norm_params(attn.k_norm)
+            if q_params is None or k_params is None or q_params[1] != k_params[1]:
+                return None
+            (q_norm, eps), (k_norm, _) = q_params, k_params
+        n = x.shape[0]
+        q = attn.q_proj(x).reshape(n, -1)
+        k = attn.k_proj(x).reshape(n, -1)
+        v = attn.v_proj(x).reshape(n, -1)
+        cos, sin = cos_sin[self.layer_types[i]]
+        out = vnni.attend_decode(
+            q.float().contiguous(),
+            k.float().contiguous(),
+            v.float().contiguous(),
+            cache.keys[i],
+            cache.values[i],
+            positions,
+            cos,
+            sin,
+            q_norm=q_norm,
+            k_norm=k_norm,
+            eps=eps,
+            window=self.windows[i],
+            scale=self.scalings[i],
+        )
+        return out.view(n, 1, -1)
+
+    def _attend(
+        self,
+        i: int,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cache: StaticKV,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        masks: dict[int | None, torch.Tensor],
+    ) -> torch.Tensor:
+        """Layer i's attention for x (n, T, hidden) in torch operators: writes the keys and
+        values of the T positions into the cache, returns (n, T, heads * head_dim)."""
+        n, t = x.shape[:2]
+        decode = t == 1
+        q = attn.q_proj(x).view(n, t, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+        if self.gemma:
+            q = self._norm(attn.q_norm, q)
+            k = self._norm(attn.k_norm, k)
+        cos, sin = cos_sin[self.layer_types[i]]
+        half = self.head_dim // 2
+        q = q * cos + q.roll(half, dims=-1) * sin
+        k = k * cos + k.roll(half, dims=-1) * sin
+        keys, values = cache.keys[i], cache.values[i]  # (rows, kv_heads, capacity, dim)
+        if k.dtype != keys.dtype:
+            q, k, v = q.to(keys.dtype), k.to(keys.dtype), v.to(keys.dtype)
+        # each row's keys at its own positions: (n, T, kv_heads, dim) in place
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
+        if decode:
+            # (n, kv_heads, groups, dim): the query heads of one key head as its rows
+            query = q.view(n, self.num_kv_heads, self.groups, self.head_dim)
+        else:
+            query = (
+                q.view(n, t, self.num_kv_heads, self.groups, self.head_dim)
+                .permute(0, 2, 3, 1, 4)
+                .reshape(n, self.num_kv_heads, self.groups * t, self.head_dim)
+            )
+        kv_len = masks[None].shape[-1]
+        mask = masks[self.windows[i]]  # (n, 1, T, kv_len)
+        if not decode and self.groups > 1:
+            mask = mask.repeat(1, 1, self.groups, 1)
+        out = F.scaled_dot_product_attention(
+            query,
+            keys[:n, :, :kv_len],
+            values[:n, :, :kv_len],
+            attn_mask=mask,
+            scale=self.scalings[i],
+        )  # (n, kv_heads, groups * T, dim)
+        return (
+            out.view(n, self.num_kv_heads, self.groups, t, self.head_dim)
+            .permute(0, 3, 1, 2, 4)
+            .reshape(n, t, self.num_heads * self.head_dim)
+        )
 
     # --- the forward ---------------------------------------------------------------------
 
@@ -190,65 +324,34 @@ class FastDecoder:
         kv_len = int(positions.max()) + 1
         decode = t == 1
         cos_sin = self._cos_sin(positions)
-        masks = self._masks(positions, kv_len)
+        masks: dict[int | None, torch.Tensor] = {}
         rows = torch.arange(n, device=h.device).unsqueeze(1)  # (n, 1)
+        # a decode step's attention in one kernel call per layer (where it runs)
+        c_attention = decode and self.c_kernels and cache.keys[0].dtype == torch.float32
+        flat_cos_sin = {}  # (n, head_dim) each
+        if c_attention:
+            flat_cos_sin = {k: (c.view(n, -1), s.view(n, -1)) for k, (c, s) in cos_sin.items()}
+        flat_positions = positions.view(-1)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             residual = h
             x = self._norm(layer.input_layernorm, h)
-            q = attn.q_proj(x).view(n, t, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
-            if self.gemma:
-                q = self._norm(attn.q_norm, q)
-                k = self._norm(attn.k_norm, k)
-            cos, sin = cos_sin[self.layer_types[i]]
-            half = self.head_dim // 2
-            q = q * cos + q.roll(half, dims=-1) * sin
-            k = k * cos + k.roll(half, dims=-1) * sin
-            keys, values = cache.keys[i], cache.values[i]  # (rows, kv_heads, capacity, dim)
-            if k.dtype != keys.dtype:
-                q, k, v = q.to(keys.dtype), k.to(keys.dtype), v.to(keys.dtype)
-            # each row's keys at its own positions: (n, T, kv_heads, dim) in place
-            keys[rows, :, positions] = k
-            values[rows, :, positions] = v
-            if decode:
-                # (n, kv_heads, groups, dim): the query heads of one key head as its rows
-                query = q.view(n, self.num_kv_heads, self.groups, self.head_dim)
-            else:
-                query = (
-                    q.view(n, t, self.num_kv_heads, self.groups, self.head_dim)
-                    .permute(0, 2, 3, 1, 4)
-                    .reshape(n, self.num_kv_heads, self.groups * t, self.head_dim)
-                )
-            mask = masks[self.windows[i]]  # (n, 1, T, kv_len)
-            if not decode and self.groups > 1:
-                mask = mask.repeat(1, 1, self.groups, 1)
-            out = F.scaled_dot_product_attention(
-                query,
-                keys[:n, :, :kv_len],
-                values[:n, :, :kv_len],
-                attn_mask=mask,
-                scale=self.scalings[i],
-            )  # (n, kv_heads, groups * T, dim)
-            out = (
-                out.view(n, self.num_kv_heads, self.groups, t, self.head_dim)
-                .permute(0, 3, 1, 2, 4)
-                .reshape(n, t, self.num_heads * self.head_dim)
-            )
+            out = None
+            if c_attention:
+                out = self._attend_decode(i, attn, x, cache, flat_positions, flat_cos_sin)
+            if out is None:
+                masks = masks or self._masks(positions, kv_len)
+                out = self._attend(i, attn, x, cache, positions, rows, cos_sin, masks)
             if out.dtype != dtype:
                 out = out.to(dtype)
             out = attn.o_proj(out)
             if self.gemma:
-                out = self._norm(layer.post_attention_layernorm, out)
-                h = residual + out
-                residual = h
-                x = self._norm(layer.pre_feedforward_layernorm, h)
-                x = layer.mlp(x)
-                h = residual + self._norm(layer.post_feedforward_layernorm, x)
+                h = self._norm(layer.post_attention_layernorm, out, residual=residual)
+                x = self._mlp(layer.mlp, self._norm(layer.pre_feedforward_layernorm, h))
+                h = self._norm(layer.post_feedforward_layernorm, x, residual=h)
             else:
                 h = residual + out
-                h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+                h = h + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, h))
             if decode and between_layers is not None:
                 between_layers()
         h = self._norm(model.model.norm, h)

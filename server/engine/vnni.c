@@ -253,9 +253,11 @@ int lora_add(const float* x, int64_t M, int64_t T, int64_t K, int64_t N, const i
 
 // ---- RMS norm, one call for all rows -----------------------------------------------------
 //
-// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, in float32 (a decode step runs some
-// hundred of them on a few rows each: one call instead of five framework operators).
-int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float eps, float* y) {
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, in float32, plus residual[r, :] where
+// a residual is given (NULL: none): a decode step runs some hundred of them on a few rows
+// each, one call instead of five or six framework operators.
+int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float eps,
+             const float* residual, float* y) {
     if (rows < 0 || dim < 1) return 1;
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * dim;
@@ -270,8 +272,155 @@ int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float ep
         for (int64_t k = 0; k < dim; k += 16) {
             const __mmask16 mask = tail_mask(dim - k);
             const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + k), vinv);
-            _mm512_mask_storeu_ps(yr + k, mask, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + k)));
+            __m512 o = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + k));
+            if (residual) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, residual + r * dim + k));
+            _mm512_mask_storeu_ps(yr + k, mask, o);
         }
     }
     return 0;
+}
+
+// ---- The MLP's activation times its up projection ----------------------------------------
+//
+// y = act(gate) * up elementwise (n values), act 0: GELU with the tanh approximation
+// (Gemma), 1: SiLU (Llama). exp in 16 lanes: Cody-Waite reduction and a degree-6
+// polynomial (Cephes' expf), within a few float32 ulps.
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+int act_mul(const float* gate, const float* up, int64_t n, int act, float* y) {
+    if (n < 0 || (act != 0 && act != 1)) return 1;
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
+        __m512 a;
+        if (act == 0) {
+            // 0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3); tanh u = 1 - 2 / (e^2u + 1)
+            const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+            const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                           _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+            const __m512 e = exp_ps(_mm512_add_ps(u, u));
+            const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+            a = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, t));
+        } else {
+            a = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        }
+        _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(mask, up + i)));
+    }
+    return 0;
+}
+
+// ---- Attention of a decode step (one new token per row), float32 ----------------------
+//
+// For each row r at position p = pos[r], with q (n, heads * dim), k and v (n, kv_heads * dim)
+// from the projections:
+// - each head of q and k through its RMS norm (q_norm / k_norm; NULL: none) and the rotary
+//   embedding x * cos + roll(x, dim / 2) * sin (cos, sin (n, dim), the sine's first half
+//   negated: rotate_half's sign);
+// - k and v into the cache at column p: keys, values (rows, kv_heads, capacity, dim);
+// - each query head attends over its key head's columns max(0, p - window + 1) .. p
+//   (window 0: all), softmax(scale * q.k) in float32, into out (n, heads * dim).
+// One call for what takes some forty framework operators per layer.
+
+static inline float dot_ps(const float* a, const float* b, int64_t dim) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        const __mmask16 mask = tail_mask(dim - d);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + d), _mm512_maskz_loadu_ps(mask, b + d), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// x (dim) -> y: RMS norm with w (NULL: none), then the rotary embedding.
+static void norm_rope(const float* x, const float* w, float eps, const float* cos,
+                      const float* sin, int64_t dim, float* y) {
+    const int64_t half = dim / 2;
+    float inv = 1.0f;
+    if (w) inv = 1.0f / sqrtf(dot_ps(x, x, dim) / (float)dim + eps);
+    for (int64_t d = 0; d < dim; d++) {
+        const int64_t e = d < half ? d + half : d - half;
+        const float a = w ? x[d] * inv * w[d] : x[d];
+        const float b = w ? x[e] * inv * w[e] : x[e];
+        y[d] = a * cos[d] + b * sin[d];
+    }
+}
+
+int attend_decode(const float* q, const float* k, const float* v, int64_t n, int64_t heads,
+                  int64_t kv_heads, int64_t dim, const float* q_norm, const float* k_norm,
+                  float eps, const float* cos, const float* sin, const int64_t* pos,
+                  float* keys, float* values, int64_t rows, int64_t capacity, int64_t window,
+                  float scale, float* out, int threads) {
+    if (n < 0 || n > rows || heads < 1 || kv_heads < 1 || heads % kv_heads || dim < 2 || dim % 2 ||
+        window < 0)
+        return 1;
+    for (int64_t r = 0; r < n; r++)
+        if (pos[r] < 0 || pos[r] >= capacity) return 1;
+    const int64_t groups = heads / kv_heads;
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t at = ((r * kv_heads + h) * capacity + pos[r]) * dim;
+            norm_rope(k + (r * kv_heads + h) * dim, k_norm, eps, cos + r * dim, sin + r * dim, dim,
+                      keys + at);
+            __builtin_memcpy(values + at, v + (r * kv_heads + h) * dim, (size_t)dim * sizeof(float));
+        }
+    }
+    int64_t longest = 0;
+    for (int64_t r = 0; r < n; r++)
+        if (pos[r] + 1 > longest) longest = pos[r] + 1;
+    if (threads < 1 || n * heads < 2) threads = 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < n * heads; task++) {
+        const int64_t r = task / heads, head = task % heads, h = head / groups;
+        float* room = (float*)scratch_of((longest + 2 * dim) * (int64_t)sizeof(float));
+        if (!room) {
+            failed = 1;
+            continue;
+        }
+        float* query = room;
+        float* score = room + dim;
+        float* acc = score + longest;
+        norm_rope(q + (r * heads + head) * dim, q_norm, eps, cos + r * dim, sin + r * dim, dim, query);
+        const int64_t p = pos[r];
+        const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        const float* kh = keys + (r * kv_heads + h) * capacity * dim;
+        const float* vh = values + (r * kv_heads + h) * capacity * dim;
+        float peak = -INFINITY;
+        for (int64_t j = first; j <= p; j++) {
+            score[j] = scale * dot_ps(query, kh + j * dim, dim);
+            if (score[j] > peak) peak = score[j];
+        }
+        float total = 0.0f;
+        for (int64_t j = first; j <= p; j++) {
+            score[j] = expf(score[j] - peak);
+            total += score[j];
+        }
+        for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+        for (int64_t j = first; j <= p; j++) {
+            const __m512 wj = _mm512_set1_ps(score[j] / total);
+            const float* vj = vh + j * dim;
+            for (int64_t d = 0; d < dim; d += 16) {
+                const __mmask16 mask = tail_mask(dim - d);
+                _mm512_mask_storeu_ps(acc + d, mask,
+                                      _mm512_fmadd_ps(wj, _mm512_maskz_loadu_ps(mask, vj + d),
+                                                      _mm512_maskz_loadu_ps(mask, acc + d)));
+            }
+        }
+        __builtin_memcpy(out + (r * heads + head) * dim, acc, (size_t)dim * sizeof(float));
+    }
+    return failed ? 2 : 0;
 }

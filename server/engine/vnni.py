@@ -1,5 +1,6 @@
 """The project's CPU kernels in C (``vnni.c``), built at first use: 4-bit weights times 8-bit
-activations on AVX-512 VNNI, LoRA rows in 8 bits, RMS norm.
+activations on AVX-512 VNNI, LoRA rows in 8 bits, and the rest of a decode step (RMS norm,
+the MLP's activation, attention).
 
 PyTorch's int4 CPU kernel (server/engine/int4.py) turns each 4-bit weight into a float and
 multiplies in float32: at one row it runs at a third of the speed the machine reads memory,
@@ -17,9 +18,12 @@ the int4 kernel: a 2048 x 640 layer at one row 42 against 74 us, at 8 rows 131 a
 Gemma 3's 262144 x 640 screen (one half) 5.6 against 7.5 ms at one row, 10 against 38 ms at 8.
 
 ``lora_add`` adds each row's own LoRA delta from blocks held in 8 bits (a quarter of the
-float32 bytes; each row reads only its adapter's), and ``rms_norm`` runs a norm in one call
-where torch takes five operators. The model's 4-bit layers being on this kernel
-(``serves``) is what turns the other two on.
+float32 bytes; each row reads only its adapter's). ``rms_norm`` (with the residual added),
+``act_mul`` (GELU or SiLU of the gate times the up projection) and ``attend_decode`` (a
+decode step's q and k norms, rotary embedding, cache writes and attention) each run in one
+call what takes torch five to forty operators: on a small model a decode step launched
+some 3,500 of them, a few microseconds each. The model's 4-bit layers being on this kernel
+(``serves``) is what turns the others on.
 
 The library is compiled with the machine's C compiler (``$CC``, else ``cc`` or ``gcc``; half
 a second) into ``$XDG_CACHE_HOME/swapserve/kernels`` (else ``~/.cache``, else the temporary
@@ -143,8 +147,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.q4_matmul.restype = c_int
     lib.lora_add.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p, p, p, p, c_int]
     lib.lora_add.restype = c_int
-    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p, p]
     lib.rms_norm.restype = c_int
+    lib.act_mul.argtypes = [p, p, i64, c_int, p]
+    lib.act_mul.restype = c_int
+    f32 = ctypes.c_float
+    lib.attend_decode.argtypes = [p, p, p, i64, i64, i64, i64, p, p, f32, p, p, p, p, p]
+    lib.attend_decode.argtypes += [i64, i64, i64, f32, p, c_int]
+    lib.attend_decode.restype = c_int
     logger.info("4-bit VNNI kernel loaded (%s)", SOURCE.name)
     return lib, None
 
@@ -410,18 +420,20 @@ def lora_add(
     _check(status)
 
 
-# --- RMS norm ------------------------------------------------------------------------------
+# --- the rest of a decode step: norms, the MLP's activation, attention ---------------------
 
 
 def serves(model: torch.nn.Module) -> bool:
     """Whether the model's 4-bit layers are on this kernel (its other CPU kernels then serve
-    the model's decode step too: the LoRA rows, the norms)."""
+    the model's decode step too: the LoRA rows, norms, activations and attention)."""
     return any(getattr(m, "kernel", None) == "vnni" for m in model.modules())
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (..., dim) float32 -> x / sqrt(mean(x^2) + eps) * weight (weight float32 (dim,)),
-    in one call."""
+    plus ``residual`` (x's shape) where given, in one call."""
     lib = _lib()
     dim = x.shape[-1]
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (dim,):
@@ -429,7 +441,109 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not x.is_contiguous():
         x = x.contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
+    add = 0
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != torch.float32:
+            raise ValueError(f"rms_norm: a residual of {tuple(x.shape)} float32 wanted")
+        residual = residual.contiguous()
+        add = residual.data_ptr()
     out = torch.empty_like(x)
-    status = lib.rms_norm(x.data_ptr(), x.numel() // dim, dim, w.data_ptr(), eps, out.data_ptr())
+    _check(
+        lib.rms_norm(x.data_ptr(), x.numel() // dim, dim, w.data_ptr(), eps, add, out.data_ptr())
+    )
+    return out
+
+
+# transformers' activation modules this kernel computes: GELU's tanh approximation, SiLU
+ACTIVATIONS = {
+    "GELUTanh": 0,
+    "NewGELUActivation": 0,
+    "FastGELUActivation": 0,
+    "SiLUActivation": 1,
+    "SiLU": 1,
+}
+
+
+def act_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up, float32, in one pass; ``activation`` a class name of ACTIVATIONS."""
+    lib = _lib()
+    if gate.shape != up.shape or gate.dtype != torch.float32 or up.dtype != torch.float32:
+        raise ValueError("act_mul: two float32 tensors of one shape wanted")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _check(
+        lib.act_mul(
+            gate.data_ptr(), up.data_ptr(), gate.numel(), ACTIVATIONS[activation], out.data_ptr()
+        )
+    )
+    return out
+
+
+def attend_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step's attention for n rows (see vnni.c): q (n, heads * dim), k and v
+    (n, kv_heads * dim) float32 from the projections; their heads through the RMS norms
+    (``q_norm`` / ``k_norm`` weights (dim,), None: none) and the rotary embedding (cos and
+    signed sin (n, dim)); k and v written into the cache ``keys`` / ``values`` (rows,
+    kv_heads, capacity, dim) at each row's position (``positions`` (n,) int64); each query
+    head attends over its row's columns up to its position (the last ``window`` of them
+    where given). Returns (n, heads * dim)."""
+    lib = _lib()
+    n = q.shape[0]
+    rows, kv_heads, capacity, dim = keys.shape
+    heads = q.shape[-1] // dim
+    tensors = (q, k, v, keys, values, cos, sin) + tuple(
+        t for t in (q_norm, k_norm) if t is not None
+    )
+    if (
+        any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
+        or values.shape != keys.shape
+        or q.shape != (n, heads * dim)
+        or k.shape != (n, kv_heads * dim)
+        or v.shape != k.shape
+        or cos.shape != (n, dim)
+        or sin.shape != (n, dim)
+        or positions.shape != (n,)
+        or positions.dtype != torch.int64
+    ):
+        raise ValueError("attend_decode: the tensors' shapes, dtypes or layouts do not fit")
+    out = torch.empty(n, heads * dim, dtype=torch.float32)
+    status = lib.attend_decode(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        n,
+        heads,
+        kv_heads,
+        dim,
+        q_norm.data_ptr() if q_norm is not None else None,
+        k_norm.data_ptr() if k_norm is not None else None,
+        eps,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        positions.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        rows,
+        capacity,
+        window or 0,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     _check(status)
     return out

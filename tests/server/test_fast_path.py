@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine import vnni
 from server.engine.base import BASE_ADAPTER
 from server.engine.fast_runner import FastModelRunner
 from server.engine.hf import use_fast_path
@@ -80,7 +81,13 @@ def _generate(runner, prompts, rows, *, chunk, leave_at=None, forced=None):
     return out
 
 
-def test_fast_path_matches_reference_with_mixed_adapters_and_token_rows(setup):
+@pytest.mark.parametrize("kernels", ["torch", "c"])
+def test_fast_path_matches_reference_with_mixed_adapters_and_token_rows(setup, kernels):
+    """kernels "c": the step's norms, activation and attention on the project's CPU kernels
+    (server/engine/vnni.py), which otherwise serve only a model whose 4-bit layers are on
+    them: here over float32 weights, so that nothing else differs."""
+    if kernels == "c" and vnni.unavailable() is not None:
+        pytest.skip(f"VNNI kernel out: {vnni.unavailable()}")
     model_path, adapters = setup
     rows = ["all", BASE_ADAPTER, "eot", "q"]
     ref = _generate(
@@ -90,13 +97,9 @@ def test_fast_path_matches_reference_with_mixed_adapters_and_token_rows(setup):
         chunk=8,
         leave_at={7: 1},
     )
-    fast = _generate(
-        _runner(FastModelRunner, load_causal_lm(model_path), adapters),
-        PROMPTS,
-        list(rows),
-        chunk=8,
-        leave_at={7: 1},
-    )
+    fast_runner = _runner(FastModelRunner, load_causal_lm(model_path), adapters)
+    fast_runner.decoder.c_kernels = kernels == "c"
+    fast = _generate(fast_runner, PROMPTS, list(rows), chunk=8, leave_at={7: 1})
     assert len(ref) == len(fast) == STEPS + 1
     for step, (a, b) in enumerate(zip(ref, fast, strict=True)):
         assert a.shape == b.shape

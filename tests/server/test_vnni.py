@@ -192,20 +192,3 @@ def test_a_failing_or_missing_compiler_is_said_not_crashed(monkeypatch, tmp_path
     monkeypatch.setattr(vnni, "cpu_flags", lambda: {"avx512f"})
     assert "avx512_vnni" in (vnni.unavailable() or "")
     vnni._load.cache_clear()
-
-
-@needs_kernel
-@pytest.mark.parametrize("dim", [16, 40, 256, 640])
-def test_rms_norm_is_torchs_arithmetic(dim):
-    torch.manual_seed(dim)
-    x = torch.randn(3, 5, dim) * 4
-    x[0, 0] = 0  # a row of zeros: eps keeps it finite
-    weight = torch.randn(dim)
-    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    got = vnni.rms_norm(x, weight, 1e-6)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vnni.rms_norm(x.transpose(0, 1), weight, 1e-6), want.transpose(0, 1))
-    with pytest.raises(ValueError, match="float32"):
-        vnni.rms_norm(x.double(), weight, 1e-6)
-    with pytest.raises(ValueError, match="float32"):
-        vnni.rms_norm(x, weight[:-1], 1e-6)
