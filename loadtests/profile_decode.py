@@ -64,7 +64,32 @@ def _hook_parts(model) -> list:
     for module in model.modules():
         for label in labels.get(id(module), []):
             handles += _hook(module, label)
-    return handles
+    return handles + [_label_whole_layers()]
+
+
+_WHOLE_LAYERS = "decoder layers as whole calls (CPU kernel)"
+
+
+def _label_whole_layers():
+    """A decoder layer run as one call on the CPU kernel (vnni.DecodeLayer) calls none of
+    the modules hooked above: its time gets a label of its own. Returns the undoer."""
+    import torch
+
+    from server.engine import vnni
+
+    original = vnni.DecodeLayer.__call__
+
+    def labelled(self, *args):
+        with torch.autograd.profiler.record_function(_WHOLE_LAYERS):
+            return original(self, *args)
+
+    vnni.DecodeLayer.__call__ = labelled
+
+    class Undo:
+        def remove(self) -> None:
+            vnni.DecodeLayer.__call__ = original
+
+    return Undo()
 
 
 _WRAPPED, _WRAPPED_BASE = "lora layer", "lora base layer"
@@ -131,7 +156,8 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
     events = prof.key_averages()
     by_label = {e.key: e.cpu_time_total / 1000 / steps for e in events}
     step_ms = by_label.get("decode step", profiled_ms)
-    parts = {label: by_label.get(label, 0.0) for label in dict.fromkeys(_PARTS.values())}
+    labels = [*dict.fromkeys(_PARTS.values()), _WHOLE_LAYERS]
+    parts = {label: by_label.get(label, 0.0) for label in labels}
     if _WRAPPED in by_label:
         lora = by_label[_WRAPPED] - by_label.get(_WRAPPED_BASE, 0.0)
         parts["  of which LoRA (in the two above)"] = max(0.0, lora)

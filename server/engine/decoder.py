@@ -114,6 +114,8 @@ class FastDecoder:
         # activation and a decode step's attention, one call each where torch takes several
         # operators (five for a norm, some forty for attention)
         self.c_kernels = vnni.serves(model)
+        # per layer: (the parts it was built from, its DecodeLayer or None where it cannot run)
+        self._layer_kernels: dict[int, tuple[tuple[Any, ...], vnni.DecodeLayer | None]] = {}
 
     # --- building blocks ---------------------------------------------------------------
 
@@ -239,6 +241,85 @@ class FastDecoder:
         )
         return out.view(n, 1, -1)
 
+    def _layer_kernel(
+        self, i: int, layer: nn.Module
+    ) -> tuple[vnni.DecodeLayer, torch.Tensor | None] | None:
+        """Layer i of a decode step as one call on the CPU kernel, and the rows' LoRA slots:
+        where every projection is a 4-bit layer on the kernel (with 8-bit LoRA blocks or
+        none), the norms stock and the MLP a stock gated one. None otherwise (an adapter
+        kind that wraps a layer, a wrapped norm): the layer runs module by module. Built
+        once per set of weights (adapters loading or leaving repack the LoRA blocks)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            getattr(mlp, "gate_proj", None),
+            getattr(mlp, "up_proj", None),
+            getattr(mlp, "down_proj", None),
+        )
+        parts = []
+        for module in modules:
+            parts_of = getattr(module, "kernel_parts", None)
+            part = parts_of() if parts_of is not None else None
+            if part is None:
+                return None
+            parts.append(part)
+        slots = [s for _, _, s in parts if s is not None]
+        if any(s is not slots[0] for s in slots):
+            return None
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if self.gemma:
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+            norms += [attn.q_norm, attn.k_norm]
+        key = (*(p for p, _, _ in parts), *(lo for _, lo, _ in parts), *norms, mlp)
+        cached = self._layer_kernels.get(i)
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or any(a is not b for a, b in zip(cached[0], key, strict=True))
+        ):
+            cached = (key, self._build_layer_kernel(i, layer, parts, norms))
+            self._layer_kernels[i] = cached
+        kernel = cached[1]
+        return None if kernel is None else (kernel, slots[0] if slots else None)
+
+    def _build_layer_kernel(
+        self, i: int, layer: nn.Module, parts: list[Any], norms: list[nn.Module]
+    ) -> vnni.DecodeLayer | None:
+        act = getattr(layer.mlp, "act_fn", None)
+        if (
+            type(layer.mlp).__name__ not in _GATED_MLPS
+            or type(act).__name__ not in vnni.ACTIVATIONS
+        ):
+            return None
+        params = [self._norm_params(norm) for norm in norms]
+        if any(p is None for p in params):
+            return None
+        weights = [p[0] for p in params if p is not None]
+        epsilons = {p[1] for p in params[:4] if p is not None}
+        if len(epsilons) != 1 or len({p.group_size for p, _, _ in parts}) != 1:
+            return None
+        gemma = self.gemma
+        return vnni.DecodeLayer(
+            vnni.LayerParts(
+                projections=[p for p, _, _ in parts],
+                loras=[lo for _, lo, _ in parts],
+                norms=weights[:4] if gemma else [*weights[:2], None, None],
+                eps=epsilons.pop(),
+                q_norm=weights[4] if gemma else None,
+                k_norm=weights[5] if gemma else None,
+                qk_eps=params[4][1] if gemma and params[4] else 0.0,
+                heads=self.num_heads,
+                kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                window=self.windows[i],
+                scale=self.scalings[i],
+                activation=type(act).__name__,
+            )
+        )
+
     def _attend(
         self,
         i: int,
@@ -332,8 +413,22 @@ class FastDecoder:
         if c_attention:
             flat_cos_sin = {k: (c.view(n, -1), s.view(n, -1)) for k, (c, s) in cos_sin.items()}
         flat_positions = positions.view(-1)
+        if c_attention and h.dtype == torch.float32:
+            h = h.reshape(n, -1).clone()  # our own: whole layers on the kernel update it in place
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
+            fused = self._layer_kernel(i, layer) if c_attention else None
+            if fused is not None and h.dtype == torch.float32:
+                kernel, slots = fused
+                h = h.reshape(n, -1)
+                if not h.is_contiguous():
+                    h = h.contiguous()
+                cos, sin = flat_cos_sin[self.layer_types[i]]
+                kernel(h, slots, cache.keys[i], cache.values[i], flat_positions, cos, sin)
+                if between_layers is not None:
+                    between_layers()
+                continue
+            h = h.view(n, t, -1)
             residual = h
             x = self._norm(layer.input_layernorm, h)
             out = None
@@ -354,7 +449,7 @@ class FastDecoder:
                 h = h + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, h))
             if decode and between_layers is not None:
                 between_layers()
-        h = self._norm(model.model.norm, h)
+        h = self._norm(model.model.norm, h.view(n, t, -1))
         if keep is not None:
             h = h[:, keep]
         logits = model.get_output_embeddings()(h)

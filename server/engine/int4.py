@@ -179,6 +179,14 @@ class Int4Linear(nn.Module):
             "bias", None if bias is None else bias.detach().float().clone(), persistent=False
         )
 
+    def kernel_parts(self) -> tuple[vnni.Packed, vnni.LoRAPack | None, torch.Tensor | None] | None:
+        """What a whole layer on the CPU kernel (vnni.DecodeLayer) takes in place of calling
+        this module: its packed weight, no LoRA pack, no row slots; None where this layer
+        is not on the kernel (or has a bias)."""
+        if self.vnni is None or self.bias is not None:
+            return None
+        return self.vnni, None, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.vnni is not None:

@@ -14,11 +14,15 @@
 // A 64-byte step is one VPDPBUSD for 16 rows x 4 inputs per nibble half: no horizontal
 // sums, and each weight byte is read once for up to 8 rows of activations.
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define ROWS_PER_PASS 8
+// up to this many rows, each row's low and high nibbles go to separate sums (integer: the
+// same result), so that one row is not bound by the latency of one chain of VPDPBUSD
+#define SPLIT_ROWS 4
 
 // Each row of x, per group of G inputs, to 8 bits of the group's largest magnitude a:
 // x ~ d * (x1 + x2 / 128) with d = a / 127, x1 = round(x / d) and, with `halves` = 2,
@@ -71,10 +75,10 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int h
         __m512 acc[ROWS];                                                                     \
         for (int m = 0; m < ROWS; m++) acc[m] = _mm512_setzero_ps();                          \
         for (int64_t g = 0; g < groups; g++) {                                                \
-            __m512i dot1[ROWS], dot2[ROWS];                                                   \
+            /* with few rows, the high nibbles in sums of their own: two dependency chains */ \
+            __m512i dot1[ROWS], dot2[ROWS], dot1h[ROWS], dot2h[ROWS];                         \
             for (int m = 0; m < ROWS; m++) {                                                  \
-                dot1[m] = _mm512_setzero_si512();                                             \
-                dot2[m] = _mm512_setzero_si512();                                             \
+                dot1[m] = dot2[m] = dot1h[m] = dot2h[m] = _mm512_setzero_si512();             \
             }                                                                                 \
             const uint8_t* wg = w + g * steps * 64;                                           \
             for (int64_t s = 0; s < steps; s++) {                                             \
@@ -87,20 +91,28 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int h
                     __builtin_memcpy(&a0, x1 + m * K + at, 4);                                \
                     __builtin_memcpy(&a1, x1 + m * K + at + 4, 4);                            \
                     dot1[m] = _mm512_dpbusd_epi32(dot1[m], lo, _mm512_set1_epi32(a0));        \
-                    dot1[m] = _mm512_dpbusd_epi32(dot1[m], hi, _mm512_set1_epi32(a1));        \
+                    if (ROWS <= SPLIT_ROWS)                                                   \
+                        dot1h[m] = _mm512_dpbusd_epi32(dot1h[m], hi, _mm512_set1_epi32(a1));  \
+                    else                                                                      \
+                        dot1[m] = _mm512_dpbusd_epi32(dot1[m], hi, _mm512_set1_epi32(a1));    \
                     if (HALVES == 2) {                                                        \
                         __builtin_memcpy(&a0, x2 + m * K + at, 4);                            \
                         __builtin_memcpy(&a1, x2 + m * K + at + 4, 4);                        \
                         dot2[m] = _mm512_dpbusd_epi32(dot2[m], lo, _mm512_set1_epi32(a0));    \
-                        dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, _mm512_set1_epi32(a1));    \
+                        if (ROWS <= SPLIT_ROWS)                                               \
+                            dot2h[m] = _mm512_dpbusd_epi32(dot2h[m], hi, _mm512_set1_epi32(a1)); \
+                        else                                                                  \
+                            dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, _mm512_set1_epi32(a1)); \
                     }                                                                         \
                 }                                                                             \
             }                                                                                 \
             const __m512 vs = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * 16))); \
             const __m512 vm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mn + g * 16))); \
             for (int m = 0; m < ROWS; m++) {                                                  \
-                __m512i dot = dot1[m];                                                        \
-                if (HALVES == 2) dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 7), dot2[m]);  \
+                __m512i dot = _mm512_add_epi32(dot1[m], dot1h[m]);                            \
+                if (HALVES == 2)                                                              \
+                    dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 7),                         \
+                                           _mm512_add_epi32(dot2[m], dot2h[m]));              \
                 const __m512 scaled = _mm512_mul_ps(vs, _mm512_set1_ps(dx[m * groups + g] * unit)); \
                 acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scaled, acc[m]);            \
                 acc[m] = _mm512_fmadd_ps(vm, _mm512_set1_ps(sx[m * groups + g]), acc[m]);     \
@@ -125,7 +137,8 @@ static const block_fn BLOCKS[2][ROWS_PER_PASS + 1] = {
     {0, block_1_2, block_2_2, block_3_2, block_4_2, block_5_2, block_6_2, block_7_2, block_8_2},
 };
 
-// The calling thread's scratch (the quantized activations), grown as needed and kept.
+// The calling thread's scratch, grown as needed and kept. Taken by the exported functions
+// on the calling thread before any parallel region; nothing inside a region grows it.
 static __thread uint8_t* scratch;
 static __thread int64_t scratch_bytes;
 
@@ -139,36 +152,107 @@ static uint8_t* scratch_of(int64_t bytes) {
     return scratch;
 }
 
+// Carves 64-byte aligned pieces out of one scratch block.
+typedef struct {
+    uint8_t* at;
+    int64_t used;
+} carver;
+
+static void* carve(carver* c, int64_t bytes) {
+    void* p = c->at ? c->at + c->used : NULL;
+    c->used += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+// ---- 4-bit matmuls ------------------------------------------------------------------------
+
+typedef struct {
+    const uint8_t* w;  // nibbles, scales and minimums in the layout above
+    const uint16_t* sc;
+    const uint16_t* mn;
+    int64_t n, k, g;  // output rows, inputs, group size
+} q4_weight;
+
+static int q4_fits(const q4_weight* w) {
+    return w->w && w->n % 16 == 0 && w->g > 0 && w->g % 16 == 0 && w->k % w->g == 0;
+}
+
+// The activations of M rows quantized for input width k and group size g.
+typedef struct {
+    int8_t* x1;
+    int8_t* x2;
+    float* dx;
+    float* sx;
+    int64_t m, k, g;
+    int halves;
+} q4_input;
+
+static void q4_input_carve(carver* c, q4_input* in, int64_t m, int64_t k, int64_t g, int halves) {
+    in->m = m, in->k = k, in->g = g, in->halves = halves;
+    in->x1 = carve(c, m * k);
+    in->x2 = carve(c, m * k);
+    in->dx = carve(c, m * (k / g) * (int64_t)sizeof(float));
+    in->sx = carve(c, m * (k / g) * (int64_t)sizeof(float));
+}
+
+static void q4_quantize(const float* x, const q4_input* in) {
+    quantize_rows(x, in->m, in->k, in->g, in->halves, in->x1, in->x2, in->dx, in->sx);
+}
+
+// ys[i] (M, ws[i].n) = x @ W_i^T for `count` weights that take the same input, their blocks
+// of 16 output rows shared out in chunks as threads come free (a thread the OS preempts --
+// the HTTP side, a client on the same cores -- delays its chunk, not half the layer). A
+// worksharing loop: inside a parallel region its threads share it, outside one it runs on
+// the calling thread alone.
+static void q4_matmuls(const q4_weight* ws, float* const* ys, int count, const q4_input* in) {
+    int64_t starts[8], total = 0;
+    for (int i = 0; i < count; i++) {
+        starts[i] = total;
+        total += ws[i].n / 16;
+    }
+    const int64_t threads = omp_get_num_threads();
+    const int64_t chunk = total / (8 * threads) > 1 ? total / (8 * threads) : 1;
+    const int64_t M = in->m, K = in->k, G = in->g, groups = K / G;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t t = 0; t < total; t++) {
+        int i = count - 1;
+        while (t < starts[i]) i--;
+        const q4_weight* W = &ws[i];
+        const int64_t b = t - starts[i], N = W->n;
+        const uint8_t* wb = W->w + b * (K / 2) * 16;
+        const uint16_t* sb = W->sc + b * groups * 16;
+        const uint16_t* mb = W->mn + b * groups * 16;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
+            const int64_t rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
+            BLOCKS[in->halves - 1][rows](wb, sb, mb, in->x1 + m0 * K, in->x2 + m0 * K,
+                                         in->dx + m0 * groups, in->sx + m0 * groups, K, G,
+                                         ys[i] + m0 * N + b * 16, N);
+        }
+    }
+}
+
 // Returns 0; 1 when the shapes do not fit the layout, 2 when scratch memory ran out
 // (nothing is written then). halves: 1 = activations in 8 bits, 2 = in two 8-bit halves
 // (about 15 bits; twice the dot products).
 int q4_matmul(const float* x, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
               int64_t M, int64_t N, int64_t K, int64_t G, int halves, float* y, int threads) {
-    if (M < 0 || N % 16 || G % 16 || G <= 0 || K % G || (halves != 1 && halves != 2)) return 1;
+    const q4_weight weight = {w, sc, mn, N, K, G};
+    if (M < 0 || !q4_fits(&weight) || (halves != 1 && halves != 2)) return 1;
     if (M == 0) return 0;
-    const int64_t groups = K / G, blocks = N / 16, padded = ((M * K + 63) / 64) * 64;
-    uint8_t* room = scratch_of(2 * padded + 2 * M * groups * (int64_t)sizeof(float));
-    if (!room) return 2;
-    int8_t* x1 = (int8_t*)room;
-    int8_t* x2 = x1 + padded;
-    float* dx = (float*)(x2 + padded);
-    float* sx = dx + M * groups;
-    quantize_rows(x, M, K, G, halves, x1, x2, dx, sx);
-    if (threads < 1 || blocks < 2 * threads) threads = 1;  // too little to share
-    // in chunks taken as threads come free: a thread the OS preempts (the HTTP side, a
-    // client on the same cores) delays its chunk, not half the layer
-    const int64_t chunk = blocks / (8 * threads) > 1 ? blocks / (8 * threads) : 1;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t* wb = w + b * (K / 2) * 16;
-        const uint16_t* sb = sc + b * groups * 16;
-        const uint16_t* mb = mn + b * groups * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
-            const int64_t rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
-            BLOCKS[halves - 1][rows](wb, sb, mb, x1 + m0 * K, x2 + m0 * K, dx + m0 * groups,
-                                     sx + m0 * groups, K, G, y + m0 * N + b * 16, N);
-        }
-    }
+    carver c = {NULL, 0};
+    q4_input in;
+    q4_input_carve(&c, &in, M, K, G, halves);
+    c.at = scratch_of(c.used), c.used = 0;
+    if (!c.at) return 2;
+    q4_input_carve(&c, &in, M, K, G, halves);
+    q4_quantize(x, &in);
+    if (threads < 1 || N / 16 < 2 * threads) threads = 1;  // too little to share
+#pragma omp parallel num_threads(threads)
+    q4_matmuls(&weight, &y, 1, &in);
     return 0;
 }
 
@@ -181,12 +265,104 @@ int q4_matmul(const float* x, const uint8_t* w, const uint16_t* sc, const uint16
 // b (R, N) int8 their B transposed, one scale per output column and adapter. A row reads
 // only its own adapter's weights, a quarter of their float32 bytes.
 
+typedef struct {
+    const int32_t* off;  // (slots + 1,): slot s's rank components are off[s] .. off[s + 1]
+    const int8_t* a;
+    const float* a_scale;
+    const int8_t* b;
+    const float* b_scale;
+    int64_t slots, k, n;
+} lora_weight;
+
 static inline __m512 load_i8_as_ps(const int8_t* p, __mmask16 mask) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
 
-static inline __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+// The largest rank of any slot; -1 where the offsets or the rows' slots do not fit.
+static int64_t lora_widest(const lora_weight* l, const int32_t* slot, int64_t seqs) {
+    int64_t widest = 0;
+    for (int64_t s = 0; s < l->slots; s++) {
+        if (l->off[s + 1] < l->off[s]) return -1;
+        if (l->off[s + 1] - l->off[s] > widest) widest = l->off[s + 1] - l->off[s];
+    }
+    for (int64_t i = 0; i < seqs; i++)
+        if (slot[i] >= l->slots) return -1;
+    return widest;
+}
+
+// For `count` LoRA blocks (ls[i] on input xs[i], into ys[i]; h[i] room for M x widest[i]):
+// ys[i] += each row's delta. Two worksharing loops: the rank components (A), then the
+// output columns (B).
+static void lora_deltas(const lora_weight* ls, const float* const* xs, float* const* ys,
+                        float* const* h, const int64_t* widest, int count, int64_t M,
+                        int64_t T, const int32_t* slot) {
+    int64_t starts[8], total = 0;
+    for (int i = 0; i < count; i++) {
+        starts[i] = total;
+        total += M * widest[i];
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+        int i = count - 1;
+        while (t < starts[i]) i--;
+        const lora_weight* l = &ls[i];
+        const int64_t m = (t - starts[i]) / widest[i], r = (t - starts[i]) % widest[i];
+        const int32_t s = slot[m / T];
+        if (s < 0 || r >= l->off[s + 1] - l->off[s]) continue;
+        const int64_t row = l->off[s] + r, K = l->k;
+        const int8_t* ar = l->a + row * K;
+        const float* xm = xs[i] + m * K;
+        // four sums, over every fourth vector: four dependency chains
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64)
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm512_fmadd_ps(load_i8_as_ps(ar + k + 16 * j, 0xFFFF),
+                                         _mm512_loadu_ps(xm + k + 16 * j), acc[j]);
+        for (int j = 0; k < K; k += 16, j++) {
+            const __mmask16 mask = tail_mask(K - k);
+            acc[j] = _mm512_fmadd_ps(load_i8_as_ps(ar + k, mask), _mm512_maskz_loadu_ps(mask, xm + k), acc[j]);
+        }
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        h[i][m * widest[i] + r] = _mm512_reduce_add_ps(sum) * l->a_scale[row];
+    }
+    total = 0;
+    for (int i = 0; i < count; i++) {
+        starts[i] = total;
+        total += widest[i] ? M * ((ls[i].n + 63) / 64) : 0;
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+        int i = count - 1;
+        while (t < starts[i]) i--;
+        const lora_weight* l = &ls[i];
+        const int64_t N = l->n, col_blocks = (N + 63) / 64;
+        const int64_t m = (t - starts[i]) / col_blocks, cb = (t - starts[i]) % col_blocks;
+        const int32_t s = slot[m / T];
+        if (s < 0) continue;
+        const int64_t rank = l->off[s + 1] - l->off[s];
+        if (rank == 0) continue;
+        const float* hm = h[i] + m * widest[i];
+        // the block's four vectors of 16 columns side by side: four dependency chains
+        const int64_t n0 = cb * 64;
+        __mmask16 mask[4];
+        __m512 acc[4];
+        for (int j = 0; j < 4; j++) {
+            mask[j] = n0 + 16 * j < N ? tail_mask(N - n0 - 16 * j) : 0;
+            acc[j] = _mm512_setzero_ps();
+        }
+        for (int64_t r = 0; r < rank; r++) {
+            const __m512 hr = _mm512_set1_ps(hm[r]);
+            const int8_t* br = l->b + (l->off[s] + r) * N + n0;
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm512_fmadd_ps(hr, load_i8_as_ps(br + 16 * j, mask[j]), acc[j]);
+        }
+        for (int j = 0; j < 4; j++) {
+            float* out = ys[i] + m * N + n0 + 16 * j;
+            const __m512 scale = _mm512_maskz_loadu_ps(mask[j], l->b_scale + s * N + n0 + 16 * j);
+            _mm512_mask_storeu_ps(out, mask[j], _mm512_fmadd_ps(acc[j], scale, _mm512_maskz_loadu_ps(mask[j], out)));
+        }
+    }
 }
 
 int lora_add(const float* x, int64_t M, int64_t T, int64_t K, int64_t N, const int32_t* slot,
@@ -194,60 +370,15 @@ int lora_add(const float* x, int64_t M, int64_t T, int64_t K, int64_t N, const i
              const int8_t* b, const float* b_scale, float* y, int threads) {
     if (M < 0 || T < 1 || K < 1 || N < 1 || M % T) return 1;
     if (M == 0) return 0;
-    int64_t widest = 0;
-    for (int64_t s = 0; s < slots; s++) {
-        if (off[s + 1] < off[s]) return 1;
-        if (off[s + 1] - off[s] > widest) widest = off[s + 1] - off[s];
-    }
-    for (int64_t i = 0; i < M / T; i++)
-        if (slot[i] >= slots) return 1;
+    const lora_weight l = {off, a, a_scale, b, b_scale, slots, K, N};
+    const int64_t widest = lora_widest(&l, slot, M / T);
+    if (widest < 0) return 1;
     if (widest == 0) return 0;
     float* h = (float*)scratch_of(M * widest * (int64_t)sizeof(float));
     if (!h) return 2;
-    const int64_t col_blocks = (N + 63) / 64;
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            for (int64_t r = 0; r < widest; r++) {
-                const int32_t s = slot[m / T];
-                if (s < 0 || r >= off[s + 1] - off[s]) continue;
-                const int64_t row = off[s] + r;
-                const int8_t* ar = a + row * K;
-                const float* xm = x + m * K;
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t k = 0; k < K; k += 16) {
-                    const __mmask16 mask = tail_mask(K - k);
-                    acc = _mm512_fmadd_ps(load_i8_as_ps(ar + k, mask),
-                                          _mm512_maskz_loadu_ps(mask, xm + k), acc);
-                }
-                h[m * widest + r] = _mm512_reduce_add_ps(acc) * a_scale[row];
-            }
-        }
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            for (int64_t cb = 0; cb < col_blocks; cb++) {
-                const int32_t s = slot[m / T];
-                if (s < 0) continue;
-                const int64_t rank = off[s + 1] - off[s];
-                if (rank == 0) continue;
-                const int64_t end = (cb + 1) * 64 < N ? (cb + 1) * 64 : N;
-                for (int64_t n = cb * 64; n < end; n += 16) {
-                    const __mmask16 mask = tail_mask(end - n);
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t r = 0; r < rank; r++) {
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(h[m * widest + r]),
-                                              load_i8_as_ps(b + (off[s] + r) * N + n, mask), acc);
-                    }
-                    float* out = y + m * N + n;
-                    const __m512 scale = _mm512_maskz_loadu_ps(mask, b_scale + s * N + n);
-                    _mm512_mask_storeu_ps(out, mask,
-                                          _mm512_fmadd_ps(acc, scale, _mm512_maskz_loadu_ps(mask, out)));
-                }
-            }
-        }
-    }
+    lora_deltas(&l, &x, &y, &h, &widest, 1, M, T, slot);
     return 0;
 }
 
@@ -256,9 +387,8 @@ int lora_add(const float* x, int64_t M, int64_t T, int64_t K, int64_t N, const i
 // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, in float32, plus residual[r, :] where
 // a residual is given (NULL: none): a decode step runs some hundred of them on a few rows
 // each, one call instead of five or six framework operators.
-int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float eps,
-             const float* residual, float* y) {
-    if (rows < 0 || dim < 1) return 1;
+static void norm_rows(const float* x, int64_t rows, int64_t dim, const float* w, float eps,
+                      const float* residual, float* y) {
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * dim;
         __m512 acc = _mm512_setzero_ps();
@@ -277,6 +407,12 @@ int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float ep
             _mm512_mask_storeu_ps(yr + k, mask, o);
         }
     }
+}
+
+int rms_norm(const float* x, int64_t rows, int64_t dim, const float* w, float eps,
+             const float* residual, float* y) {
+    if (rows < 0 || dim < 1) return 1;
+    norm_rows(x, rows, dim, w, eps, residual, y);
     return 0;
 }
 
@@ -301,11 +437,10 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-int act_mul(const float* gate, const float* up, int64_t n, int act, float* y) {
-    if (n < 0 || (act != 0 && act != 1)) return 1;
+static void act_range(const float* gate, const float* up, int64_t from, int64_t to, int act, float* y) {
     const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 mask = tail_mask(n - i);
+    for (int64_t i = from; i < to; i += 16) {
+        const __mmask16 mask = tail_mask(to - i);
         const __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
         __m512 a;
         if (act == 0) {
@@ -321,6 +456,11 @@ int act_mul(const float* gate, const float* up, int64_t n, int act, float* y) {
         }
         _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(mask, up + i)));
     }
+}
+
+int act_mul(const float* gate, const float* up, int64_t n, int act, float* y) {
+    if (n < 0 || (act != 0 && act != 1)) return 1;
+    act_range(gate, up, 0, n, act, y);
     return 0;
 }
 
@@ -335,6 +475,22 @@ int act_mul(const float* gate, const float* up, int64_t n, int act, float* y) {
 // - each query head attends over its key head's columns max(0, p - window + 1) .. p
 //   (window 0: all), softmax(scale * q.k) in float32, into out (n, heads * dim).
 // One call for what takes some forty framework operators per layer.
+
+typedef struct {
+    int64_t heads, kv_heads, dim, window;
+    const float* q_norm;  // (dim,) or NULL
+    const float* k_norm;
+    float eps, scale;
+} attention_spec;
+
+typedef struct {
+    const float* cos;  // (n, dim)
+    const float* sin;
+    const int64_t* pos;  // (n,)
+    float* keys;  // (rows, kv_heads, capacity, dim)
+    float* values;
+    int64_t rows, capacity;
+} attention_cache;
 
 static inline float dot_ps(const float* a, const float* b, int64_t dim) {
     __m512 acc = _mm512_setzero_ps();
@@ -359,49 +515,56 @@ static void norm_rope(const float* x, const float* w, float eps, const float* co
     }
 }
 
-int attend_decode(const float* q, const float* k, const float* v, int64_t n, int64_t heads,
-                  int64_t kv_heads, int64_t dim, const float* q_norm, const float* k_norm,
-                  float eps, const float* cos, const float* sin, const int64_t* pos,
-                  float* keys, float* values, int64_t rows, int64_t capacity, int64_t window,
-                  float scale, float* out, int threads) {
-    if (n < 0 || n > rows || heads < 1 || kv_heads < 1 || heads % kv_heads || dim < 2 || dim % 2 ||
-        window < 0)
-        return 1;
+static int attention_fits(const attention_spec* a, const attention_cache* c, int64_t n) {
+    if (n < 0 || n > c->rows || a->heads < 1 || a->kv_heads < 1 || a->heads % a->kv_heads ||
+        a->dim < 2 || a->dim % 2 || a->window < 0)
+        return 0;
     for (int64_t r = 0; r < n; r++)
-        if (pos[r] < 0 || pos[r] >= capacity) return 1;
-    const int64_t groups = heads / kv_heads;
-    for (int64_t r = 0; r < n; r++) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t at = ((r * kv_heads + h) * capacity + pos[r]) * dim;
-            norm_rope(k + (r * kv_heads + h) * dim, k_norm, eps, cos + r * dim, sin + r * dim, dim,
-                      keys + at);
-            __builtin_memcpy(values + at, v + (r * kv_heads + h) * dim, (size_t)dim * sizeof(float));
-        }
-    }
+        if (c->pos[r] < 0 || c->pos[r] >= c->capacity) return 0;
+    return 1;
+}
+
+// Floats of room each thread needs (query, scores, sums).
+static int64_t attention_room(const attention_spec* a, const attention_cache* c, int64_t n) {
     int64_t longest = 0;
     for (int64_t r = 0; r < n; r++)
-        if (pos[r] + 1 > longest) longest = pos[r] + 1;
-    if (threads < 1 || n * heads < 2) threads = 1;
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        if (c->pos[r] + 1 > longest) longest = c->pos[r] + 1;
+    return (longest + 2 * a->dim + 15) / 16 * 16;
+}
+
+// The keys and values of n rows into the cache (on one thread: a few kilobytes).
+static void attention_write(const attention_spec* a, const attention_cache* c, const float* k,
+                            const float* v, int64_t n) {
+    const int64_t dim = a->dim, kvh = a->kv_heads;
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t h = 0; h < kvh; h++) {
+            const int64_t at = ((r * kvh + h) * c->capacity + c->pos[r]) * dim;
+            norm_rope(k + (r * kvh + h) * dim, a->k_norm, a->eps, c->cos + r * dim,
+                      c->sin + r * dim, dim, c->keys + at);
+            __builtin_memcpy(c->values + at, v + (r * kvh + h) * dim, (size_t)dim * sizeof(float));
+        }
+    }
+}
+
+// Each (row, query head) as a worksharing loop; room: `per_thread` floats for each thread.
+static void attention_heads(const attention_spec* a, const attention_cache* c, const float* q,
+                            int64_t n, float* room, int64_t per_thread, float* out) {
+    const int64_t dim = a->dim, heads = a->heads, groups = heads / a->kv_heads;
+    float* query = room + omp_get_thread_num() * per_thread;
+    float* acc = query + dim;
+    float* score = acc + dim;
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n * heads; task++) {
         const int64_t r = task / heads, head = task % heads, h = head / groups;
-        float* room = (float*)scratch_of((longest + 2 * dim) * (int64_t)sizeof(float));
-        if (!room) {
-            failed = 1;
-            continue;
-        }
-        float* query = room;
-        float* score = room + dim;
-        float* acc = score + longest;
-        norm_rope(q + (r * heads + head) * dim, q_norm, eps, cos + r * dim, sin + r * dim, dim, query);
-        const int64_t p = pos[r];
-        const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const float* kh = keys + (r * kv_heads + h) * capacity * dim;
-        const float* vh = values + (r * kv_heads + h) * capacity * dim;
+        norm_rope(q + (r * heads + head) * dim, a->q_norm, a->eps, c->cos + r * dim,
+                  c->sin + r * dim, dim, query);
+        const int64_t p = c->pos[r];
+        const int64_t first = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+        const float* kh = c->keys + (r * a->kv_heads + h) * c->capacity * dim;
+        const float* vh = c->values + (r * a->kv_heads + h) * c->capacity * dim;
         float peak = -INFINITY;
         for (int64_t j = first; j <= p; j++) {
-            score[j] = scale * dot_ps(query, kh + j * dim, dim);
+            score[j] = a->scale * dot_ps(query, kh + j * dim, dim);
             if (score[j] > peak) peak = score[j];
         }
         float total = 0.0f;
@@ -422,5 +585,143 @@ int attend_decode(const float* q, const float* k, const float* v, int64_t n, int
         }
         __builtin_memcpy(out + (r * heads + head) * dim, acc, (size_t)dim * sizeof(float));
     }
-    return failed ? 2 : 0;
+}
+
+int attend_decode(const float* q, const float* k, const float* v, int64_t n, int64_t heads,
+                  int64_t kv_heads, int64_t dim, const float* q_norm, const float* k_norm,
+                  float eps, const float* cos, const float* sin, const int64_t* pos,
+                  float* keys, float* values, int64_t rows, int64_t capacity, int64_t window,
+                  float scale, float* out, int threads) {
+    const attention_spec a = {heads, kv_heads, dim, window, q_norm, k_norm, eps, scale};
+    const attention_cache c = {cos, sin, pos, keys, values, rows, capacity};
+    if (!attention_fits(&a, &c, n)) return 1;
+    if (n == 0) return 0;
+    if (threads < 1 || n * heads < 2) threads = 1;
+    const int64_t per_thread = attention_room(&a, &c, n);
+    float* room = (float*)scratch_of(threads * per_thread * (int64_t)sizeof(float));
+    if (!room) return 2;
+    attention_write(&a, &c, k, v, n);
+#pragma omp parallel num_threads(threads)
+    attention_heads(&a, &c, q, n, room, per_thread, out);
+    return 0;
+}
+
+// ---- A whole decoder layer of a decode step ---------------------------------------------
+//
+// h (n, hidden) in place: the layer's norms, its seven 4-bit projections with each row's
+// LoRA delta (slot per row, NULL: no adapter rows), attention and the gated MLP, in one
+// parallel region (one fork and join where the calls one by one take some twenty), with
+// the same arithmetic as those calls: a row's result is the same bit for bit either way.
+// Gemma (gemma = 1): h += norm_post_attn(o); h += norm_post_ff(down(act(gate) * up)) over
+// norm_pre_ff(h); Llama: h += o; h += down(...) over norm_post_attn(h).
+
+enum { Q, K_, V, O, GATE, UP, DOWN, PROJECTIONS };
+
+typedef struct {
+    int64_t hidden, inter;
+    int32_t gemma, act, halves, pad;
+    float eps;  // the layer norms'
+    float pad2;
+    const float* norm_in;
+    const float* norm_post_attn;
+    const float* norm_pre_ff;  // Gemma's two more (NULL for Llama)
+    const float* norm_post_ff;
+    attention_spec attention;
+    q4_weight proj[PROJECTIONS];
+    lora_weight lora[PROJECTIONS];  // a NULL: no LoRA block on that projection
+} layer_spec;
+
+int decode_layer(const layer_spec* L, float* h, int64_t n, const int32_t* slot,
+                 const float* cos, const float* sin, const int64_t* pos, float* keys,
+                 float* values, int64_t rows, int64_t capacity, int threads) {
+    const attention_spec* a = &L->attention;
+    const attention_cache c = {cos, sin, pos, keys, values, rows, capacity};
+    const int64_t D = L->hidden, I = L->inter, qd = a->heads * a->dim, kvd = a->kv_heads * a->dim;
+    const int64_t G = L->proj[Q].g;
+    if (!attention_fits(a, &c, n) || (L->halves != 1 && L->halves != 2) ||
+        (L->act != 0 && L->act != 1) || (L->gemma && (!L->norm_pre_ff || !L->norm_post_ff)))
+        return 1;
+    const int64_t shapes[PROJECTIONS][2] = {{qd, D}, {kvd, D}, {kvd, D}, {D, qd}, {I, D}, {I, D}, {D, I}};
+    int64_t widest[PROJECTIONS];
+    for (int i = 0; i < PROJECTIONS; i++) {
+        const q4_weight* w = &L->proj[i];
+        if (!q4_fits(w) || w->n != shapes[i][0] || w->k != shapes[i][1] || w->g != G) return 1;
+        widest[i] = 0;
+        const lora_weight* l = &L->lora[i];
+        if (slot && l->a) {
+            if (l->k != w->k || l->n != w->n) return 1;
+            widest[i] = lora_widest(l, slot, n);
+            if (widest[i] < 0) return 1;
+        }
+    }
+    if (n == 0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t per_thread = attention_room(a, &c, n);
+    // scratch: measured first (NULL base), then carved for real
+    carver cv = {NULL, 0};
+    q4_input in_d, in_q, in_i;
+    float *xn, *qo, *ko, *vo, *att, *oo, *go, *uo, *act, *dn, *room, *hs[PROJECTIONS];
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            cv.at = scratch_of(cv.used), cv.used = 0;
+            if (!cv.at) return 2;
+        }
+        q4_input_carve(&cv, &in_d, n, D, G, L->halves);
+        q4_input_carve(&cv, &in_q, n, qd, G, L->halves);
+        q4_input_carve(&cv, &in_i, n, I, G, L->halves);
+        xn = carve(&cv, n * D * 4), qo = carve(&cv, n * qd * 4), ko = carve(&cv, n * kvd * 4);
+        vo = carve(&cv, n * kvd * 4), att = carve(&cv, n * qd * 4), oo = carve(&cv, n * D * 4);
+        go = carve(&cv, n * I * 4), uo = carve(&cv, n * I * 4), act = carve(&cv, n * I * 4);
+        dn = carve(&cv, n * D * 4), room = carve(&cv, threads * per_thread * 4);
+        for (int i = 0; i < PROJECTIONS; i++) hs[i] = carve(&cv, n * widest[i] * 4 + 4);
+    }
+    const lora_weight* l = L->lora;
+    float* const qkv_out[3] = {qo, ko, vo};
+    const float* const xs_qkv[3] = {xn, xn, xn};
+    float* const gu_out[2] = {go, uo};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        {
+            norm_rows(h, n, D, L->norm_in, L->eps, NULL, xn);
+            q4_quantize(xn, &in_d);
+        }
+        q4_matmuls(&L->proj[Q], qkv_out, 3, &in_d);
+        if (slot) lora_deltas(&l[Q], xs_qkv, qkv_out, &hs[Q], &widest[Q], 3, n, 1, slot);
+#pragma omp single
+        attention_write(a, &c, ko, vo, n);
+        attention_heads(a, &c, qo, n, room, per_thread, att);
+#pragma omp single
+        q4_quantize(att, &in_q);
+        q4_matmuls(&L->proj[O], &oo, 1, &in_q);
+        if (slot) lora_deltas(&l[O], (const float* const*)&att, &oo, &hs[O], &widest[O], 1, n, 1, slot);
+#pragma omp single
+        {
+            if (L->gemma) {
+                norm_rows(oo, n, D, L->norm_post_attn, L->eps, h, h);
+                norm_rows(h, n, D, L->norm_pre_ff, L->eps, NULL, xn);
+            } else {
+                for (int64_t j = 0; j < n * D; j++) h[j] += oo[j];
+                norm_rows(h, n, D, L->norm_post_attn, L->eps, NULL, xn);
+            }
+            q4_quantize(xn, &in_d);
+        }
+        q4_matmuls(&L->proj[GATE], gu_out, 2, &in_d);
+        if (slot) lora_deltas(&l[GATE], xs_qkv, gu_out, &hs[GATE], &widest[GATE], 2, n, 1, slot);
+#pragma omp single
+        {
+            act_range(go, uo, 0, n * I, L->act, act);
+            q4_quantize(act, &in_i);
+        }
+        q4_matmuls(&L->proj[DOWN], &dn, 1, &in_i);
+        if (slot) lora_deltas(&l[DOWN], (const float* const*)&act, &dn, &hs[DOWN], &widest[DOWN], 1, n, 1, slot);
+#pragma omp single
+        {
+            if (L->gemma)
+                norm_rows(dn, n, D, L->norm_post_ff, L->eps, h, h);
+            else
+                for (int64_t j = 0; j < n * D; j++) h[j] += dn[j];
+        }
+    }
+    return 0;
 }

@@ -155,6 +155,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.attend_decode.argtypes = [p, p, p, i64, i64, i64, i64, p, p, f32, p, p, p, p, p]
     lib.attend_decode.argtypes += [i64, i64, i64, f32, p, c_int]
     lib.attend_decode.restype = c_int
+    lib.decode_layer.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, c_int]
+    lib.decode_layer.restype = c_int
     logger.info("4-bit VNNI kernel loaded (%s)", SOURCE.name)
     return lib, None
 
@@ -547,3 +549,164 @@ def attend_decode(
     )
     _check(status)
     return out
+
+
+# --- a whole decoder layer of a decode step ------------------------------------------------
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _Q4(ctypes.Structure):
+    _fields_ = [("w", _p), ("sc", _p), ("mn", _p), ("n", _i64), ("k", _i64), ("g", _i64)]
+
+
+class _LoRA(ctypes.Structure):
+    _fields_ = [
+        ("off", _p),
+        ("a", _p),
+        ("a_scale", _p),
+        ("b", _p),
+        ("b_scale", _p),
+        ("slots", _i64),
+        ("k", _i64),
+        ("n", _i64),
+    ]
+
+
+class _Attention(ctypes.Structure):
+    _fields_ = [
+        ("heads", _i64),
+        ("kv_heads", _i64),
+        ("dim", _i64),
+        ("window", _i64),
+        ("q_norm", _p),
+        ("k_norm", _p),
+        ("eps", _f32),
+        ("scale", _f32),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("hidden", _i64),
+        ("inter", _i64),
+        ("gemma", _i32),
+        ("act", _i32),
+        ("halves", _i32),
+        ("pad", _i32),
+        ("eps", _f32),
+        ("pad2", _f32),
+        ("norm_in", _p),
+        ("norm_post_attn", _p),
+        ("norm_pre_ff", _p),
+        ("norm_post_ff", _p),
+        ("attention", _Attention),
+        ("proj", _Q4 * 7),
+        ("lora", _LoRA * 7),
+    ]
+
+
+@dataclass
+class LayerParts:
+    """One decoder layer's weights as the decoder finds them (see DecodeLayer)."""
+
+    projections: list[Packed]  # q, k, v, o, gate, up, down
+    loras: list[LoRAPack | None]  # each projection's 8-bit LoRA blocks, None: none
+    norms: list[torch.Tensor | None]  # float32 (hidden,): input, post-attention, Gemma's
+    # pre- and post-feedforward (None for Llama)
+    eps: float  # the layer norms'
+    q_norm: torch.Tensor | None  # float32 (head_dim,), Gemma's
+    k_norm: torch.Tensor | None
+    qk_eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int | None
+    scale: float
+    activation: str  # a class name of ACTIVATIONS
+
+
+class DecodeLayer:
+    """A whole decoder layer of a decode step in one call (vnni.c's decode_layer): norms,
+    the seven 4-bit projections with each row's LoRA delta, attention and the gated MLP in
+    one parallel region, with the same arithmetic as the kernels called one by one.
+    Holds the tensors its C description points at."""
+
+    def __init__(self, parts: LayerParts, halves: int = 2):
+        _lib()
+        self.parts = parts  # keeps every pointed-at tensor alive
+        gemma = parts.norms[2] is not None
+        if len(parts.projections) != 7 or len(parts.loras) != 7:
+            raise ValueError("a decode layer takes seven projections")
+        spec = _Layer()
+        spec.hidden = parts.projections[0].in_features
+        spec.inter = parts.projections[4].out_features
+        spec.gemma, spec.act, spec.halves = int(gemma), ACTIVATIONS[parts.activation], halves
+        spec.eps = parts.eps
+        for name, norm in zip(
+            ("norm_in", "norm_post_attn", "norm_pre_ff", "norm_post_ff"), parts.norms, strict=True
+        ):
+            setattr(spec, name, norm.data_ptr() if norm is not None else None)
+        att = spec.attention
+        att.heads, att.kv_heads, att.dim = parts.heads, parts.kv_heads, parts.head_dim
+        att.window, att.eps, att.scale = parts.window or 0, parts.qk_eps, parts.scale
+        att.q_norm = parts.q_norm.data_ptr() if parts.q_norm is not None else None
+        att.k_norm = parts.k_norm.data_ptr() if parts.k_norm is not None else None
+        for i, (packed, lora) in enumerate(zip(parts.projections, parts.loras, strict=True)):
+            w = spec.proj[i]
+            w.w, w.sc, w.mn = packed.pointers
+            w.n, w.k, w.g = packed.out_features, packed.in_features, packed.group_size
+            if lora is not None:
+                lo = spec.lora[i]
+                lo.off, lo.a, lo.a_scale, lo.b, lo.b_scale = lora.pointers
+                lo.slots, lo.k, lo.n = lora.slots, lora.in_features, lora.out_features
+        self.spec = spec
+        self._spec_ref = ctypes.byref(spec)
+        self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        slots: torch.Tensor | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """h (n, hidden) float32, contiguous, in place. ``slots`` (n,) int32: each row's LoRA
+        slot (-1: none), None: no row has an adapter; the cache, positions (n,) int64 and
+        cos / sin (n, head_dim) as for attend_decode."""
+        n = h.shape[0]
+        rows, kv_heads, capacity, dim = keys.shape
+        if (
+            h.dtype != torch.float32
+            or not h.is_contiguous()
+            or h.shape[-1] != self.spec.hidden
+            or (slots is not None and (slots.shape != (n,) or slots.dtype != torch.int32))
+            or keys.shape != values.shape
+            or not all(
+                t.dtype == torch.float32 and t.is_contiguous() for t in (keys, values, cos, sin)
+            )
+            or (kv_heads, dim) != (self.kv_heads, self.head_dim)
+            or positions.shape != (n,)
+            or positions.dtype != torch.int64
+            or cos.shape != (n, dim)
+            or sin.shape != (n, dim)
+        ):
+            raise ValueError("decode_layer: the tensors' shapes, dtypes or layouts do not fit")
+        status = _lib().decode_layer(
+            self._spec_ref,
+            h.data_ptr(),
+            n,
+            slots.data_ptr() if slots is not None else None,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            rows,
+            capacity,
+            torch.get_num_threads(),
+        )
+        _check(status)

@@ -18,7 +18,7 @@ from server.engine.hf import use_fast_path
 from server.engine.runner import ModelRunner
 from server.engine.static_kv import StaticKV
 from tests.support import load_causal_lm, read_adapter
-from tests.tiny_model import build_lora_adapter, build_tiny_model
+from tests.tiny_model import build_lora_adapter, build_peft_adapter, build_tiny_model
 
 END_OF_TURN, START_OF_TURN = 5, 4
 PROMPTS = [
@@ -230,6 +230,56 @@ def test_int4_engine_on_the_tiny_model(tmp_path, arch):
         assert (a - b).gather(-1, lead).abs().max() <= 1e-3 * scale, f"step {step}"
         assert (a - b).abs().max() <= 5e-2 * scale, f"step {step}"
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"greedy token differs at step {step}"
+
+
+@pytest.mark.skipif(vnni.unavailable() is not None, reason=f"VNNI kernel out: {vnni.unavailable()}")
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_whole_layers_on_the_kernel_are_the_kernels_called_one_by_one(tmp_path, arch, monkeypatch):
+    """A decode step's layers as one C call each (vnni.DecodeLayer) give the same logits,
+    bit for bit, as the same kernels called module by module, with mixed LoRA adapters
+    (one on every layer, one on q only), token rows and base rows in the batch, rows
+    leaving; layers an adapter kind wraps (IA3, resident but on no row here) run module by
+    module, to the same result."""
+    from peft import IA3Config, TaskType
+
+    from server.config import Settings
+    from server.engine.factory import build_engine
+
+    path = build_tiny_model(tmp_path / "m", tie_word_embeddings=True, arch=arch)
+    adapters = {
+        "all": build_lora_adapter(path, tmp_path / "all", r=4, seed=1),
+        "q": build_lora_adapter(path, tmp_path / "q", r=2, seed=2, target_modules=["q_proj"]),
+        "eot": build_lora_adapter(
+            path, tmp_path / "eot", r=4, seed=3, trainable_token_indices=[END_OF_TURN]
+        ),
+    }
+    calls = []
+    original = vnni.DecodeLayer.__call__
+
+    def counted(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(vnni.DecodeLayer, "__call__", counted)
+    ia3 = build_peft_adapter(path, tmp_path / "ia3", IA3Config(task_type=TaskType.CAUSAL_LM))
+    rows = ["all", BASE_ADAPTER, "eot", "q"]
+    runs = {}
+    for how in ("whole", "one by one", "ia3 resident"):
+        engine = build_engine(Settings(base_model=str(path), quantization="nf4", device="cpu"))
+        runner = engine.runner
+        for name, adapter in adapters.items():
+            runner.adapters.add(read_adapter(name, adapter))
+        if how == "one by one":
+            runner.decoder._layer_kernel = lambda i, layer: None
+        if how == "ia3 resident":
+            runner.adapters.add(read_adapter("ia3", ia3))
+        runs[how] = _generate(runner, PROMPTS, list(rows), chunk=8, leave_at={7: 1})
+        if how == "whole":
+            assert len(calls) == STEPS * 2  # every layer of every step (two layers)
+    assert len(calls) == STEPS * 2  # none with IA3's wrapped layers
+    for step, (a, b, c) in enumerate(zip(*runs.values(), strict=True)):
+        assert torch.equal(a, b), f"step {step}"
+        assert torch.equal(b, c), f"step {step}"
 
 
 def test_int4_layer_stays_close_to_its_float_weight():

@@ -455,6 +455,22 @@ class LoRALinear(nn.Module):
         assert plan.mask is not None
         return ((xa @ self.a_cat) * plan.mask) @ self.b_cat
 
+    def kernel_parts(self) -> tuple[vnni.Packed, vnni.LoRAPack | None, torch.Tensor | None] | None:
+        """For a whole layer on the CPU kernel (vnni.DecodeLayer): the base's packed
+        weight, this layer's 8-bit blocks and the current rows' slots (None, None when no
+        delta applies now, as forward adds none); None where forward would take another
+        road (a float block, a base not on the kernel)."""
+        parts_of = getattr(self.base, "kernel_parts", None)
+        parts = parts_of() if parts_of is not None else None
+        if parts is None or parts[1] is not None:
+            return None
+        plan = self._owner[0].current
+        if plan is None or (self.int8 is None and self.a_cat is None):
+            return parts[0], None, None
+        if self.int8 is None:
+            return None
+        return parts[0], self.int8, plan.slots
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         plan = self._owner[0].current
