@@ -156,11 +156,11 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
     events = prof.key_averages()
     by_label = {e.key: e.cpu_time_total / 1000 / steps for e in events}
     step_ms = by_label.get("decode step", profiled_ms)
-    labels = [*dict.fromkeys(_PARTS.values()), _WHOLE_LAYERS]
-    parts = {label: by_label.get(label, 0.0) for label in labels}
+    parts = {label: by_label.get(label, 0.0) for label in dict.fromkeys(_PARTS.values())}
     if _WRAPPED in by_label:
         lora = by_label[_WRAPPED] - by_label.get(_WRAPPED_BASE, 0.0)
         parts["  of which LoRA (in the two above)"] = max(0.0, lora)
+    parts[_WHOLE_LAYERS] = by_label.get(_WHOLE_LAYERS, 0.0)
     in_modules = sum(v for k, v in parts.items() if not k.startswith("  "))
     parts["rest: attention, norms, rotary, activation, cache, Python"] = max(
         0.0, step_ms - in_modules

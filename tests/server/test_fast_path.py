@@ -115,10 +115,15 @@ def test_fast_path_matches_reference_with_mixed_adapters_and_token_rows(setup, k
     assert not torch.allclose(base_only[0][0], fast[0][0], atol=1e-3)
 
 
-def test_batch_size_changes_every_step(setup):
-    """Rows join and leave at every step; each row's logits stay those it has alone."""
+@pytest.mark.parametrize("kernels", ["torch", "c"])
+def test_batch_size_changes_every_step(setup, kernels):
+    """Rows join and leave at every step; each row's logits stay those it has alone (with
+    the step's norms, activation and attention on the CPU kernels too)."""
+    if kernels == "c" and vnni.unavailable() is not None:
+        pytest.skip(f"VNNI kernel out: {vnni.unavailable()}")
     model_path, adapters = setup
     runner = _runner(FastModelRunner, load_causal_lm(model_path), adapters)
+    runner.decoder.c_kernels = kernels == "c"
     names = ["all", BASE_ADAPTER, "eot", "q"]
     alone = [_generate(runner, [p], [n], chunk=16) for p, n in zip(PROMPTS, names, strict=True)]
     # row i joins at step i (prefilled alone, then merged); row 0 leaves after step 5,
