@@ -11,8 +11,10 @@ import threading
 
 import pytest
 
+from server.engine import vnni
 from server.engine.base import BASE_ADAPTER, GenerationRequest, SamplingParams
 from server.engine.fast_runner import FastModelRunner
+from server.engine.int4 import repack_linear_layers
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, new_sequences
 from tests.support import load_causal_lm, read_adapter
@@ -126,13 +128,17 @@ def sequences(prompt, adapter, max_tokens, name, events, outputs):
     return new_sequences(request, emit, default_timeout_s=60)
 
 
-def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK, also=()):
+def serve(runner_class, setup, requests, *, newcomer=None, chunk=CHUNK, also=(), int4=None):
     """Run the long request (and the newcomer with those in ``also``, submitted together
     inside step ARRIVES_AT_STEP) on a fresh scheduler; returns (tokens by name, events,
-    runner)."""
+    runner). ``int4``: the linear layers re-packed to 4 bits on that kernel first ("vnni":
+    a decode step's layers then run as whole calls on the CPU kernel)."""
     model_path, adapter_paths = setup
     events = Events()
-    runner = recording(runner_class, events)(load_causal_lm(model_path), pad_token_id=0)
+    model = load_causal_lm(model_path)
+    if int4 is not None:
+        repack_linear_layers(model, kernel=int4)
+    runner = recording(runner_class, events)(model, pad_token_id=0)
     for name, path in adapter_paths.items():
         runner.adapters.add(read_adapter(name, path))
     scheduler = Scheduler(
@@ -167,14 +173,24 @@ def first_token_before_step_end(log, name, step):
     return log.index(("token", name)) < log.index(("step end", str(step)))
 
 
+@pytest.mark.parametrize("int4", [None, "vnni"])
 @pytest.mark.parametrize("adapters", [("a", "b"), (BASE_ADAPTER, "b"), ("a", BASE_ADAPTER)])
-def test_newcomer_gets_its_first_token_inside_the_step_and_both_decode_as_alone(setup, adapters):
+def test_newcomer_gets_its_first_token_inside_the_step_and_both_decode_as_alone(
+    setup, adapters, int4
+):
+    """int4 "vnni": the step under way runs its layers as whole calls on the CPU kernel,
+    the newcomer's prefill between two of them."""
+    if int4 == "vnni" and vnni.unavailable() is not None:
+        pytest.skip(f"VNNI kernel out: {vnni.unavailable()}")
     long_adapter, short_adapter = adapters
     long = (LONG, long_adapter, 10, "long")
     short = (SHORT, short_adapter, 6, "short")
-    alone_long = serve(FastModelRunner, setup, [long])[0]["long"]
-    alone_short = serve(FastModelRunner, setup, [short])[0]["short"]
-    outputs, log, runner = serve(FastModelRunner, setup, [long], newcomer=short)
+    alone_long = serve(FastModelRunner, setup, [long], int4=int4)[0]["long"]
+    alone_short = serve(FastModelRunner, setup, [short], int4=int4)[0]["short"]
+    outputs, log, runner = serve(FastModelRunner, setup, [long], newcomer=short, int4=int4)
+    if int4 == "vnni":
+        kernels = runner.decoder._layer_kernels.values()
+        assert any(kernel is not None for _, kernel in kernels)  # layers as whole calls
     assert runner.callback_seen and all(runner.callback_seen)
     assert log.index(("submitted",)) < log.index(("step end", str(ARRIVES_AT_STEP)))
     # the newcomer did not wait for the step under way: prefilled between its layers
@@ -184,8 +200,8 @@ def test_newcomer_gets_its_first_token_inside_the_step_and_both_decode_as_alone(
     assert outputs["short"] == alone_short
     # the adapters do change the tokens: a plan lost after the nested prefill would show
     if long_adapter != BASE_ADAPTER:
-        plain = serve(FastModelRunner, setup, [(LONG, BASE_ADAPTER, 10, "long")])[0]["long"]
-        assert plain != alone_long
+        plain = serve(FastModelRunner, setup, [(LONG, BASE_ADAPTER, 10, "long")], int4=int4)
+        assert plain[0]["long"] != alone_long
 
 
 @pytest.mark.parametrize("adapters", [("prompt", "prefix"), ("prefix", "prompt")])
