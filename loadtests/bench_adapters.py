@@ -267,7 +267,9 @@ def main() -> None:
             growth.append((registered, asyncio.run(throughput(url, pick, tokens))))
     python = vllm_python()
     if python is not None:
-        with running_server({**env, "SWAPSERVE_ENGINE": "vllm"}, python=str(python)) as url:
+        # a data directory of its own: the hf server's registry already names these adapters
+        vllm_env = {**env, "SWAPSERVE_ENGINE": "vllm", "SWAPSERVE_DATA_DIR": str(work / "vllm")}
+        with running_server(vllm_env, python=str(python)) as url:
             for i in range(n):
                 register(url, f"ad{i}", paths[i])
             asyncio.run(throughput(url, ["ad0"] * 2, 4))  # warm-up
