@@ -168,6 +168,14 @@ static inline __mmask16 tail_mask(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
 
+// Which of `count` jobs a task of a shared loop belongs to: job i has tasks starts[i] ..
+// starts[i + 1] - 1 (the last one's run to the loop's end; an empty job is never picked).
+static inline int job_of(const int64_t* starts, int count, int64_t t) {
+    int i = count - 1;
+    while (t < starts[i]) i--;
+    return i;
+}
+
 // ---- 4-bit matmuls ------------------------------------------------------------------------
 
 typedef struct {
@@ -219,8 +227,7 @@ static void q4_matmuls(const q4_weight* ws, float* const* ys, int count, const q
     const int64_t M = in->m, K = in->k, G = in->g, groups = K / G;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < total; t++) {
-        int i = count - 1;
-        while (t < starts[i]) i--;
+        const int i = job_of(starts, count, t);
         const q4_weight* W = &ws[i];
         const int64_t b = t - starts[i], N = W->n;
         const uint8_t* wb = W->w + b * (K / 2) * 16;
@@ -303,8 +310,7 @@ static void lora_deltas(const lora_weight* ls, const float* const* xs, float* co
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; t++) {
-        int i = count - 1;
-        while (t < starts[i]) i--;
+        const int i = job_of(starts, count, t);
         const lora_weight* l = &ls[i];
         const int64_t m = (t - starts[i]) / widest[i], r = (t - starts[i]) % widest[i];
         const int32_t s = slot[m / T];
@@ -333,8 +339,7 @@ static void lora_deltas(const lora_weight* ls, const float* const* xs, float* co
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; t++) {
-        int i = count - 1;
-        while (t < starts[i]) i--;
+        const int i = job_of(starts, count, t);
         const lora_weight* l = &ls[i];
         const int64_t N = l->n, col_blocks = (N + 63) / 64;
         const int64_t m = (t - starts[i]) / col_blocks, cb = (t - starts[i]) % col_blocks;

@@ -481,6 +481,28 @@ def act_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     return out
 
 
+def _step_cache_fits(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n: int,
+) -> bool:
+    """What a decode step's attention takes beside its rows, for n rows: the cache (rows,
+    kv_heads, capacity, dim) float32, positions (n,) int64, cos and sin (n, dim) float32,
+    each contiguous."""
+    dim = keys.shape[-1]
+    return (
+        values.shape == keys.shape
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (keys, values, cos, sin))
+        and positions.shape == (n,)
+        and positions.dtype == torch.int64
+        and cos.shape == (n, dim)
+        and sin.shape == (n, dim)
+    )
+
+
 def attend_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -508,19 +530,13 @@ def attend_decode(
     n = q.shape[0]
     rows, kv_heads, capacity, dim = keys.shape
     heads = q.shape[-1] // dim
-    tensors = (q, k, v, keys, values, cos, sin) + tuple(
-        t for t in (q_norm, k_norm) if t is not None
-    )
+    tensors = (q, k, v) + tuple(t for t in (q_norm, k_norm) if t is not None)
     if (
-        any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
-        or values.shape != keys.shape
+        not _step_cache_fits(keys, values, positions, cos, sin, n)
+        or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
         or q.shape != (n, heads * dim)
         or k.shape != (n, kv_heads * dim)
         or v.shape != k.shape
-        or cos.shape != (n, dim)
-        or sin.shape != (n, dim)
-        or positions.shape != (n,)
-        or positions.dtype != torch.int64
     ):
         raise ValueError("attend_decode: the tensors' shapes, dtypes or layouts do not fit")
     out = torch.empty(n, heads * dim, dtype=torch.float32)
@@ -684,15 +700,8 @@ class DecodeLayer:
             or not h.is_contiguous()
             or h.shape[-1] != self.spec.hidden
             or (slots is not None and (slots.shape != (n,) or slots.dtype != torch.int32))
-            or keys.shape != values.shape
-            or not all(
-                t.dtype == torch.float32 and t.is_contiguous() for t in (keys, values, cos, sin)
-            )
+            or not _step_cache_fits(keys, values, positions, cos, sin, n)
             or (kv_heads, dim) != (self.kv_heads, self.head_dim)
-            or positions.shape != (n,)
-            or positions.dtype != torch.int64
-            or cos.shape != (n, dim)
-            or sin.shape != (n, dim)
         ):
             raise ValueError("decode_layer: the tensors' shapes, dtypes or layouts do not fit")
         status = _lib().decode_layer(
