@@ -156,19 +156,36 @@ class FastDecoder:
         out = out if x.dtype == torch.float32 else out.to(x.dtype)
         return out if residual is None else residual + out
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _kernel_activation(mlp: Any) -> str | None:
+        """A stock gated MLP's activation, by the name the CPU kernel knows it by; None for
+        any other MLP or activation (the MLP then runs as its own module)."""
+        name = type(getattr(mlp, "act_fn", None)).__name__
+        if type(mlp).__name__ not in _GATED_MLPS or name not in vnni.ACTIVATIONS:
+            return None
+        return name
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
         """The MLP; a stock gated one with its activation and product in one kernel call."""
-        act = getattr(mlp, "act_fn", None)
-        if (
-            not self.c_kernels
-            or type(mlp).__name__ not in _GATED_MLPS
-            or type(act).__name__ not in vnni.ACTIVATIONS
-        ):
+        activation = self._kernel_activation(mlp) if self.c_kernels else None
+        if activation is None:
             return mlp(x)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if gate.dtype != torch.float32 or up.dtype != torch.float32:
-            return mlp.down_proj(act(gate) * up)
-        return mlp.down_proj(vnni.act_mul(gate, up, type(act).__name__))
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        return mlp.down_proj(vnni.act_mul(gate, up, activation))
+
+    def _qk_norms(self, attn: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | None:
+        """Gemma's q and k norms as the CPU kernel takes them (weights and their one
+        epsilon); (None, None, 0) for a family without them; None where either is wrapped
+        or their epsilons differ (attention then runs in torch operators)."""
+        if not self.gemma:
+            return None, None, 0.0
+        q_params = self._norm_params(attn.q_norm)
+        k_params = self._norm_params(attn.k_norm)
+        if q_params is None or k_params is None or q_params[1] != k_params[1]:
+            return None
+        return q_params[0], k_params[0], q_params[1]
 
     def _cos_sin(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """positions (n, T) -> per layer type, cos and signed sin of shape
@@ -211,14 +228,10 @@ class FastDecoder:
         """Layer i's attention in a decode step on the CPU kernel (vnni.attend_decode): the
         norms of q and k, rotary embedding, cache writes and attention in one call. None
         where it does not apply (a wrapped q or k norm): _attend runs then."""
-        q_norm = k_norm = None
-        eps = 0.0
-        if self.gemma:
-            q_params = self._norm_params(attn.q_norm)
-            k_params = self._norm_params(attn.k_norm)
-            if q_params is None or k_params is None or q_params[1] != k_params[1]:
-                return None
-            (q_norm, eps), (k_norm, _) = q_params, k_params
+        qk = self._qk_norms(attn)
+        if qk is None:
+            return None
+        q_norm, k_norm, eps = qk
         n = x.shape[0]
         q = attn.q_proj(x).reshape(n, -1)
         k = attn.k_proj(x).reshape(n, -1)
@@ -272,7 +285,7 @@ class FastDecoder:
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         if self.gemma:
             norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
-            norms += [attn.q_norm, attn.k_norm]
+            norms += [attn.q_norm, attn.k_norm]  # in the key: a wrapper may replace them
         key = (*(p for p, _, _ in parts), *(lo for _, lo, _ in parts), *norms, mlp)
         cached = self._layer_kernels.get(i)
         if (
@@ -286,37 +299,35 @@ class FastDecoder:
         return None if kernel is None else (kernel, slots[0] if slots else None)
 
     def _build_layer_kernel(
-        self, i: int, layer: nn.Module, parts: list[Any], norms: list[nn.Module]
+        self, i: int, layer: Any, parts: list[Any], norms: list[nn.Module]
     ) -> vnni.DecodeLayer | None:
-        act = getattr(layer.mlp, "act_fn", None)
-        if (
-            type(layer.mlp).__name__ not in _GATED_MLPS
-            or type(act).__name__ not in vnni.ACTIVATIONS
-        ):
+        """norms: the layer's own (two for Llama, four for Gemma), then Gemma's q and k."""
+        activation = self._kernel_activation(layer.mlp)
+        qk = self._qk_norms(layer.self_attn)
+        layer_norms = norms[: 4 if self.gemma else 2]
+        params = [self._norm_params(norm) for norm in layer_norms]
+        if activation is None or qk is None or any(p is None for p in params):
             return None
-        params = [self._norm_params(norm) for norm in norms]
-        if any(p is None for p in params):
-            return None
-        weights = [p[0] for p in params if p is not None]
-        epsilons = {p[1] for p in params[:4] if p is not None}
+        epsilons = {p[1] for p in params if p is not None}
         if len(epsilons) != 1 or len({p.group_size for p, _, _ in parts}) != 1:
             return None
-        gemma = self.gemma
+        weights: list[torch.Tensor | None] = [p[0] for p in params if p is not None]
+        q_norm, k_norm, qk_eps = qk
         return vnni.DecodeLayer(
             vnni.LayerParts(
                 projections=[p for p, _, _ in parts],
                 loras=[lo for _, lo, _ in parts],
-                norms=weights[:4] if gemma else [*weights[:2], None, None],
+                norms=weights if self.gemma else [*weights, None, None],
                 eps=epsilons.pop(),
-                q_norm=weights[4] if gemma else None,
-                k_norm=weights[5] if gemma else None,
-                qk_eps=params[4][1] if gemma and params[4] else 0.0,
+                q_norm=q_norm,
+                k_norm=k_norm,
+                qk_eps=qk_eps,
                 heads=self.num_heads,
                 kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim,
                 window=self.windows[i],
                 scale=self.scalings[i],
-                activation=type(act).__name__,
+                activation=activation,
             )
         )
 
