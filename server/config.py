@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         "compiler); torch = PyTorch's int4 kernel, bfloat16 activations. auto = vnni where "
         "it runs.",
     )
+    huge_pages: Literal["auto", "off"] = Field(
+        "auto",
+        description="The fast path's packed weights (4-bit layers, the int4 screen, LoRA "
+        "blocks) in 2 MB pages: a decode step reads all of them, and in 4 KB pages its "
+        "loads wait on page-table walks (server/engine/hugepages.py). auto = where Linux "
+        "offers transparent huge pages (madvise or always); off = ordinary memory.",
+    )
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",
         description="The hf engine's fast path on a CPU: decoder linear layers re-packed "

@@ -16,6 +16,7 @@ def build_engine(settings: Settings) -> Engine:
         from server.engine.vllm import build_vllm_engine
 
         return build_vllm_engine(settings)
+    from server.engine import hugepages
     from server.engine.hf import HFEngine
     from server.engine.int4 import int4_kernel_available
     from server.engine.lm_head import auto_screen
@@ -44,6 +45,7 @@ def build_engine(settings: Settings) -> Engine:
             lm_head = auto_screen(kernel)
         elif not native_bf16("cpu"):
             lm_head = "int8"
+    hugepages.use(settings.huge_pages != "off")  # for what the engine packs
     return HFEngine(
         loaded,
         lm_head=lm_head,

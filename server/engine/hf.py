@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.engine import decoder
+from server.engine import decoder, hugepages
 from server.engine.base import (
     EngineInfo,
     GenerationOutput,
@@ -116,11 +116,18 @@ def _weights_format(model: Any) -> dict[str, str]:
                 f"{REFINE_TOP_K} in float32"
             )
     emb = "shares the int8 output table" if isinstance(embedding, Int8Embedding) else None
-    return {
+    held = {
         "linear": linear,
         "output_layer": out,
         "embedding": emb or _dtype_of(embedding),
     }
+    if int4_layers:  # packed while the engine was built (SWAPSERVE_HUGE_PAGES)
+        held["pages"] = (
+            "2 MB (transparent huge pages): the 4-bit layers, the int4 screen, LoRA blocks"
+            if hugepages.active()
+            else "4 KB"
+        )
+    return held
 
 
 _KERNEL_NAMES = {

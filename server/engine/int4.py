@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from server.engine import vnni
+from server.engine.hugepages import resident
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def pack_int4(
     for q, sz in _quantized_row_blocks(weight, group_size, shrinks):
         packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
         scales.append(sz)
-    return torch.cat(packed), torch.cat(scales, dim=1).contiguous()
+    return resident(torch.cat(packed)), resident(torch.cat(scales, dim=1))
 
 
 def pack_vnni(
@@ -124,9 +125,9 @@ def pack_vnni(
         vnni.pack(q, sz, group_size) for q, sz in _quantized_row_blocks(weight, group_size, shrinks)
     ]
     return vnni.Packed(
-        torch.cat([p.nibbles for p in parts]),
-        torch.cat([p.scales for p in parts]),
-        torch.cat([p.minimums for p in parts]),
+        resident(torch.cat([p.nibbles for p in parts])),
+        resident(torch.cat([p.scales for p in parts])),
+        resident(torch.cat([p.minimums for p in parts])),
         int(weight.shape[0]),
         int(weight.shape[1]),
         group_size,

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from server.engine.hugepages import resident
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("vnni.c")
@@ -361,15 +363,16 @@ def pack_lora(blocks: list[LoRABlock | None], in_features: int, out_features: in
     for block in blocks:
         offsets.append(offsets[-1] + (0 if block is None else block.a.shape[0]))
     none = torch.zeros(out_features)
+    # read on every decode step, by rows with different adapters: in 2 MB pages
     return LoRAPack(
-        a=torch.cat([p.a for p in present])
+        a=resident(torch.cat([p.a for p in present]))
         if present
         else torch.zeros(0, in_features, dtype=torch.int8),
-        a_scale=torch.cat([p.a_scale for p in present]) if present else torch.zeros(0),
-        b=torch.cat([p.b for p in present])
+        a_scale=resident(torch.cat([p.a_scale for p in present])) if present else torch.zeros(0),
+        b=resident(torch.cat([p.b for p in present]))
         if present
         else torch.zeros(0, out_features, dtype=torch.int8),
-        b_scale=torch.stack([none if p is None else p.b_scale for p in blocks])
+        b_scale=resident(torch.stack([none if p is None else p.b_scale for p in blocks]))
         if blocks
         else torch.zeros(0, out_features),
         offsets=torch.tensor(offsets, dtype=torch.int32),

@@ -25,6 +25,18 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _huge_pages_bytes() -> int | None:
+    """This process's memory in 2 MB pages (Linux's AnonHugePages; None elsewhere)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @router.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -63,6 +75,7 @@ async def ready(request: Request) -> Any:
         "weights_format": info.weights_format,
         "runner": info.runner,
         "process_rss_bytes": _rss_bytes(),
+        "process_huge_pages_bytes": _huge_pages_bytes(),
     }
 
 
