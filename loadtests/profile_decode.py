@@ -2,6 +2,7 @@
 
     python loadtests/profile_decode.py [--batch 1 8] [--steps 10] [--adapters 0]
                                        [--fast-path auto|off] [--threads N] [--compile]
+                                       [--against SETTING=VALUE ...] [--turns 40]
 
 Builds the engine exactly as the server does (same settings, SWAPSERVE_* honoured),
 prefills one prompt per row, then runs decode steps under torch's profiler. Printed per
@@ -16,6 +17,11 @@ batch size:
 
 With --adapters K, rows cycle over K random rank-16 adapters on every linear layer.
 Timings move with the machine's load: compare the parts and ratios of one run.
+
+--against SETTING=VALUE (e.g. huge_pages=off, int4_kernel=torch) builds a second engine in
+this process with those settings changed and times the two engines' decode steps in turns
+(--turns steps each, over the same rows), printing the medians and their ratio: a
+difference of a few percent that separate runs, minutes apart, cannot show.
 """
 
 from __future__ import annotations
@@ -178,6 +184,41 @@ def profile(engine, batch_size: int, steps: int, adapters: list[str]) -> dict:
     }
 
 
+def steps_in_turns(engines: dict, batch_size: int, adapters: list[str], turns: int) -> dict:
+    """Median decode step (ms) of each engine, their steps taken in turns."""
+    import statistics
+
+    rows = [adapters[i % len(adapters)] for i in range(batch_size)]
+    state = {}
+    for name, engine in engines.items():
+        batch, next_tokens = _prefilled(engine.runner, engine.tokenize(PROMPT), rows)
+        state[name] = [batch, next_tokens]
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for turn in range(turns + 3):  # three warm-up turns
+        for name, engine in engines.items():
+            batch, next_tokens = state[name]
+            start = time.perf_counter()
+            state[name][1] = _greedy(engine.runner.decode(batch, next_tokens, rows))
+            if turn >= 3:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _with_adapters(engine, count: int) -> list[str]:
+    """Registers `count` random rank-16 adapters on every linear layer; their names."""
+    if not count:
+        return ["__base__"]
+    from loadtests._adapters import linear_shapes_from_config, random_lora_adapter
+
+    config = json.loads((engine.loaded.path / "config.json").read_text())
+    shapes = linear_shapes_from_config(config)
+    work = Path(tempfile.mkdtemp(prefix="swapserve-profile-"))
+    atexit.register(shutil.rmtree, work, True)
+    for i in range(count):
+        engine._load_adapter(f"ad{i}", random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i))
+    return [f"ad{i}" for i in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -186,6 +227,14 @@ def main() -> None:
     parser.add_argument("--fast-path", choices=["auto", "on", "off"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--against",
+        nargs="+",
+        default=None,
+        metavar="SETTING=VALUE",
+        help="a second engine with these settings changed, its steps timed in turns",
+    )
+    parser.add_argument("--turns", type=int, default=40, help="steps each engine, --against")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -204,19 +253,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     overrides = {} if args.fast_path is None else {"fast_path": args.fast_path}
     engine = build_engine(Settings(base_model=BENCH_BASE, **overrides))
-    adapters = ["__base__"]
-    if args.adapters:
-        from loadtests._adapters import linear_shapes_from_config, random_lora_adapter
-
-        config = json.loads((engine.loaded.path / "config.json").read_text())
-        shapes = linear_shapes_from_config(config)
-        work = Path(tempfile.mkdtemp(prefix="swapserve-profile-"))
-        atexit.register(shutil.rmtree, work, True)
-        adapters = []
-        for i in range(args.adapters):
-            path = random_lora_adapter(work / f"ad{i}", shapes, r=16, seed=i)
-            engine._load_adapter(f"ad{i}", path)
-            adapters.append(f"ad{i}")
+    adapters = _with_adapters(engine, args.adapters)
     info = engine.info
     print(
         f"{info.model_id}, {info.quantization}, runner {info.runner}, "
@@ -244,6 +281,21 @@ def main() -> None:
         print("  top operators by self time:")
         for name, ms, count in r["top_ops"]:
             print(f"    {name:<46} {ms:8.2f} ms  x{count}")
+    if args.against:
+        changed = dict(item.split("=", 1) for item in args.against)
+        other = build_engine(Settings(base_model=BENCH_BASE, **{**overrides, **changed}))
+        _with_adapters(other, args.adapters)
+        label = ", ".join(f"{k}={v}" for k, v in changed.items())
+        engines = {"as set": engine, label: other}
+        print(f"\ndecode steps in turns ({args.turns} each), as set against {label}:")
+        for batch_size in args.batch:
+            ms = steps_in_turns(engines, batch_size, adapters, args.turns)
+            mine, theirs = ms["as set"], ms[label]
+            print(
+                f"  batch {batch_size}: {mine:.2f} ms against {theirs:.2f} ms "
+                f"(as set / {label}: {theirs / mine:.3f}x the speed)"
+            )
+            results.append({"batch": batch_size, "against": label, "ms": ms})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
