@@ -52,6 +52,35 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _busy_and_total() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far (/proc/stat's first line, in ticks)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def wait_for_quiet(
+    busy_cores: float = 0.15, window_s: float = 0.2, timeout_s: float = 10.0
+) -> float:
+    """Wait until the whole machine's CPU use over `window_s` is under `busy_cores` cores
+    (or `timeout_s` passes), so that a peer's round does not run beside the previous
+    peer's background work: the vLLM engine's server keeps about a core busy for a second
+    after a request. Returns the seconds waited. Needs Linux's /proc/stat (else no wait)."""
+    start = time.perf_counter()
+    cores = os.cpu_count() or 1
+    try:
+        busy, total = _busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    while time.perf_counter() - start < timeout_s:
+        time.sleep(window_s)
+        now_busy, now_total = _busy_and_total()
+        if now_total > total and (now_busy - busy) / (now_total - total) * cores < busy_cores:
+            break
+        busy, total = now_busy, now_total
+    return time.perf_counter() - start
+
+
 def bundled_gguf(base: str) -> Path | None:
     """A bundled model's own GGUF file (the one swapserve converts at first start), assembled
     once into the cache folder where its package ships it in parts; None for another base."""

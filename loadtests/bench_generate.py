@@ -15,8 +15,10 @@ a time, timed from the first token to the last:
               absent);
 - vLLM:       swapserve's vLLM engine from .venv-vllm, when that exists (skipped otherwise).
 Every figure is printed with its ratio to llama.cpp. The peers are measured in turns
-(round after round), never at once: an idle server uses no CPU, and a machine whose load
-changes over time affects every peer alike.
+(round after round), never at once: each round waits for the machine to be quiet first
+(the vLLM engine's server keeps about a core busy for a second after a request), an idle
+swapserve server uses no CPU, and a machine whose load changes over time affects every
+peer alike.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests._peers import hardware, llama_cpp, vllm_python  # noqa: E402
+from loadtests._peers import hardware, llama_cpp, vllm_python, wait_for_quiet  # noqa: E402
 from loadtests._requests import TokenTimes  # noqa: E402
 from loadtests._server import BENCH_BASE, running_server  # noqa: E402
 
@@ -147,6 +149,7 @@ def main() -> None:
             peers["vLLM engine (server)"] = lambda: server_decode_rate(vllm_client, args.tokens)
         for _ in range(args.runs):
             for name, rate in peers.items():
+                wait_for_quiet()  # the previous peer's background work, if any, has ended
                 rates.setdefault(name, []).append(rate())
 
     median = {name: statistics.median(r) for name, r in rates.items()}
