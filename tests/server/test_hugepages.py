@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
 
 from server.engine import hugepages
+from server.routes.ops import _huge_pages_bytes  # what /ready reports
 
 needs_thp = pytest.mark.skipif(
     not hugepages.offered(), reason="this system offers no transparent huge pages"
@@ -16,10 +16,9 @@ needs_thp = pytest.mark.skipif(
 
 
 def _huge_bytes() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no AnonHugePages line")
+    held = _huge_pages_bytes()
+    assert held is not None, "no AnonHugePages line in /proc/self/smaps_rollup"
+    return held
 
 
 @pytest.fixture
