@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine import vnni
+from server.engine import revision, vnni
 from server.engine.static_kv import StaticKV
 
 # model_type -> whether it has Gemma's four norms per layer (else Llama's two)
@@ -116,6 +116,15 @@ class FastDecoder:
         self.c_kernels = vnni.serves(model)
         # per layer: (the parts it was built from, its DecodeLayer or None where it cannot run)
         self._layer_kernels: dict[int, tuple[tuple[Any, ...], vnni.DecodeLayer | None]] = {}
+        # what _step_kernels found at the model's last revision (server/engine/revision.py):
+        # per layer, the modules whose row plan changes by forward, and per pattern of
+        # those plans (which apply now) the layer's kernel
+        self._kernels_revision = -1
+        self._plan_probes: list[list[Any]] = []
+        self._kernels_by_plan: list[dict[tuple[bool, ...], vnni.DecodeLayer | None]] = []
+        # set by another thread (a request came in): a decode step's run of whole layers
+        # on the kernel stops after the layer under way and calls between_layers
+        self.pause = vnni.Pause()
 
     # --- building blocks ---------------------------------------------------------------
 
@@ -254,6 +263,52 @@ class FastDecoder:
         )
         return out.view(n, 1, -1)
 
+    @staticmethod
+    def _projections(layer: Any) -> tuple[Any, ...]:
+        """q, k, v, o, gate, up, down (None where the MLP has no such module)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        return (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            getattr(mlp, "gate_proj", None),
+            getattr(mlp, "up_proj", None),
+            getattr(mlp, "down_proj", None),
+        )
+
+    def _step_kernels(self) -> list[tuple[vnni.DecodeLayer, torch.Tensor | None] | None]:
+        """Each layer's whole-layer kernel and its rows' slots for this step; None for a
+        layer that runs module by module. The full look (_layer_kernel) runs once per
+        revision of the model (server/engine/revision.py) and pattern of which of a
+        layer's modules apply a row plan now; a step in between asks only for the
+        modules' plans (``kernel_plan``: the slots, or None)."""
+        layers = self.model.model.layers
+        now = revision.current()
+        if now != self._kernels_revision:
+            self._kernels_revision = now
+            self._plan_probes = [
+                [m for m in self._projections(layer) if hasattr(m, "kernel_plan")]
+                for layer in layers
+            ]
+            self._kernels_by_plan = [{} for _ in layers]
+        out: list[tuple[vnni.DecodeLayer, torch.Tensor | None] | None] = []
+        for i, layer in enumerate(layers):
+            plans = [m.kernel_plan() for m in self._plan_probes[i]]
+            pattern = tuple(p is not None for p in plans)
+            known = self._kernels_by_plan[i]
+            if pattern not in known:
+                fused = self._layer_kernel(i, layer)
+                known[pattern] = fused[0] if fused is not None else None
+            kernel = known[pattern]
+            # a layer on the kernel has one plan (_layer_kernel refuses two): its slots
+            out.append(
+                None
+                if kernel is None
+                else (kernel, next((p for p in plans if p is not None), None))
+            )
+        return out
+
     def _layer_kernel(
         self, i: int, layer: nn.Module
     ) -> tuple[vnni.DecodeLayer, torch.Tensor | None] | None:
@@ -263,17 +318,8 @@ class FastDecoder:
         kind that wraps a layer, a wrapped norm): the layer runs module by module. Built
         once per set of weights (adapters loading or leaving repack the LoRA blocks)."""
         attn, mlp = layer.self_attn, layer.mlp
-        modules = (
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            getattr(mlp, "gate_proj", None),
-            getattr(mlp, "up_proj", None),
-            getattr(mlp, "down_proj", None),
-        )
         parts = []
-        for module in modules:
+        for module in self._projections(layer):
             parts_of = getattr(module, "kernel_parts", None)
             part = parts_of() if parts_of is not None else None
             if part is None:
@@ -405,9 +451,13 @@ class FastDecoder:
         up to its own position, and returns logits (n, len(keep), vocab) for the columns
         in ``keep`` (all columns when None). A row's cache column is its position.
 
-        ``between_layers``, in a decode forward (T == 1), is called after each layer: a
-        newcomer's prefill may run there rather than wait for the whole step. This
-        forward keeps nothing but its own tensors across the call.
+        ``between_layers``, in a decode forward (T == 1), is called between layers: a
+        newcomer's prefill may run there rather than wait for the whole step. After each
+        layer that runs module by module; where layers run as whole calls on the CPU
+        kernel, one call takes all of them (no Python, so no GIL, between them) and stops
+        after the layer under way when ``pause`` is set (the runner's
+        ``interrupt_decode``: a request came in), and the callback runs there. This forward keeps nothing but its own tensors
+        across the call.
         """
         model = self.model
         n, t = input_ids.shape
@@ -426,19 +476,41 @@ class FastDecoder:
         flat_positions = positions.view(-1)
         if c_attention and h.dtype == torch.float32:
             h = h.reshape(n, -1).clone()  # our own: whole layers on the kernel update it in place
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            fused = self._layer_kernel(i, layer) if c_attention else None
-            if fused is not None and h.dtype == torch.float32:
-                kernel, slots = fused
+        layers = model.model.layers
+        fused: list[tuple[vnni.DecodeLayer, torch.Tensor | None] | None] = [None] * len(layers)
+        if c_attention and h.dtype == torch.float32:
+            fused = self._step_kernels()
+        i = 0
+        while i < len(layers):
+            if fused[i] is not None:
+                # this layer and the whole-layer ones after it, in one call
                 h = h.reshape(n, -1)
                 if not h.is_contiguous():
                     h = h.contiguous()
-                cos, sin = flat_cos_sin[self.layer_types[i]]
-                kernel(h, slots, cache.keys[i], cache.values[i], flat_positions, cos, sin)
-                if between_layers is not None:
+                end = i + 1
+                while end < len(layers) and fused[end] is not None:
+                    end += 1
+                run = [f for f in fused[i:end] if f is not None]
+                tables = [flat_cos_sin[kind] for kind in self.layer_types[i:end]]
+                ran = vnni.decode_layers(
+                    [kernel for kernel, _ in run],
+                    h,
+                    [slots for _, slots in run],
+                    cache.keys[i:end],
+                    cache.values[i:end],
+                    flat_positions,
+                    [cos for cos, _ in tables],
+                    [sin for _, sin in tables],
+                    pause=self.pause if between_layers is not None else None,
+                )
+                i += ran
+                if between_layers is not None and self.pause.is_set():
+                    self.pause.clear()  # before the call: a request coming during it sets it again
                     between_layers()
+                    fused = self._step_kernels()  # a forward there planned other rows
                 continue
+            layer = layers[i]
+            attn = layer.self_attn
             h = h.view(n, t, -1)
             residual = h
             x = self._norm(layer.input_layernorm, h)
@@ -458,6 +530,7 @@ class FastDecoder:
             else:
                 h = residual + out
                 h = h + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, h))
+            i += 1
             if decode and between_layers is not None:
                 between_layers()
         h = self._norm(model.model.norm, h.view(n, t, -1))

@@ -42,6 +42,12 @@ class FastModelRunner:
         self.dtype = compute_dtype(model)  # the KV cache's
         self.adapters = MultiAdapter(model, self.device, adapter_dtype(model, self.device))
 
+    def interrupt_decode(self) -> None:
+        """From any thread (a request came in): a decode step under way calls its
+        between_layers after the layer it is in, also where its layers run as one call on
+        the CPU kernel (FastDecoder.forward); a step that starts later, after its first."""
+        self.decoder.pause.set()
+
     @property
     def device(self) -> torch.device:
         # the first tensor found, lazily: building the lists of every parameter and buffer

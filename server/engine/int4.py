@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.engine import vnni
+from server.engine import revision, vnni
 from server.engine.hugepages import resident
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,12 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Te
     return w.reshape(out_f, in_f)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(revision.Watched, nn.Module):
     """y = x @ W.T (+ bias) with W in 4 bits, on ``_weight_int4pack_mm_for_cpu`` or, with
     ``kernel="vnni"``, on the VNNI kernel (server/engine/vnni.py): the same quantized
     weights either way, in the layout of the kernel that serves them."""
+
+    _kernel_inputs = frozenset({"vnni"})  # what kernel_parts reads besides the bias buffer
 
     def __init__(
         self,

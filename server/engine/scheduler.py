@@ -10,8 +10,9 @@ The main loop (`Scheduler._loop`) runs in one thread and owns the model: each tu
   6. samples, detokenises, checks stop conditions and hands outputs back to their callers.
 
 A newcomer need not wait for the decode step under way: on a runner that allows it
-(``preempts_decode``), the step calls back between its layers, and a group whose whole
-prompt fits in one chunk is admitted and prefilled there, its first tokens sent at once
+(``preempts_decode``), the step calls back between its layers (``submit`` tells it to,
+for layers that run as one call on the CPU kernel), and a group whose whole prompt fits in
+one chunk is admitted and prefilled there, its first tokens sent at once
 (``_prefill_inside_step``). It joins the batch after the step's own sampling, since the
 step is using the batch's cache rows and the running list.
 """
@@ -162,6 +163,8 @@ class Scheduler:
                 )
             self._waiting.extend(seqs)
             self._cv.notify_all()
+        if self.runner.preempts_decode:  # a step under way may prefill them between layers
+            cast("FastModelRunner", self.runner).interrupt_decode()
 
     def wake(self) -> None:
         with self._cv:

@@ -730,3 +730,28 @@ int decode_layer(const layer_spec* L, float* h, int64_t n, const int32_t* slot,
     }
     return 0;
 }
+
+// ---- The layers of a decode step, one after the other, in one call ----------------------
+//
+// decode_layer for layers[0 .. count-1] over h in turn, each with its own cache (keys[i],
+// values[i]), rotary tables (cos[i], sin[i]: its attention type's) and rows' slots
+// (slots[i], NULL: no adapter rows), all caches (rows, kv_heads, capacity, dim). One call
+// where the layers one by one take a call each, with Python between them holding the GIL
+// that a server's event loop wants too. After each layer a nonzero *pause (another thread
+// sets it: a request came in; NULL: never) ends the call early, so that the caller can work
+// between two layers. *done: how many layers ran. A layer that fails writes nothing (see
+// decode_layer); those before it have run.
+int decode_layers(const layer_spec* const* layers, int64_t count, float* h, int64_t n,
+                  const int32_t* const* slots, const float* const* cos, const float* const* sin,
+                  const int64_t* pos, float* const* keys, float* const* values, int64_t rows,
+                  int64_t capacity, const int32_t* pause, int threads, int64_t* done) {
+    *done = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const int status = decode_layer(layers[i], h, n, slots[i], cos[i], sin[i], pos, keys[i],
+                                        values[i], rows, capacity, threads);
+        if (status) return status;
+        *done = i + 1;
+        if (pause && __atomic_load_n(pause, __ATOMIC_ACQUIRE)) break;
+    }
+    return 0;
+}

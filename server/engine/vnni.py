@@ -159,6 +159,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.attend_decode.restype = c_int
     lib.decode_layer.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, c_int]
     lib.decode_layer.restype = c_int
+    lib.decode_layers.argtypes = [p, i64, p, i64, p, p, p, p, p, p, i64, i64, p, c_int, p]
+    lib.decode_layers.restype = c_int
     logger.info("4-bit VNNI kernel loaded (%s)", SOURCE.name)
     return lib, None
 
@@ -681,6 +683,7 @@ class DecodeLayer:
                 lo.slots, lo.k, lo.n = lora.slots, lora.in_features, lora.out_features
         self.spec = spec
         self._spec_ref = ctypes.byref(spec)
+        self.address = ctypes.addressof(spec)
         self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
 
     def __call__(
@@ -696,29 +699,120 @@ class DecodeLayer:
         """h (n, hidden) float32, contiguous, in place. ``slots`` (n,) int32: each row's LoRA
         slot (-1: none), None: no row has an adapter; the cache, positions (n,) int64 and
         cos / sin (n, head_dim) as for attend_decode."""
-        n = h.shape[0]
-        rows, kv_heads, capacity, dim = keys.shape
+        decode_layers([self], h, [slots], [keys], [values], positions, [cos], [sin])
+
+
+class Pause:
+    """A flag that ends ``decode_layers`` after the layer under way: another thread sets it
+    (a request came in) so that the step's thread can work between two layers."""
+
+    def __init__(self) -> None:
+        self._flag = ctypes.c_int32(0)
+        self.address = ctypes.addressof(self._flag)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def clear(self) -> None:
+        self._flag.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
+def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(
+        *(t.data_ptr() if t is not None else None for t in tensors)
+    )
+
+
+def _stack_fits(
+    kernels: list[DecodeLayer],
+    h: torch.Tensor,
+    slots: list[torch.Tensor | None],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    positions: torch.Tensor,
+    cos: list[torch.Tensor],
+    sin: list[torch.Tensor],
+) -> bool:
+    """What DecodeLayer.__call__ checks, for every layer of a run; the tensors that layers
+    share (rotary tables, slots) looked at once each."""
+    if h.dim() != 2 or h.dtype != torch.float32 or not h.is_contiguous():
+        return False
+    n, hidden = h.shape
+    if positions.shape != (n,) or positions.dtype != torch.int64 or keys[0].dim() != 4:
+        return False
+    shape = keys[0].shape
+    _, kv_heads, _, dim = shape
+    seen: set[int] = set()
+    for i, kernel in enumerate(kernels):
+        k, v = keys[i], values[i]
         if (
-            h.dtype != torch.float32
-            or not h.is_contiguous()
-            or h.shape[-1] != self.spec.hidden
-            or (slots is not None and (slots.shape != (n,) or slots.dtype != torch.int32))
-            or not _step_cache_fits(keys, values, positions, cos, sin, n)
-            or (kv_heads, dim) != (self.kv_heads, self.head_dim)
+            kernel.spec.hidden != hidden
+            or (kernel.kv_heads, kernel.head_dim) != (kv_heads, dim)
+            or k.shape != shape
+            or v.shape != shape
+            or k.dtype != torch.float32
+            or v.dtype != torch.float32
+            or not k.is_contiguous()
+            or not v.is_contiguous()
         ):
-            raise ValueError("decode_layer: the tensors' shapes, dtypes or layouts do not fit")
-        status = _lib().decode_layer(
-            self._spec_ref,
-            h.data_ptr(),
-            n,
-            slots.data_ptr() if slots is not None else None,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            positions.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            rows,
-            capacity,
-            torch.get_num_threads(),
-        )
-        _check(status)
+            return False
+        for table in (cos[i], sin[i]):
+            if id(table) not in seen:
+                seen.add(id(table))
+                if table.shape != (n, dim) or table.dtype != torch.float32:
+                    return False
+                if not table.is_contiguous():
+                    return False
+        slot = slots[i]
+        if slot is not None and id(slot) not in seen:
+            seen.add(id(slot))
+            if slot.shape != (n,) or slot.dtype != torch.int32 or not slot.is_contiguous():
+                return False
+    return True
+
+
+def decode_layers(
+    kernels: list[DecodeLayer],
+    h: torch.Tensor,
+    slots: list[torch.Tensor | None],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    positions: torch.Tensor,
+    cos: list[torch.Tensor],
+    sin: list[torch.Tensor],
+    pause: Pause | None = None,
+) -> int:
+    """Consecutive layers of a decode step in one call (vnni.c's decode_layers): layer i of
+    the list as ``kernels[i](h, slots[i], keys[i], values[i], positions, cos[i], sin[i])``
+    would run it, without returning to Python between layers (the GIL stays free for the
+    whole run). Returns how many ran: all of them, or fewer where ``pause`` was set (at
+    least one)."""
+    count = len(kernels)
+    if not count or not (len(slots) == len(keys) == len(values) == len(cos) == len(sin) == count):
+        raise ValueError("decode_layers: one slot, cache and rotary table per layer")
+    if not _stack_fits(kernels, h, slots, keys, values, positions, cos, sin):
+        raise ValueError("decode_layers: the tensors' shapes, dtypes or layouts do not fit")
+    rows, _, capacity, _ = keys[0].shape
+    done = ctypes.c_int64(0)
+    status = _lib().decode_layers(
+        (ctypes.c_void_p * count)(*(k.address for k in kernels)),
+        count,
+        h.data_ptr(),
+        h.shape[0],
+        _pointers(slots),
+        _pointers(cos),
+        _pointers(sin),
+        positions.data_ptr(),
+        _pointers(keys),
+        _pointers(values),
+        rows,
+        capacity,
+        pause.address if pause is not None else None,
+        torch.get_num_threads(),
+        ctypes.byref(done),
+    )
+    _check(status)
+    return int(done.value)

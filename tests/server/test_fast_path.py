@@ -240,11 +240,11 @@ def test_int4_engine_on_the_tiny_model(tmp_path, arch):
 @pytest.mark.skipif(vnni.unavailable() is not None, reason=f"VNNI kernel out: {vnni.unavailable()}")
 @pytest.mark.parametrize("arch", ["gemma", "llama"])
 def test_whole_layers_on_the_kernel_are_the_kernels_called_one_by_one(tmp_path, arch, monkeypatch):
-    """A decode step's layers as one C call each (vnni.DecodeLayer) give the same logits,
-    bit for bit, as the same kernels called module by module, with mixed LoRA adapters
-    (one on every layer, one on q only), token rows and base rows in the batch, rows
-    leaving; layers an adapter kind wraps (IA3, resident but on no row here) run module by
-    module, to the same result."""
+    """A decode step's layers as whole calls on the C kernel (vnni.decode_layers) give the
+    same logits, bit for bit, as the same kernels called module by module, with mixed LoRA
+    adapters (one on every layer, one on q only), token rows and base rows in the batch,
+    rows leaving; layers an adapter kind wraps (IA3, resident but on no row here) run
+    module by module, to the same result."""
     from peft import IA3Config, TaskType
 
     from server.config import Settings
@@ -259,13 +259,14 @@ def test_whole_layers_on_the_kernel_are_the_kernels_called_one_by_one(tmp_path, 
         ),
     }
     calls = []
-    original = vnni.DecodeLayer.__call__
+    original = vnni.decode_layers
 
-    def counted(self, *args):
-        calls.append(self)
-        return original(self, *args)
+    def counted(kernels, *args, **kwargs):
+        ran = original(kernels, *args, **kwargs)
+        calls.extend(kernels[:ran])
+        return ran
 
-    monkeypatch.setattr(vnni.DecodeLayer, "__call__", counted)
+    monkeypatch.setattr(vnni, "decode_layers", counted)
     ia3 = build_peft_adapter(path, tmp_path / "ia3", IA3Config(task_type=TaskType.CAUSAL_LM))
     rows = ["all", BASE_ADAPTER, "eot", "q"]
     runs = {}

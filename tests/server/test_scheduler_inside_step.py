@@ -2,8 +2,9 @@
 ``_prefill_inside_step``): its first token comes before the step under way ends, and every
 stream's tokens stay those it gets alone, each row with its own LoRA adapter.
 
-The order of events is made deterministic by a runner that submits the newcomer from
-inside a chosen step's first between-layers callback, and records when each step ends."""
+The order of events is made deterministic by a runner that submits the newcomer as a
+chosen step starts (after the scheduler's look for newcomers between steps, so only the
+step itself can take it early), and records when each step ends."""
 
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ class Events:
 
 def recording(base: type, events: Events):
     """``base`` (a runner class) whose decode logs its end, and whose step number
-    ARRIVES_AT_STEP submits the pending newcomer from its first between-layers callback
-    (on a runner without the callback: just before the step)."""
+    ARRIVES_AT_STEP submits the pending newcomer as it starts, after the scheduler's look
+    for newcomers: a runner that takes the between-layers callback may take the newcomer
+    in there (the fast runner's whole layers on the kernel stop for it: ``submit``
+    interrupts them), another only after the step."""
 
     class Recording(base):  # type: ignore[misc, valid-type]
         steps = 0
@@ -90,15 +93,7 @@ def recording(base: type, events: Events):
             callback = kwargs.get("between_layers")
             self.callback_seen.append(callback is not None)
             if step == ARRIVES_AT_STEP:
-                if callback is None:
-                    self._submit_pending()
-                else:
-
-                    def first_layer_submits():
-                        self._submit_pending()
-                        return callback()
-
-                    kwargs["between_layers"] = first_layer_submits
+                self._submit_pending()
             logits = super().decode(batch, tokens, adapters, **kwargs)
             events.add("step end", str(step))
             return logits

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.engine import vnni
+from server.engine import revision, vnni
 from server.engine.kinds.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -421,8 +421,11 @@ class _Plan:
     slots: torch.Tensor  # (batch,) int32: each row's adapter in packing order, -1 for none
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(revision.Watched, nn.Module):
     """A base linear layer plus the packed LoRA blocks of every resident adapter."""
+
+    # what kernel_parts reads besides the base module and the plan
+    _kernel_inputs = frozenset({"int8", "a_cat"})
 
     def __init__(self, base: Any, owner: LoRARows):
         super().__init__()
@@ -470,6 +473,14 @@ class LoRALinear(nn.Module):
         if self.int8 is None:
             return None
         return parts[0], self.int8, plan.slots
+
+    def kernel_plan(self) -> torch.Tensor | None:
+        """What of kernel_parts changes from one forward to the next: the rows' slots where
+        a delta applies now, else None."""
+        plan = self._owner[0].current
+        if plan is None or (self.int8 is None and self.a_cat is None):
+            return None
+        return plan.slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
