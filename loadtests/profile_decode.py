@@ -77,23 +77,23 @@ _WHOLE_LAYERS = "decoder layers as whole calls (CPU kernel)"
 
 
 def _label_whole_layers():
-    """A decoder layer run as one call on the CPU kernel (vnni.DecodeLayer) calls none of
-    the modules hooked above: its time gets a label of its own. Returns the undoer."""
+    """Decoder layers run as whole calls on the CPU kernel (vnni.decode_layers) call none
+    of the modules hooked above: their time gets a label of its own. Returns the undoer."""
     import torch
 
     from server.engine import vnni
 
-    original = vnni.DecodeLayer.__call__
+    original = vnni.decode_layers
 
-    def labelled(self, *args):
+    def labelled(*args, **kwargs):
         with torch.autograd.profiler.record_function(_WHOLE_LAYERS):
-            return original(self, *args)
+            return original(*args, **kwargs)
 
-    vnni.DecodeLayer.__call__ = labelled
+    vnni.decode_layers = labelled
 
     class Undo:
         def remove(self) -> None:
-            vnni.DecodeLayer.__call__ = original
+            vnni.decode_layers = original
 
     return Undo()
 
