@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -720,7 +721,7 @@ class Pause:
         return bool(self._flag.value)
 
 
-def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(
         *(t.data_ptr() if t is not None else None for t in tensors)
     )
