@@ -455,9 +455,9 @@ class FastDecoder:
         newcomer's prefill may run there rather than wait for the whole step. After each
         layer that runs module by module; where layers run as whole calls on the CPU
         kernel, one call takes all of them (no Python, so no GIL, between them) and stops
-        after the layer under way when ``pause`` is set (the runner's
-        ``interrupt_decode``: a request came in), and the callback runs there. This forward keeps nothing but its own tensors
-        across the call.
+        after the layer under way when ``pause`` is set (the runner's ``interrupt_decode``:
+        a request came in), and the callback runs there. This forward keeps nothing but its
+        own tensors across the call.
         """
         model = self.model
         n, t = input_ids.shape

@@ -683,7 +683,6 @@ class DecodeLayer:
                 lo.off, lo.a, lo.a_scale, lo.b, lo.b_scale = lora.pointers
                 lo.slots, lo.k, lo.n = lora.slots, lora.in_features, lora.out_features
         self.spec = spec
-        self._spec_ref = ctypes.byref(spec)
         self.address = ctypes.addressof(spec)
         self.heads, self.kv_heads, self.head_dim = parts.heads, parts.kv_heads, parts.head_dim
 
@@ -727,54 +726,6 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
     )
 
 
-def _stack_fits(
-    kernels: list[DecodeLayer],
-    h: torch.Tensor,
-    slots: list[torch.Tensor | None],
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    positions: torch.Tensor,
-    cos: list[torch.Tensor],
-    sin: list[torch.Tensor],
-) -> bool:
-    """What DecodeLayer.__call__ checks, for every layer of a run; the tensors that layers
-    share (rotary tables, slots) looked at once each."""
-    if h.dim() != 2 or h.dtype != torch.float32 or not h.is_contiguous():
-        return False
-    n, hidden = h.shape
-    if positions.shape != (n,) or positions.dtype != torch.int64 or keys[0].dim() != 4:
-        return False
-    shape = keys[0].shape
-    _, kv_heads, _, dim = shape
-    seen: set[int] = set()
-    for i, kernel in enumerate(kernels):
-        k, v = keys[i], values[i]
-        if (
-            kernel.spec.hidden != hidden
-            or (kernel.kv_heads, kernel.head_dim) != (kv_heads, dim)
-            or k.shape != shape
-            or v.shape != shape
-            or k.dtype != torch.float32
-            or v.dtype != torch.float32
-            or not k.is_contiguous()
-            or not v.is_contiguous()
-        ):
-            return False
-        for table in (cos[i], sin[i]):
-            if id(table) not in seen:
-                seen.add(id(table))
-                if table.shape != (n, dim) or table.dtype != torch.float32:
-                    return False
-                if not table.is_contiguous():
-                    return False
-        slot = slots[i]
-        if slot is not None and id(slot) not in seen:
-            seen.add(id(slot))
-            if slot.shape != (n,) or slot.dtype != torch.int32 or not slot.is_contiguous():
-                return False
-    return True
-
-
 def decode_layers(
     kernels: list[DecodeLayer],
     h: torch.Tensor,
@@ -794,15 +745,27 @@ def decode_layers(
     count = len(kernels)
     if not count or not (len(slots) == len(keys) == len(values) == len(cos) == len(sin) == count):
         raise ValueError("decode_layers: one slot, cache and rotary table per layer")
-    if not _stack_fits(kernels, h, slots, keys, values, positions, cos, sin):
+    n = h.shape[0]
+    shape = keys[0].shape  # one rows and capacity for every layer's cache
+    fits = h.dim() == 2 and h.dtype == torch.float32 and h.is_contiguous() and len(shape) == 4
+    for kernel, slot, k, v, c, s in zip(kernels, slots, keys, values, cos, sin, strict=True):
+        fits = fits and (
+            kernel.spec.hidden == h.shape[1]
+            and (kernel.kv_heads, kernel.head_dim) == (shape[1], shape[3])
+            and k.shape == shape
+            and (slot is None or (slot.shape == (n,) and slot.dtype == torch.int32))
+            and (slot is None or slot.is_contiguous())
+            and _step_cache_fits(k, v, positions, c, s, n)
+        )
+    if not fits:
         raise ValueError("decode_layers: the tensors' shapes, dtypes or layouts do not fit")
-    rows, _, capacity, _ = keys[0].shape
+    rows, _, capacity, _ = shape
     done = ctypes.c_int64(0)
     status = _lib().decode_layers(
-        (ctypes.c_void_p * count)(*(k.address for k in kernels)),
+        (ctypes.c_void_p * count)(*(kernel.address for kernel in kernels)),
         count,
         h.data_ptr(),
-        h.shape[0],
+        n,
         _pointers(slots),
         _pointers(cos),
         _pointers(sin),
